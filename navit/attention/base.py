@@ -1,0 +1,40 @@
+"""The interface every masked-attention backend implements.
+
+A backend turns a batch's segment ids into whatever it needs (``prepare``, once per forward) and
+then computes attention for every layer (``attend``) so that no token sees another image's tokens
+or padding. Outputs at padding positions are unspecified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, segment_ids: torch.Tensor) -> Any:
+        """Per-batch state from segment ids [B, L] (PAD = -1 at padding)."""
+        ...
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any) -> torch.Tensor:
+        """q, k, v: [B, L, H, D] -> [B, L, H, D]."""
+        ...
+
+
+def segment_runs(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maximal runs of equal segment ids in the flattened [B·L] token order.
+
+    Returns (start, length, segment id) per run; runs never cross a sequence boundary. The packer
+    keeps each image's tokens contiguous, so every image is exactly one run.
+    """
+    b, length = segment_ids.shape
+    flat = segment_ids.reshape(-1)
+    position = torch.arange(flat.numel(), device=flat.device)
+    is_start = torch.ones_like(flat, dtype=torch.bool)
+    is_start[1:] = (flat[1:] != flat[:-1]) | (position[1:] % length == 0)
+    starts = torch.nonzero(is_start).squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
+    return starts, ends - starts, flat[starts]

@@ -1,0 +1,123 @@
+"""Model configuration: one dataclass and a registry of named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+POS_EMBED_KINDS = ("learned", "sincos", "fourier", "none")
+POS_MODES = ("absolute", "fractional")
+POS_COMBINES = ("sum", "stack", "product")
+POOL_KINDS = ("map", "mean")
+
+
+@dataclass
+class NaViTConfig:
+    """Everything needed to build a :class:`navit.NaViT`.
+
+    Positional embeddings are factorized (paper §2.1): one embedding for the row, one for the
+    column, combined by ``pos_combine``. ``pos_mode="fractional"`` uses position / side length, so
+    the same relative position gets the same embedding at every resolution; ``"absolute"`` uses
+    the patch index and a table of ``pos_max_len`` entries per axis.
+    """
+
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    qkv_bias: bool = True
+    qk_norm: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    norm_eps: float = 1e-6
+    pos_embed: str = "learned"
+    pos_mode: str = "fractional"
+    pos_combine: str = "sum"
+    pos_max_len: int = 64
+    fourier_bands: int = 16
+    rope: bool = False
+    rope_theta: float = 100.0
+    pool: str = "map"
+    attn_backend: str = "auto"
+    dropout: float = 0.0
+    drop_path: float = 0.0
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"NaViTConfig.{name}={value!r}; expected one of {allowed}")
+
+        choice("pos_embed", POS_EMBED_KINDS)
+        choice("pos_mode", POS_MODES)
+        choice("pos_combine", POS_COMBINES)
+        choice("pool", POOL_KINDS)
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "pos_max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"NaViTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"NaViTConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.pos_combine == "stack" and self.embed_dim % 2:
+            raise ValueError(f"pos_combine='stack' needs an even embed_dim, got {self.embed_dim}")
+        if self.rope and self.head_dim % 4:
+            raise ValueError(f"rope=True needs head_dim divisible by 4, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: patch_size² · in_chans."""
+        return self.patch_size * self.patch_size * self.in_chans
+
+    def replace(self, **overrides: Any) -> "NaViTConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown NaViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "NaViTConfig":
+        return cls().replace(**values)
+
+
+_SIZES = {
+    "ti": dict(embed_dim=192, depth=12, num_heads=3),
+    "s": dict(embed_dim=384, depth=12, num_heads=6),
+    "b": dict(embed_dim=768, depth=12, num_heads=12),
+    "l": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+PRESETS: dict[str, NaViTConfig] = {
+    f"navit_{size}{patch}": NaViTConfig(patch_size=patch, **dims)
+    for size, dims in _SIZES.items()
+    for patch in (16, 32)
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`navit.create_model`."""
+    return sorted(PRESETS)
+
+
+def resolve_config(name_or_config: str | NaViTConfig, **overrides: Any) -> NaViTConfig:
+    if isinstance(name_or_config, NaViTConfig):
+        base = name_or_config
+    elif name_or_config in PRESETS:
+        base = PRESETS[name_or_config]
+    else:
+        raise ValueError(f"unknown model {name_or_config!r}; available: {list_models()}")
+    return base.replace(**overrides) if overrides else base

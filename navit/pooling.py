@@ -1,0 +1,70 @@
+"""Masked pooling: one vector per image from the tokens of a packed batch.
+
+Both poolings reduce over each image's own tokens with scatter operations into a fixed
+[B, E] grid of pooling slots (E = max images per sequence), so shapes never depend on how many
+images a batch holds. Empty slots come out as zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from navit.packing import PAD
+
+
+def slot_index(segment_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Segment ids with padding sent to an extra overflow slot ``num_slots``."""
+    return torch.where(segment_ids == PAD, num_slots, segment_ids)
+
+
+class MeanPool(nn.Module):
+    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """tokens [B, L, D] -> [B, E, D] mean over each slot's tokens."""
+        b, length, dim = tokens.shape
+        index = slot_index(segment_ids, num_slots)
+        sums = tokens.new_zeros(b, num_slots + 1, dim).scatter_add(
+            1, index[..., None].expand(-1, -1, dim), tokens
+        )
+        counts = torch.zeros(b, num_slots + 1, device=tokens.device, dtype=tokens.dtype)
+        counts = counts.scatter_add(1, index, torch.ones_like(index, dtype=tokens.dtype))
+        return (sums / counts.clamp(min=1)[..., None])[:, :num_slots]
+
+
+class MAPPool(nn.Module):
+    """Multihead attention pooling (as in big_vision's MAP head) restricted to each image.
+
+    A learned probe queries the tokens of every slot; the softmax runs over that image's tokens
+    only (a segment softmax), followed by a residual MLP.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.probe = nn.Parameter(torch.randn(dim) * 0.02)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
+        b, length, dim = tokens.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        query = self.q(self.probe).view(heads, head_dim)
+        key, value = self.kv(tokens).view(b, length, 2, heads, head_dim).unbind(2)
+        scores = (key * query).sum(-1) * head_dim**-0.5  # [B, L, H]
+        index = slot_index(segment_ids, num_slots)
+        index_h = index[..., None].expand(-1, -1, heads)
+        # Segment softmax; the per-slot max only stabilises exp() and needs no gradient.
+        slot_max = scores.new_full((b, num_slots + 1, heads), float("-inf"))
+        slot_max = slot_max.scatter_reduce(1, index_h, scores.detach(), reduce="amax")
+        weights = torch.exp(scores - torch.gather(slot_max, 1, index_h))
+        denom = weights.new_zeros(b, num_slots + 1, heads).scatter_add(1, index_h, weights)
+        weights = weights / torch.gather(denom, 1, index_h)
+        pooled = value.new_zeros(b, num_slots + 1, heads, head_dim).scatter_add(
+            1, index_h[..., None].expand(-1, -1, -1, head_dim), weights[..., None] * value
+        )
+        x = self.proj(pooled[:, :num_slots].reshape(b, num_slots, dim))
+        return x + self.mlp(self.norm(x))
