@@ -10,6 +10,7 @@ POS_EMBED_KINDS = ("learned", "sincos", "fourier", "none")
 POS_MODES = ("absolute", "fractional")
 POS_COMBINES = ("sum", "stack", "product")
 POOL_KINDS = ("map", "mean")
+ATTN_BACKENDS = ("auto", "dense", "bucketed", "varlen", "flex")  # see navit.attention.BACKENDS
 
 
 @dataclass
@@ -56,6 +57,7 @@ class NaViTConfig:
         choice("pos_mode", POS_MODES)
         choice("pos_combine", POS_COMBINES)
         choice("pool", POOL_KINDS)
+        choice("attn_backend", ATTN_BACKENDS)
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "pos_max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NaViTConfig.{name} must be >= 1, got {getattr(self, name)}")

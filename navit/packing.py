@@ -8,7 +8,7 @@ backends and pooling rely on exactly this layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -153,6 +153,12 @@ def assign_first_fit(
     return assignment
 
 
+class PackResult(NamedTuple):
+    batch: PackedBatch
+    packed: list[int]  # indices into the input of the images in ``batch``, in input order
+    leftover: list[int]  # indices of the images that did not fit, for the next batch
+
+
 def pack(
     images: Sequence[PatchedImage],
     max_seq_len: int,
@@ -160,10 +166,11 @@ def pack(
     max_images_per_seq: int | None = None,
     num_seqs: int | None = None,
     strategy: str = "first_fit",
-) -> tuple[PackedBatch, list[int]]:
-    """Pack patchified images; returns the batch and the indices of images left for later.
+) -> PackResult:
+    """Pack patchified images into sequences of ``max_seq_len`` tokens.
 
-    ``slot_to_image`` refers to positions in ``images``. With ``num_seqs`` and
+    The batch numbers its images 0..N-1 in the order of ``packed`` (input order, leftovers
+    skipped), which is the row order of model outputs. With ``num_seqs`` and
     ``max_images_per_seq`` both set, every batch has the same shapes (for ``torch.compile``).
     """
     if not images:
@@ -197,6 +204,8 @@ def pack(
     e = max_images_per_seq or max(slots_used)
 
     seq_t = torch.tensor([seq_of[i] for i in packed])
+    rank_t = torch.empty(len(packed), dtype=torch.long)
+    rank_t[torch.tensor(packed).argsort()] = torch.arange(len(packed))
     slot_t = torch.tensor(slot_in_seq)
     n_t = torch.tensor([lengths[i] for i in packed])
     start_t = seq_t * max_seq_len + torch.tensor(offset_in_seq)
@@ -215,7 +224,7 @@ def pack(
     segment_ids[flat_pos] = slot_t[token_image]
 
     slot_to_image = torch.full((b, e), PAD, dtype=torch.long)
-    slot_to_image[seq_t, slot_t] = torch.tensor(packed)
+    slot_to_image[seq_t, slot_t] = rank_t
     grid_sizes = torch.zeros(b, e, 2, dtype=torch.long)
     grid_sizes[seq_t, slot_t] = torch.tensor([images[i].grid for i in packed])
 
@@ -226,7 +235,7 @@ def pack(
         grid_sizes=grid_sizes,
         slot_to_image=slot_to_image,
     )
-    return batch, leftover
+    return PackResult(batch, sorted(packed), leftover)
 
 
 def pack_images(
@@ -257,8 +266,6 @@ def pack_images(
         raise ValueError(f"images have different channel counts {sorted(channels)}")
     if token_dropper is not None:
         tokens = token_dropper(tokens)
-    batch, leftover = pack(
-        tokens, max_seq_len, max_images_per_seq=max_images_per_seq, strategy=strategy
-    )
-    assert not leftover, "packing without num_seqs never leaves images over"
-    return batch
+    result = pack(tokens, max_seq_len, max_images_per_seq=max_images_per_seq, strategy=strategy)
+    assert not result.leftover, "packing without num_seqs never leaves images over"
+    return result.batch

@@ -31,12 +31,15 @@ class PatchedImage:
         return self.patches.shape[0]
 
 
-def fit_grid(height: int, width: int, patch_size: int, max_tokens: int | None) -> tuple[int, int]:
+def fit_grid(
+    height: int, width: int, patch_size: int, max_tokens: int | None, *, fill: bool = False
+) -> tuple[int, int]:
     """Patch grid (rows, cols) closest to the image's own size that has at most ``max_tokens``.
 
     Each side is rounded to the nearest multiple of ``patch_size`` (at least one patch). If that
     grid is over budget, the image is scaled down uniformly, so the aspect ratio is kept as well
-    as integer grids allow.
+    as integer grids allow. With ``fill``, smaller images are scaled up to the budget too (a
+    fixed inference cost per image).
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
@@ -52,7 +55,7 @@ def fit_grid(height: int, width: int, patch_size: int, max_tokens: int | None) -
         )
 
     rows, cols = grid_at(1.0)
-    if max_tokens is None or rows * cols <= max_tokens:
+    if max_tokens is None or (rows * cols <= max_tokens and not fill):
         return rows, cols
     # Start at the scale that would hit the budget exactly, then shrink until rounding fits.
     scale = math.sqrt(max_tokens * patch_size**2 / (height * width))
@@ -92,9 +95,13 @@ def patchify(image: torch.Tensor, patch_size: int) -> PatchedImage:
         .permute(1, 3, 2, 4, 0)  # [rows, cols, p, p, C]
         .reshape(rows * cols, patch_size * patch_size * channels)
     )
+    return PatchedImage(patches=patches, coords=grid_coords(rows, cols), grid=(rows, cols))
+
+
+def grid_coords(rows: int, cols: int) -> torch.Tensor:
+    """[rows·cols, 2] (row, col) of every patch in row-major order."""
     ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    coords = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=-1)
-    return PatchedImage(patches=patches, coords=coords, grid=(rows, cols))
+    return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=-1)
 
 
 def check_image(image: object, index: int) -> torch.Tensor:

@@ -157,20 +157,32 @@ class TokenDropper:
     def eval(self) -> "TokenDropper":
         return self.train(False)
 
-    def __call__(self, images: list[PatchedImage]) -> list[PatchedImage]:
+    def __call__(
+        self,
+        images: list[PatchedImage],
+        *,
+        generator: torch.Generator | None = None,
+        scale: float = 1.0,
+    ) -> list[PatchedImage]:
+        """Drop tokens of each image; ``scale`` multiplies the sampled rates (for schedules).
+
+        ``generator`` overrides the dropper's own, so a data-loader worker can draw from a
+        per-image seed and stay deterministic whatever the worker count.
+        """
         if not self.training or not images:
             return images
+        generator = generator if generator is not None else self.generator
         lengths = torch.tensor([image.num_tokens for image in images])
-        rates = self.rate.sample(lengths, self.generator)
+        rates = self.rate.sample(lengths, generator) * scale
         if not torch.all((rates >= 0) & (rates < 1)):
             raise ValueError(f"drop-rate distribution {self.rate} produced a rate outside [0, 1)")
-        keep = num_kept(lengths, rates, self.generator).tolist()
+        keep = num_kept(lengths, rates, generator).tolist()
         out = []
         for image, k in zip(images, keep):
             if k == image.num_tokens:
                 out.append(image)
                 continue
-            kept = torch.randperm(image.num_tokens, generator=self.generator)[:k].sort().values
+            kept = torch.randperm(image.num_tokens, generator=generator)[:k].sort().values
             out.append(PatchedImage(image.patches[kept], image.coords[kept], image.grid))
         return out
 

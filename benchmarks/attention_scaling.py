@@ -1,0 +1,325 @@
+"""Forward+backward time of the CPU attention backends as the packed sequence length L grows.
+
+Each sequence of L tokens holds many small images (token counts ~ U[min, max], default 16..64),
+packed contiguously by ``navit.packing.assign_first_fit`` with padding at the end. For each L we
+time, in the same process and with the same inputs:
+
+* ``prepare(segment_ids)`` of each backend (``bucketed`` builds its bucket plan here, ``dense``
+  its [B, 1, L, L] mask),
+* ``attend(q, k, v, state)`` forward only, and forward + backward (q, k, v [B, L, H, D] with
+  ``requires_grad``; backward of a fixed random upstream gradient).
+
+``dense`` costs O(L²) per sequence; ``bucketed`` O(Σ nᵢ²) over the images nᵢ, so time / Σnᵢ²
+should stay roughly flat for bucketed and time / L² for dense. Times are medians of ``--repeats``
+runs after ``--warmup`` runs, the backends alternating within each repeat. Before timing, bucketed is checked against dense at the real tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from navit.attention import get_backend
+from navit.packing import PAD, assign_first_fit
+
+
+def build_segment_ids(
+    batch: int, seq_len: int, lo: int, hi: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """[B, L] segment ids of images with U[lo, hi] tokens packed first-fit, padding at the end."""
+    # Enough candidates to fill every sequence; the first-fit packer leaves the rest over.
+    count = int(2 * batch * seq_len / ((lo + hi) / 2)) + 8
+    lengths = rng.integers(lo, hi + 1, size=count).tolist()
+    assign = assign_first_fit(lengths, seq_len, num_seqs=batch)
+    seg = torch.full((batch, seq_len), PAD, dtype=torch.long)
+    fill = [0] * batch
+    per_seq: list[list[int]] = [[] for _ in range(batch)]
+    for n, s in zip(lengths, assign):
+        if s == PAD:
+            continue
+        seg[s, fill[s] : fill[s] + n] = len(per_seq[s])
+        fill[s] += n
+        per_seq[s].append(n)
+    return seg, per_seq
+
+
+def cpu_busy_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine so far (Linux /proc/stat), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def interleaved(fn, names: list[str], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of ``fn(name)`` for each name, backends alternating within every repeat
+    so that a burst of machine noise hits all of them alike."""
+    for _ in range(warmup):
+        for name in names:
+            fn(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            t0 = time.perf_counter()
+            fn(name)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def check_agreement(seg: torch.Tensor, heads: int, dim: int, seed: int) -> float:
+    """Max abs difference bucketed vs dense (outputs and q/k/v grads) at real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    b, length = seg.shape
+    base = [torch.randn(b, length, heads, dim, generator=g) for _ in range(3)]
+    grad = torch.randn(b, length, heads, dim, generator=g)
+    real = (seg != PAD)[..., None, None]
+    results = []
+    for name in ("dense", "bucketed"):
+        backend = get_backend(name)
+        q, k, v = (t.clone().requires_grad_(True) for t in base)
+        out = backend.attend(q, k, v, backend.prepare(seg))
+        (out * grad * real).sum().backward()
+        results.append([(out * real).detach(), q.grad, k.grad, v.grad])
+    return max(float((a - b).abs().max()) for a, b in zip(*results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--dense-max-len", type=int, default=4096, help="skip dense above this L")
+    p.add_argument("--batch", type=int, default=1, help="sequences per batch (B)")
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--min-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention_scaling.json")
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
+    args = p.parse_args(argv)
+    plot_path = args.plot or args.out.with_suffix(".png")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    t_start = time.perf_counter()
+    busy0, own0 = cpu_busy_seconds(), own_cpu_seconds()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(f"WARNING: load average {load:.2f} before starting; timings will be noisy", file=sys.stderr)
+
+    seg_check, _ = build_segment_ids(2, 256, args.min_tokens, args.max_tokens, rng)
+    max_err = check_agreement(seg_check, args.heads, args.head_dim, args.seed)
+    print(f"bucketed vs dense max |diff| (out, dq, dk, dv; B=2, L=256): {max_err:.2e}", file=sys.stderr)
+    if max_err > 1e-4:
+        print("WARNING: bucketed disagrees with dense", file=sys.stderr)
+
+    rows = []
+    for length in args.seq_lens:
+        seg, per_seq = build_segment_ids(args.batch, length, args.min_tokens, args.max_tokens, rng)
+        sizes = [n for s in per_seq for n in s]
+        sum_n2 = sum(n * n for n in sizes)
+        real = sum(sizes)
+        shape = (args.batch, length, args.heads, args.head_dim)
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn(shape)
+        row = {
+            "seq_len": length,
+            "batch": args.batch,
+            "images": len(sizes),
+            "padding": 1 - real / (args.batch * length),
+            "sum_n2": sum_n2,
+            "L2": args.batch * length * length,
+        }
+        names = [n for n in ("dense", "bucketed") if not (n == "dense" and length > args.dense_max_len)]
+        backends = {n: get_backend(n) for n in names}
+        states = {n: backends[n].prepare(seg) for n in names}
+
+        def prepare(n):
+            backends[n].prepare(seg)
+
+        def forward(n):
+            with torch.no_grad():
+                backends[n].attend(q, k, v, states[n])
+
+        def fwd_bwd(n):
+            q.grad = k.grad = v.grad = None
+            backends[n].attend(q, k, v, states[n]).backward(grad_out)
+
+        timings = {
+            "prepare": interleaved(prepare, names, args.warmup, args.repeats),
+            "forward": interleaved(forward, names, args.warmup, args.repeats),
+            "fwd_bwd": interleaved(fwd_bwd, names, args.warmup, args.repeats),
+        }
+        for name in ("dense", "bucketed"):
+            if name not in names:
+                row[name] = None
+                continue
+            entry = {}
+            for what, per_name in timings.items():
+                entry[f"{what}_s"] = statistics.median(per_name[name])
+                entry[f"{what}_min_s"] = min(per_name[name])
+                entry[f"{what}_all_s"] = per_name[name]
+            if name == "bucketed":
+                plan = states[name]
+                entry["buckets"] = len(plan.buckets)
+                entry["bucket_sizes"] = [list(bk.size) for bk in plan.buckets]
+                entry["computed_n2"] = sum(g * m * m for g, m in (bk.size for bk in plan.buckets))
+            row[name] = entry
+            print(
+                f"  L={length} {name}: prepare {entry['prepare_s'] * 1e3:.2f} ms, "
+                f"fwd {entry['forward_s'] * 1e3:.2f} ms, fwd+bwd {entry['fwd_bwd_s'] * 1e3:.2f} ms "
+                f"({time.perf_counter() - t_start:.1f}s)",
+                file=sys.stderr,
+            )
+        rows.append(row)
+
+    na = "—"
+    noisy = False
+
+    def cell(entry, what: str) -> str:
+        """'median (min)' in ms; '*' marks a median over 1.5× the min (machine noise)."""
+        nonlocal noisy
+        if entry is None:
+            return na
+        med, lo = entry[f"{what}_s"], entry[f"{what}_min_s"]
+        flag = "*" if med > 1.5 * lo else ""
+        noisy = noisy or bool(flag)
+        return f"{med * 1e3:.2f} ({lo * 1e3:.2f}){flag}"
+
+    def ratio(d, bk, key: str) -> str:
+        return f"{d[key] / bk[key]:.1f}×" if d else na
+
+    print(
+        f"\n### Attention on CPU (torch {torch.__version__}, {args.threads} threads, "
+        f"B={args.batch}, H={args.heads}, D={args.head_dim}, images U[{args.min_tokens},"
+        f"{args.max_tokens}] tokens; ms per call, median (min) of {args.repeats} after "
+        f"{args.warmup} warm-up, backends interleaved)\n"
+    )
+    print(
+        "| L | images | dense fwd+bwd | bucketed fwd+bwd | dense/bucketed (median) | "
+        "dense/bucketed (min) | dense fwd | bucketed fwd | dense prepare | bucketed prepare |"
+    )
+    print("|" + "|".join(["---:"] * 10) + "|")
+    for r in rows:
+        d, bk = r["dense"], r["bucketed"]
+        cells = [
+            str(r["seq_len"]),
+            str(r["images"]),
+            cell(d, "fwd_bwd"),
+            cell(bk, "fwd_bwd"),
+            ratio(d, bk, "fwd_bwd_s"),
+            ratio(d, bk, "fwd_bwd_min_s"),
+            cell(d, "forward"),
+            cell(bk, "forward"),
+            cell(d, "prepare"),
+            cell(bk, "prepare"),
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+    print("\nScaling (fwd+bwd median): dense should be flat in ns/L², bucketed flat in ns/Σnᵢ²\n")
+    print(
+        "| L | Σnᵢ² | L² | Σnᵢ²/L² | dense ns/L² | bucketed ns/Σnᵢ² | bucketed ns/Σnᵢ² (min) | "
+        "buckets | bucket pad (Σ G·m² / Σnᵢ²) |"
+    )
+    print("|" + "|".join(["---:"] * 9) + "|")
+    for r in rows:
+        d, bk = r["dense"], r["bucketed"]
+        cells = [
+            str(r["seq_len"]),
+            str(r["sum_n2"]),
+            str(r["L2"]),
+            f"{r['sum_n2'] / r['L2']:.4f}",
+            f"{d['fwd_bwd_s'] / r['L2'] * 1e9:.2f}" if d else na,
+            f"{bk['fwd_bwd_s'] / r['sum_n2'] * 1e9:.2f}",
+            f"{bk['fwd_bwd_min_s'] / r['sum_n2'] * 1e9:.2f}",
+            str(bk["buckets"]),
+            f"{bk['computed_n2'] / r['sum_n2']:.2f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    if noisy:
+        print("\n`*`: median more than 1.5× the min: the machine was noisy during that measurement.")
+    elapsed = time.perf_counter() - t_start
+    busy1 = cpu_busy_seconds()
+    other = None
+    if busy0 is not None and busy1 is not None:
+        other = max(0.0, (busy1 - busy0) - (own_cpu_seconds() - own0)) / (elapsed * (os.cpu_count() or 1))
+        print(
+            f"\nOther processes used {100 * other:.0f}% of the machine's {os.cpu_count()} CPUs during "
+            f"the run (load average {load:.2f} at start)" + ("; rerun on a quiet machine" if other > 0.05 else "")
+        )
+    print(f"\nbucketed vs dense max |diff| (out and grads, B=2, L=256): {max_err:.2e}")
+    print(f"Total time: {elapsed:.1f}s")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": "attention_scaling",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "max_abs_diff_bucketed_vs_dense": max_err,
+        "results": rows,
+        "elapsed_s": elapsed,
+        "load_average_at_start": load,
+        "other_processes_cpu_fraction": other,
+    }
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(f"Wrote {args.out}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for name, marker in (("dense", "o"), ("bucketed", "s")):
+        pts = [(r["seq_len"], r[name]["fwd_bwd_s"]) for r in rows if r[name]]
+        ax.plot(*zip(*pts), marker=marker, label=f"{name} fwd+bwd")
+    pts = [(r["seq_len"], r["bucketed"]["prepare_s"]) for r in rows]
+    ax.plot(*zip(*pts), marker=".", linestyle=":", label="bucketed prepare")
+    # reference slopes anchored at the largest L each backend ran
+    dense_pts = [(r["seq_len"], r["dense"]["fwd_bwd_s"]) for r in rows if r["dense"]]
+    if dense_pts:
+        l0, t0 = dense_pts[-1]
+        xs = [r["seq_len"] for r in rows]
+        ax.plot(xs, [t0 * (x / l0) ** 2 for x in xs], color="gray", linestyle="--", linewidth=0.8, label="∝ L²")
+        l1, t1 = rows[-1]["seq_len"], rows[-1]["bucketed"]["fwd_bwd_s"]
+        ax.plot(xs, [t1 * x / l1 for x in xs], color="gray", linestyle="-.", linewidth=0.8, label="∝ L")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L (tokens)")
+    ax.set_ylabel("time per call (s)")
+    ax.set_title(
+        f"Attention fwd+bwd, CPU {args.threads} threads, H={args.heads} D={args.head_dim}, "
+        f"images U[{args.min_tokens},{args.max_tokens}]",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=120)
+    print(f"Wrote {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from navit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""Checkpoints that are safe to load and never half-written.
+
+A checkpoint is a folder: ``model.safetensors`` (weights), ``meta.json`` (model config, label
+names, step, loader state, anything JSON) and ``train_state.pt`` (optimizer and scheduler
+tensors, loaded with ``weights_only=True`` so no arbitrary object is ever unpickled). It is
+written under a temporary name and renamed into place; ``latest`` names the newest complete
+one, so a crash mid-save leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS, META, TRAIN_STATE, LATEST = "model.safetensors", "meta.json", "train_state.pt", "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    folder: str | Path,
+    name: str,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+    *,
+    keep: int | None = 3,
+) -> Path:
+    """Write checkpoint ``folder/name`` atomically and point ``folder/latest`` at it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / name
+    tmp = folder / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, tmp / WEIGHTS)
+    (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    for child in tmp.iterdir():
+        with open(child, "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    _write_atomic(folder / LATEST, name + "\n")
+    if keep is not None:
+        _prune(folder, keep, protect=name)
+    return final
+
+
+def _prune(folder: Path, keep: int, protect: str) -> None:
+    """Remove all but the ``keep`` newest complete checkpoints (by step name order)."""
+    complete = sorted(p for p in folder.iterdir() if p.is_dir() and (p / META).exists() and not p.name.startswith("."))
+    for old in complete[:-keep]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder, a checkpoints folder with ``latest``, or a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / WEIGHTS).exists():
+            return candidate
+        if (candidate / LATEST).exists():
+            name = (candidate / LATEST).read_text().strip()
+            target = candidate / name
+            if not (target / WEIGHTS).exists():
+                raise FileNotFoundError(f"{candidate / LATEST} names {name}, which is missing or incomplete")
+            return target
+    raise FileNotFoundError(
+        f"no checkpoint found at {path}: expected {WEIGHTS}, or a 'latest' file in it or in "
+        f"{path / 'checkpoints'}"
+    )
+
+
+def load_meta(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / META).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"checkpoint metadata {checkpoint / META} is damaged: {error}") from error
+
+
+def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(checkpoint / WEIGHTS)
+    except Exception as error:
+        raise ValueError(f"checkpoint weights {checkpoint / WEIGHTS} are damaged: {error}") from error
+
+
+def load_train_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / TRAIN_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"training state {path} is damaged or unsafe: {error}") from error

@@ -1,0 +1,32 @@
+"""Data sources: where images and labels come from (folders, manifests, tar shards, synthetic)."""
+
+from navit.data.decode import load_rgb
+from navit.data.sources import (
+    IMAGE_EXTENSIONS,
+    ImageFolder,
+    ImageSource,
+    Manifest,
+    Subset,
+    TarShards,
+    open_source,
+    shard,
+    split_holdout,
+)
+from navit.data.synthetic import CLASS_NAMES, ShapeParams, SyntheticShapes, write_image_folder
+
+__all__ = [
+    "CLASS_NAMES",
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "ImageSource",
+    "Manifest",
+    "ShapeParams",
+    "Subset",
+    "SyntheticShapes",
+    "TarShards",
+    "load_rgb",
+    "open_source",
+    "shard",
+    "split_holdout",
+    "write_image_folder",
+]

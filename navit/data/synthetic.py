@@ -1,0 +1,342 @@
+"""SyntheticShapes: the built-in default dataset (no files, no downloads, deterministic).
+
+Each image shows one filled ellipse or rectangle on a smooth gradient background. The six classes
+are ``{ellipse, rectangle} x {tall, round/square, wide}`` where *tall/round/wide* is the TRUE
+height/width ratio of the object in pixels:
+
+=============  ======================  =====================
+proportion     object height / width   classes
+=============  ======================  =====================
+tall           2 .. 3                  tall_ellipse, tall_rectangle
+round/square   0.85 .. 1.15            round_ellipse, square_rectangle
+wide           1/3 .. 1/2              wide_ellipse, wide_rectangle
+=============  ======================  =====================
+
+Why squashing the image to a square destroys the label
+------------------------------------------------------
+The image's own aspect ratio ``a = W/H`` is drawn log-uniformly from 1:4 .. 4:1, independently of
+the label. Resizing a ``W x H`` image to ``S x S`` scales heights by ``S/H`` and widths by ``S/W``,
+so an object with true ratio ``r = h/w`` appears with ratio ``r * a``. With ``a`` spread over a
+factor of 16, the apparent ratios of the classes overlap heavily: a tall object (r = 2.5) in a wide
+image (a = 0.4) becomes a perfect square after squashing, exactly like a round object in a square
+image or a wide object (r = 0.4) in a 2.5:1 image. Nothing else in the image gives ``a`` away:
+the object's size is drawn relative to whichever side limits it, the background is a smooth
+linear gradient (no shapes of known proportions), and the only texture is faint per-pixel noise.
+Only the shape family (ellipse vs rectangle) survives squashing, since both are preserved by an
+axis-aligned stretch. A model that sees the image at its native aspect ratio (NaViT) can read the
+ratio directly; a square-input ViT has to guess among proportions compatible with what it sees.
+
+Image ``i`` is a pure function of ``(seed, i)`` and the constructor arguments, so any index can be
+generated in any worker, in any order. Labels are balanced exactly within every block of
+``num_classes`` consecutive indices (a seeded permutation of the classes per block), so strided
+sharding and contiguous ranges stay balanced too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+#: Class names, in sorted order so that ``write_image_folder`` + ``ImageFolder`` keep the indices.
+CLASS_NAMES: tuple[str, ...] = (
+    "round_ellipse",
+    "square_rectangle",
+    "tall_ellipse",
+    "tall_rectangle",
+    "wide_ellipse",
+    "wide_rectangle",
+)
+
+#: True object height/width ranges, per proportion.
+RATIO_RANGES: dict[str, tuple[float, float]] = {
+    "tall": (2.0, 3.0),
+    "round": (0.85, 1.15),
+    "wide": (1.0 / 3.0, 0.5),
+}
+
+
+def _class_spec(name: str) -> tuple[str, str]:
+    proportion, shape = name.split("_")
+    return shape, ("round" if proportion in ("round", "square") else proportion)
+
+
+#: (shape, proportion) of each class index.
+CLASS_SPECS: tuple[tuple[str, str], ...] = tuple(_class_spec(n) for n in CLASS_NAMES)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _luma(rgb) -> float:
+    return 0.299 * float(rgb[0]) + 0.587 * float(rgb[1]) + 0.114 * float(rgb[2])
+
+
+@dataclass(frozen=True)
+class ShapeParams:
+    """Everything that determines one synthetic image (see :meth:`SyntheticShapes.params`).
+
+    Geometry is in pixels of the ``width x height`` image, origin at the top-left corner, y down.
+    The object is ``obj_w x obj_h`` in its own frame, centred at ``(cx, cy)``, then rotated by
+    ``angle`` degrees (counter-clockwise as displayed). ``ratio == obj_h / obj_w``.
+    """
+
+    index: int
+    label: int
+    class_name: str
+    shape: str  # "ellipse" | "rectangle"
+    width: int
+    height: int
+    ratio: float
+    obj_w: float
+    obj_h: float
+    cx: float
+    cy: float
+    angle: float
+    bg_start: tuple[int, int, int]
+    bg_end: tuple[int, int, int]
+    gradient_angle: float  # radians
+    color: tuple[int, int, int]
+
+    def polygon(self) -> list[tuple[float, float]]:
+        """Outline of the object in image coordinates (the polygon that gets filled)."""
+        if self.shape == "rectangle":
+            local = [(-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)]
+            pts = [(u * self.obj_w, v * self.obj_h) for u, v in local]
+        else:
+            a, b = self.obj_w / 2.0, self.obj_h / 2.0
+            perimeter = math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b)))
+            n = int(min(256, max(32, perimeter / 2)))
+            pts = [
+                (a * math.cos(2 * math.pi * k / n), b * math.sin(2 * math.pi * k / n))
+                for k in range(n)
+            ]
+        t = math.radians(self.angle)
+        c, s = math.cos(t), math.sin(t)
+        # Counter-clockwise on screen with y pointing down.
+        return [(self.cx + u * c + v * s, self.cy - u * s + v * c) for u, v in pts]
+
+
+class SyntheticShapes:
+    """Procedural ImageSource: ellipses and rectangles whose class is their true proportions.
+
+    ``SyntheticShapes(num_images, seed, min_side, max_side)`` holds ``num_images`` images with
+    sides in ``[min_side, max_side]`` and aspect ratios W:H log-uniform in 1:4 .. 4:1 (narrowed if
+    the side limits do not allow it). See the module docstring for the task and for why squashing
+    the image to a square loses the label.
+
+    Keyword-only knobs: ``max_rotation`` (degrees, < 10 keeps tall/wide meaningful), ``noise_std``
+    (per-pixel grey noise, in 8-bit levels), ``fill_range`` (object size as a fraction of the
+    largest size that fits), ``min_contrast`` (luma difference between object and background).
+    """
+
+    def __init__(
+        self,
+        num_images: int = 10_000,
+        seed: int = 0,
+        min_side: int = 32,
+        max_side: int = 512,
+        *,
+        max_rotation: float = 8.0,
+        noise_std: float = 3.0,
+        fill_range: tuple[float, float] = (0.4, 0.85),
+        min_contrast: float = 60.0,
+    ) -> None:
+        if int(num_images) != num_images or num_images < 0:
+            raise ValueError(f"num_images must be a non-negative integer, got {num_images!r}")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if not (8 <= min_side <= max_side):
+            raise ValueError(f"need 8 <= min_side <= max_side, got min_side={min_side}, max_side={max_side}")
+        if not (0 <= max_rotation < 45):
+            raise ValueError(f"max_rotation must be in [0, 45) degrees, got {max_rotation}")
+        if not (0 < fill_range[0] <= fill_range[1] <= 1):
+            raise ValueError(f"fill_range must satisfy 0 < lo <= hi <= 1, got {fill_range}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.num_images = int(num_images)
+        self.seed = int(seed)
+        self.min_side = int(min_side)
+        self.max_side = int(max_side)
+        self.max_rotation = float(max_rotation)
+        self.noise_std = float(noise_std)
+        self.fill_range = (float(fill_range[0]), float(fill_range[1]))
+        self.min_contrast = float(min_contrast)
+        self.class_names: list[str] = list(CLASS_NAMES)
+        # Aspect-ratio range that the side limits allow.
+        self.min_aspect = max(0.25, self.min_side / self.max_side)
+        self.max_aspect = min(4.0, self.max_side / self.min_side)
+
+    # -- ImageSource protocol -------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticShapes(num_images={self.num_images}, seed={self.seed}, "
+            f"min_side={self.min_side}, max_side={self.max_side})"
+        )
+
+    def _check(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self!r}")
+        return int(index)
+
+    def label(self, index: int) -> int:
+        """Class of image ``index``: exact balance within each block of ``num_classes`` indices."""
+        index = self._check(index)
+        k = len(CLASS_NAMES)
+        block, offset = divmod(index, k)
+        state = _splitmix64(_splitmix64(self.seed) ^ block)
+        perm = list(range(k))
+        for j in range(k - 1, 0, -1):  # seeded Fisher-Yates shuffle of the classes
+            state = _splitmix64(state)
+            r = state % (j + 1)
+            perm[j], perm[r] = perm[r], perm[j]
+        return perm[offset]
+
+    def describe(self, index: int) -> str:
+        return f"synthetic(seed={self.seed})[{index}]"
+
+    def load(self, index: int) -> Image.Image:
+        return self.render(self.params(index))
+
+    # -- generation ---------------------------------------------------------------------
+    def params(self, index: int) -> ShapeParams:
+        """The generation parameters of image ``index`` (no pixels are drawn)."""
+        label = self.label(index)
+        shape, proportion = CLASS_SPECS[label]
+        rng = np.random.default_rng([self.seed, index, 0])
+
+        # Image size: aspect ratio log-uniform, then the long side log-uniform in what fits.
+        aspect = math.exp(rng.uniform(math.log(self.min_aspect), math.log(self.max_aspect)))
+        elong = max(aspect, 1.0 / aspect)
+        long_lo = min(self.max_side, self.min_side * elong)
+        long_side = math.exp(rng.uniform(math.log(long_lo), math.log(self.max_side)))
+        short_side = long_side / elong
+        clamp = lambda v: int(min(self.max_side, max(self.min_side, round(v))))  # noqa: E731
+        if aspect >= 1.0:
+            width, height = clamp(long_side), clamp(short_side)
+        else:
+            width, height = clamp(short_side), clamp(long_side)
+
+        # Object: true ratio from the class range, size relative to the limiting side.
+        lo, hi = RATIO_RANGES[proportion]
+        ratio = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        angle = rng.uniform(-self.max_rotation, self.max_rotation)
+        c, s = math.cos(math.radians(angle)), abs(math.sin(math.radians(angle)))
+        margin = max(1.0, 0.02 * min(width, height))
+        # Largest object width k (height k * ratio) whose rotated bounding box fits.
+        k_max = min((width - 2 * margin) / (c + ratio * s), (height - 2 * margin) / (s + ratio * c))
+        k = rng.uniform(*self.fill_range) * k_max
+        obj_w, obj_h = k, k * ratio
+        box_w, box_h = obj_w * c + obj_h * s, obj_w * s + obj_h * c
+        cx = rng.uniform(margin + box_w / 2, width - margin - box_w / 2)
+        cy = rng.uniform(margin + box_h / 2, height - margin - box_h / 2)
+
+        # Colours: a gentle gradient background, an object with clear luma contrast to all of it.
+        bg_start = rng.integers(0, 256, size=3)
+        bg_end = np.clip(bg_start + rng.integers(-48, 49, size=3), 0, 255)
+        gradient_angle = rng.uniform(0.0, 2.0 * math.pi)
+        for _ in range(64):
+            color = rng.integers(0, 256, size=3)
+            if min(abs(_luma(color) - _luma(bg_start)), abs(_luma(color) - _luma(bg_end))) >= self.min_contrast:
+                break
+        else:
+            mean_luma = (_luma(bg_start) + _luma(bg_end)) / 2
+            color = np.array([0, 0, 0] if mean_luma >= 128 else [255, 255, 255])
+
+        return ShapeParams(
+            index=int(index),
+            label=label,
+            class_name=CLASS_NAMES[label],
+            shape=shape,
+            width=width,
+            height=height,
+            ratio=ratio,
+            obj_w=obj_w,
+            obj_h=obj_h,
+            cx=cx,
+            cy=cy,
+            angle=angle,
+            bg_start=tuple(int(v) for v in bg_start),
+            bg_end=tuple(int(v) for v in bg_end),
+            gradient_angle=gradient_angle,
+            color=tuple(int(v) for v in color),
+        )
+
+    def render(self, p: ShapeParams, *, noise: bool = True) -> Image.Image:
+        """Draw the image described by ``p`` (``noise=False`` leaves out the pixel noise)."""
+        w, h = p.width, p.height
+        gx, gy = math.cos(p.gradient_angle), math.sin(p.gradient_angle)
+        proj = np.arange(w, dtype=np.float32)[None, :] * gx + np.arange(h, dtype=np.float32)[:, None] * gy
+        proj -= proj.min()
+        span = float(proj.max())
+        t = proj / span if span > 0 else proj
+        start = np.asarray(p.bg_start, dtype=np.float32)
+        delta = np.asarray(p.bg_end, dtype=np.float32) - start
+        background = start + t[:, :, None] * delta
+        img = Image.fromarray(np.clip(background + 0.5, 0, 255).astype(np.uint8))
+        ImageDraw.Draw(img).polygon(p.polygon(), fill=p.color)
+        if noise and self.noise_std > 0:
+            rng = np.random.default_rng([self.seed, p.index, 1])
+            grain = rng.standard_normal((h, w, 1), dtype=np.float32) * self.noise_std
+            pixels = np.asarray(img, dtype=np.float32) + grain
+            img = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+        return img
+
+
+def write_image_folder(source, out_dir, *, progress: bool = True) -> None:
+    """Write every image of ``source`` as ``out_dir/<class_name>/<index>.png``.
+
+    Reading the tree back with :class:`navit.data.ImageFolder` gives the same images; the labels
+    keep their indices when ``source.class_names`` is sorted and every class has an image (true for
+    :class:`SyntheticShapes` with at least ``num_classes`` images), since ImageFolder numbers
+    the class folders in sorted order. Only classes that have images get a folder.
+    """
+    names = list(source.class_names)
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
+            raise ValueError(f"class name {name!r} cannot be used as a folder name")
+    n = len(source)
+    digits = max(6, len(str(max(n - 1, 0))))
+    os.makedirs(out_dir, exist_ok=True)
+    if names != sorted(names):
+        warnings.warn(
+            "class_names are not sorted; ImageFolder will number the written classes differently",
+            stacklevel=2,
+        )
+    indices = range(n)
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            indices = tqdm(indices, desc=f"writing {out_dir}", unit="img")
+        except ImportError:  # pragma: no cover - tqdm is a dependency, but keep this optional
+            pass
+    made: set[int] = set()
+    for i in indices:
+        label = source.label(i)
+        folder = os.path.join(out_dir, names[label])
+        if label not in made:
+            os.makedirs(folder, exist_ok=True)
+            made.add(label)
+        source.load(i).save(os.path.join(folder, f"{i:0{digits}d}.png"), compress_level=1)
+    missing = [names[c] for c in range(len(names)) if c not in made]
+    if n and missing:
+        warnings.warn(
+            f"no images for classes {missing}; ImageFolder will renumber the classes it finds",
+            stacklevel=2,
+        )

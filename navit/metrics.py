@@ -1,0 +1,44 @@
+"""Training metrics to JSONL and CSV in the run folder, and to TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, folder: str | Path, *, resume: bool = False) -> None:
+        self.folder = Path(folder)
+        mode = "a" if resume else "w"
+        self._jsonl = open(self.folder / "metrics.jsonl", mode)
+        self._csv_file = open(self.folder / "metrics.csv", mode, newline="")
+        self._csv: csv.DictWriter | None = None
+        self._csv_has_header = resume and (self.folder / "metrics.csv").stat().st_size > 0
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._csv is None:
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=list(record), extrasaction="ignore")
+            if not self._csv_has_header:
+                self._csv.writeheader()
+        self._csv.writerow(record)
+        self._csv_file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._csv_file.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,369 @@
+"""The training loop: one readable function, wired from small parts.
+
+Data (``navit.data``), model (``navit.model``), checkpoints (``navit.checkpoint``) and metrics
+(``navit.metrics``) know nothing about each other; ``train`` connects them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from navit.checkpoint import (
+    load_meta,
+    load_train_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from navit.config import resolve_config
+from navit.data.loader import DropSchedule, LoaderBatch, PackedLoader
+from navit.data.sources import open_source, split_holdout
+from navit.data.transforms import ImagePipeline, ResolutionSampler
+from navit.evaluate import evaluate_budgets, write_budget_report
+from navit.metrics import MetricsLogger
+from navit.model import NaViT, create_model
+from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDropper, UniformRate
+
+DROP_KINDS = ("none", "constant", "uniform", "beta", "resolution")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run folder."""
+
+    # data
+    data: str = "synthetic"
+    val_data: str | None = None
+    val_fraction: float = 0.2
+    # model
+    model: str = "navit_ti16"
+    model_args: dict[str, Any] = field(
+        default_factory=lambda: dict(embed_dim=128, depth=4, num_heads=4, pos_mode="absolute")
+    )
+    baseline: str = "navit"  # "navit" (native aspect) or "square" (ViT baseline: squash to a square)
+    # packing and resolution
+    max_tokens: int = 64
+    seq_len: int = 256
+    seqs_per_batch: int = 4
+    max_images_per_seq: int = 32
+    buffer_size: int = 128
+    res_mode: str = "native"
+    res_min: int = 64
+    res_max: int = 256
+    res_dist: str = "truncnorm"
+    crop_min: float = 1.0
+    flip: bool = True
+    # token dropping
+    drop: str = "none"
+    drop_rate: float = 0.25
+    drop_max: float = 0.5
+    drop_schedule: str = "constant"
+    drop_schedule_end: float = 1.0
+    # optimisation
+    epochs: int = 8
+    max_steps: int | None = None
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    loss: str = "softmax"
+    precision: str = "fp32"
+    compile: bool = False
+    # run
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    out: str = "runs"
+    name: str | None = None
+    resume: str | None = None
+    init_from: str | None = None
+    eval_budgets: list[int] = field(default_factory=lambda: [16, 36, 64])
+    log_every: int = 10
+    save_every: int = 200
+    fail_fast: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {
+            "baseline": ("navit", "square"),
+            "drop": DROP_KINDS,
+            "loss": ("softmax", "sigmoid"),
+            "precision": ("fp32", "bf16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_tokens > self.seq_len:
+            raise ValueError(f"max_tokens={self.max_tokens} exceeds seq_len={self.seq_len}")
+        if any(b < 1 or b > self.seq_len for b in self.eval_budgets):
+            raise ValueError(f"eval_budgets {self.eval_budgets} must lie in [1, seq_len={self.seq_len}]")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_dropper(cfg: TrainConfig) -> TokenDropper | None:
+    rates = {
+        "none": None,
+        "constant": lambda: ConstantRate(cfg.drop_rate),
+        "uniform": lambda: UniformRate(0.0, cfg.drop_max),
+        "beta": lambda: BetaRate(cfg.drop_rate, cfg.drop_max),
+        "resolution": lambda: ResolutionRate(0.0, cfg.drop_max, 16, cfg.max_tokens),
+    }[cfg.drop]
+    return None if rates is None else TokenDropper(rates(), seed=cfg.seed)
+
+
+def make_pipeline(cfg: TrainConfig, patch_size: int, *, square_tokens: int | None) -> ImagePipeline:
+    return ImagePipeline(
+        patch_size=patch_size,
+        max_tokens=cfg.max_tokens,
+        resolution=ResolutionSampler(cfg.res_mode, cfg.res_min, cfg.res_max, cfg.res_dist),
+        square_tokens=square_tokens,
+        crop_scale=(cfg.crop_min, 1.0),
+        flip=cfg.flip,
+    )
+
+
+def mean_native_tokens(source, pipeline: ImagePipeline, sample: int = 256) -> float:
+    """Mean tokens per image of the NaViT pipeline (eval geometry), from a sample of images."""
+    step = max(1, len(source) // sample)
+    counts = []
+    for index in range(0, len(source), step):
+        image = source.load(index)
+        rows, cols = pipeline.grid_for(image.height, image.width, None)
+        counts.append(rows * cols)
+    return sum(counts) / len(counts)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Mean over images (not tokens), so big images do not weigh more than small ones."""
+    if cfg.loss == "softmax":
+        return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+    classes = logits.shape[-1]
+    target = F.one_hot(labels, classes).float()
+    target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / classes
+    per_image = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").sum(-1)
+    return per_image.mean()
+
+
+def warmup_cosine(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    if cfg.resume:
+        path = Path(cfg.resume)
+        return path if (path / "config.yaml").exists() else resolve_checkpoint(path).parent.parent
+    name = cfg.name or time.strftime(f"{cfg.baseline}-%Y%m%d-%H%M%S")
+    folder = Path(cfg.out) / name
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> NaViT:
+    model_cfg = resolve_config(cfg.model, **{**cfg.model_args, "num_classes": num_classes})
+    model = NaViT(model_cfg)
+    if cfg.init_from:  # fine-tuning: take every weight whose name and shape match
+        weights = load_weights(resolve_checkpoint(cfg.init_from))
+        own = model.state_dict()
+        usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(usable, strict=False)
+        skipped = sorted(set(own) - set(usable))
+        if skipped:
+            print(f"init_from: {len(usable)} tensors loaded, re-initialised {skipped}")
+    return model
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate at each token budget, write the run folder; returns the summary."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    folder = run_folder(cfg)
+    (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+    source = open_source(cfg.data)
+    if cfg.val_data:
+        train_source, val_source = source, open_source(cfg.val_data)
+    else:
+        train_source, val_source = split_holdout(source, cfg.val_fraction, cfg.seed)
+    class_names = list(source.class_names)
+    model = build_model(cfg, len(class_names)).to(device)
+    patch = model.config.patch_size
+
+    native = make_pipeline(cfg, patch, square_tokens=None)
+    square_tokens = None
+    if cfg.baseline == "square":
+        # Same mean token count as NaViT sees at native resolution, but every image squashed.
+        square_tokens = max(1, round(math.sqrt(mean_native_tokens(train_source, native)))) ** 2
+    pipeline = make_pipeline(cfg, patch, square_tokens=square_tokens)
+
+    est_tokens = square_tokens or mean_native_tokens(train_source, native, sample=64)
+    per_batch = cfg.seqs_per_batch * min(cfg.max_images_per_seq, cfg.seq_len / est_tokens)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_source) / per_batch)
+
+    loader = PackedLoader(
+        train_source,
+        pipeline,
+        seq_len=cfg.seq_len,
+        num_seqs=cfg.seqs_per_batch,
+        max_images_per_seq=cfg.max_images_per_seq,
+        buffer_size=cfg.buffer_size,
+        train=True,
+        seed=cfg.seed,
+        num_workers=cfg.workers,
+        dropper=make_dropper(cfg),
+        drop_schedule=DropSchedule(cfg.drop_schedule, 1.0, cfg.drop_schedule_end),
+        total_images=cfg.epochs * len(train_source),
+        fail_fast=cfg.fail_fast,
+    )
+
+    no_decay = {n for n, p in model.named_parameters() if p.dim() < 2 or "pos_embed" in n or "probe" in n}
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg, total_steps))
+
+    step = 0
+    if cfg.resume:
+        checkpoint = resolve_checkpoint(cfg.resume)
+        meta = load_meta(checkpoint)
+        model.load_state_dict(load_weights(checkpoint))
+        state = load_train_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        loader.load_state_dict(meta["loader"])
+        step = int(meta["step"])
+        print(f"resumed from {checkpoint} at step {step}")
+
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    metrics = MetricsLogger(folder, resume=bool(cfg.resume))
+
+    def checkpoint_now() -> None:
+        meta = {
+            "step": step,
+            "model_config": model.config.to_dict(),
+            "class_names": class_names,
+            "loader": loader.state_dict(),
+            "square_tokens": square_tokens,
+            "patch_size": patch,
+            "max_tokens": cfg.max_tokens,
+        }
+        train_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        save_checkpoint(folder / "checkpoints", f"step_{step:08d}", model, meta, train_state)
+
+    start = time.perf_counter()
+    done = False
+    with tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0) as bar:
+        while not done and loader.epoch < cfg.epochs:
+            model.train()
+            window = {"images": 0, "tokens": 0, "slots": 0, "time": time.perf_counter()}
+            for item in loader:
+                item = item.to(device)
+                with autocast:
+                    logits = forward(item.batch)
+                    loss = classification_loss(logits, item.labels, cfg)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                window["images"] += item.labels.numel()
+                window["tokens"] += item.batch.num_real_tokens
+                window["slots"] += item.batch.segment_ids.numel()
+                if step % cfg.log_every == 0:
+                    elapsed = time.perf_counter() - window["time"]
+                    record = {
+                        "step": step,
+                        "epoch": loader.epoch,
+                        "loss": round(loss.item(), 5),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": round(float(grad_norm), 4),
+                        "images_per_s": round(window["images"] / elapsed, 2),
+                        "tokens_per_s": round(window["tokens"] / elapsed, 1),
+                        "padding": round(1 - window["tokens"] / window["slots"], 5),
+                        "images_per_batch": round(window["images"] / cfg.log_every, 2),
+                    }
+                    metrics.log(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        img_s=f"{record['images_per_s']:.0f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                        pad=f"{100 * record['padding']:.1f}%",
+                    )
+                    window = {"images": 0, "tokens": 0, "slots": 0, "time": time.perf_counter()}
+                bar.update(1)
+                if step % cfg.save_every == 0:
+                    checkpoint_now()
+                if cfg.max_steps and step >= cfg.max_steps:
+                    done = True
+                    break
+    checkpoint_now()
+    train_seconds = time.perf_counter() - start
+    if sum(loader.skipped.values()):
+        print(f"skipped {sum(loader.skipped.values())} unreadable images: {dict(loader.skipped)}")
+
+    results = evaluate_budgets(
+        model,
+        val_source,
+        patch_size=patch,
+        max_tokens=cfg.max_tokens,
+        budgets=cfg.eval_budgets,
+        square=cfg.baseline == "square",
+        native_square_tokens=square_tokens,
+        seq_len=cfg.seq_len,
+        device=device,
+        workers=cfg.workers,
+    )
+    write_budget_report(results, folder, title=f"{cfg.baseline} ({folder.name})")
+    summary = {
+        "run_folder": str(folder),
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "val_accuracy": results["native"]["accuracy"],
+        "accuracy_vs_tokens": results,
+        "skipped_images": dict(loader.skipped),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics.close()
+    return summary

@@ -1,0 +1,104 @@
+"""Shared helpers: tiny models, synthetic images and tolerance checks.
+
+Every model built here is small (depth 2, embed_dim 32) so the suite runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import pytest
+import torch
+
+from navit import NaViTConfig, create_model
+from navit.packing import PAD, PackedBatch
+from navit.patchify import PatchedImage
+
+PATCH = 8  # patch size of the tiny test models
+
+
+def tiny_config(**overrides) -> NaViTConfig:
+    base = dict(
+        patch_size=PATCH,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        num_classes=7,
+        pos_max_len=16,
+        fourier_bands=4,
+    )
+    base.update(overrides)
+    return NaViTConfig(**base)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A tiny NaViT in eval mode with deterministic weights.
+
+    The head is re-drawn at unit scale (the default init is std 0.02 with zero bias), so logits
+    are O(1) and clearly differ between images: comparisons of logits are never vacuous.
+    """
+    torch.manual_seed(seed)
+    model = create_model(tiny_config(**overrides)).eval()
+    if isinstance(model.head, torch.nn.Linear):
+        torch.nn.init.normal_(model.head.weight, std=model.num_features**-0.5)
+        torch.nn.init.normal_(model.head.bias, std=0.1)
+    return model
+
+
+def with_backend(model, backend: str):
+    """A copy of ``model`` (same weights) that uses attention backend ``backend``."""
+    twin = copy.deepcopy(model)
+    twin.config = twin.config.replace(attn_backend=backend)
+    return twin
+
+
+def random_images(sizes: Sequence[tuple[int, int]], channels: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(channels, h, w, generator=generator) for h, w in sizes]
+
+
+def labelled_image(index: int, num_tokens: int, grid: tuple[int, int] | None = None) -> PatchedImage:
+    """A patchified image whose patch ``t`` is ``[index, t, 1]``: every token says where it came from.
+
+    The trailing 1 tells a real token from padding (which the packer fills with zeros).
+    """
+    grid = grid or (1, num_tokens)
+    t = torch.arange(num_tokens)
+    patches = torch.stack([torch.full((num_tokens,), float(index)), t.float(), torch.ones(num_tokens)], dim=1)
+    coords = torch.stack([t // grid[1], t % grid[1]], dim=1)
+    return PatchedImage(patches=patches, coords=coords, grid=grid)
+
+
+def image_of_slot(batch: PackedBatch) -> torch.Tensor:
+    """[B, L] batch image number (row of model outputs) of every token, PAD at padding."""
+    slot = batch.segment_ids.clamp(min=0)
+    image = torch.gather(batch.slot_to_image, 1, slot)
+    return torch.where(batch.token_mask, image, torch.full_like(image, PAD))
+
+
+def image_tokens(batch: PackedBatch, image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patches, coords) of batch image ``image`` in the order they sit in their sequence."""
+    seq, slot = divmod(int(batch.image_slots()[image]), batch.max_images_per_seq)
+    mask = batch.segment_ids[seq] == slot
+    return batch.patches[seq][mask], batch.coords[seq][mask]
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``expected``."""
+    scale = expected.detach().abs().max().clamp(min=torch.finfo(expected.dtype).tiny)
+    return float((actual.detach() - expected.detach()).abs().max() / scale)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert expected.detach().abs().max() > 0, f"{what}: reference is all zeros, the check would be vacuous"
+    error = max_rel_error(actual, expected)
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(1234)

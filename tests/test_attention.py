@@ -1,0 +1,270 @@
+"""Masked attention: no token sees another image or padding, whatever the backend.
+
+The core invariant of Patch n' Pack is isolation: an image's logits and the gradients with respect
+to its pixels do not depend on which images it is packed with. Every backend must also agree with
+the dense reference.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import PATCH, assert_rel_close, labelled_image, random_images, tiny_model, with_backend
+from navit import pack, pack_images
+from navit.attention import BACKENDS, auto_backend_name, available_backends, get_backend
+from navit.packing import PAD
+
+CPU_BACKENDS = available_backends("cpu")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# The studied image (index TARGET, a 2x3 patch grid) shares its sequence with three others.
+SIZES = [(24, 24), (16, 24), (8, 32), (16, 16), (32, 32)]
+TARGET = 1
+PACKED_LEN, ALONE_LEN = 24, 8
+ISOLATION_CONFIGS = [
+    dict(pool=pool, rope=rope, pos_embed=pos_embed, pos_mode=pos_mode)
+    for pool in ("map", "mean")
+    for rope in (False, True)
+    for pos_embed, pos_mode in (("learned", "fractional"), ("sincos", "absolute"))
+]
+
+
+def config_id(config):
+    return "-".join(f"{k}={v}" for k, v in config.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Backend-level checks against a naive per-image attention.
+
+
+def reference_attention(q, k, v, segment_ids):
+    """Softmax attention computed image by image: the definition of masked packed attention."""
+    out = torch.zeros_like(q)
+    for seq in range(q.shape[0]):
+        for slot in segment_ids[seq].unique().tolist():
+            if slot == PAD:
+                continue
+            idx = torch.nonzero(segment_ids[seq] == slot).squeeze(1)
+            qs, ks, vs = (t[seq, idx].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+            weights = torch.softmax(qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+            out[seq, idx] = (weights @ vs).transpose(0, 1)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=12),
+    max_images=st.none() | st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_matches_per_image_attention(backend, lengths, max_images, seed):
+    batch = pack([labelled_image(i, n) for i, n in enumerate(lengths)], 20, max_images_per_seq=max_images).batch
+    generator = torch.Generator().manual_seed(seed)
+    b, length = batch.segment_ids.shape
+    q, k, v = torch.randn(3, b, length, 2, 8, generator=generator, dtype=torch.float64)
+    attention = get_backend(backend)
+    out = attention.attend(q, k, v, attention.prepare(batch.segment_ids))
+    assert out.shape == q.shape
+    real = batch.token_mask
+    expected = reference_attention(q, k, v, batch.segment_ids)
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(out).all(), "padding must not produce NaNs"
+
+
+def test_backend_registry_on_cpu():
+    assert CPU_BACKENDS[:2] == ["dense", "bucketed"]
+    if not CUDA:
+        assert CPU_BACKENDS == ["dense", "bucketed"]
+    assert auto_backend_name(torch.device("cpu"), half_precision=False) == "bucketed"
+    assert set(BACKENDS) == {"dense", "bucketed", "varlen", "flex"}
+    with pytest.raises(ValueError, match="unknown attention backend 'sparse'"):
+        get_backend("sparse")
+
+
+# --------------------------------------------------------------------------------------------
+# Model-level isolation.
+
+
+def logits_and_pixel_grads(model, images, max_seq_len, weights, device="cpu", autocast_dtype=None):
+    """Logits of ``images`` packed together, and d(sum(weights · logits)) / d(pixels) per image."""
+    leaves = [image.clone().requires_grad_() for image in images]
+    batch = pack_images(leaves, PATCH, max_seq_len).to(device)
+    half = autocast_dtype is not None
+    with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.bfloat16, enabled=half):
+        logits = model(batch)
+    (logits.float() * weights.to(device)).sum().backward()
+    return logits.detach().float().cpu(), [leaf.grad for leaf in leaves], batch
+
+
+def isolation_results(model, device="cpu", autocast_dtype=None, alone_model=None):
+    """(packed logits, packed pixel grads, alone logits, alone pixel grads) of the TARGET image."""
+    images = random_images(SIZES, seed=1)
+    weights = torch.randn(len(SIZES), model.config.num_classes, generator=torch.Generator().manual_seed(2))
+    logits, grads, batch = logits_and_pixel_grads(model, images, PACKED_LEN, weights, device, autocast_dtype)
+    # The test is only meaningful if the target really shares its sequence.
+    seq = int(batch.image_slots()[TARGET]) // batch.max_images_per_seq
+    assert int((batch.slot_to_image[seq] != PAD).sum()) >= 3
+    alone_logits, alone_grads, alone = logits_and_pixel_grads(
+        alone_model or model, [images[TARGET]], ALONE_LEN, weights[TARGET : TARGET + 1], device
+    )
+    assert alone.num_seqs == 1 and not alone.token_mask.all(), "alone, the target sits next to padding"
+    return logits[TARGET], grads[TARGET], alone_logits[0], alone_grads[0], logits
+
+
+def check_isolation(model, device="cpu", rtol=1e-5):
+    packed, packed_grad, alone, alone_grad, all_logits = isolation_results(model, device)
+    # Non-trivial logits: the head is not zero and images get clearly different outputs.
+    assert model.head.weight.abs().max() > 0
+    assert (all_logits[0] - all_logits[TARGET]).abs().max() > 1e-2 * all_logits.abs().max()
+    assert_rel_close(packed, alone, rtol, "logits")
+    assert_rel_close(packed_grad, alone_grad, rtol, "pixel gradients")
+
+
+@pytest.mark.parametrize("config", ISOLATION_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_image_is_unaffected_by_the_images_packed_with_it(backend, config):
+    check_isolation(tiny_model(attn_backend=backend, **config))
+
+
+def test_isolation_also_holds_for_pixels_of_the_other_images():
+    # Gradients reach other images' pixels only through their own logits: weighting only the
+    # target's logits leaves every other image with exactly zero gradient.
+    model = tiny_model(attn_backend="bucketed")
+    images = random_images(SIZES, seed=1)
+    weights = torch.zeros(len(SIZES), model.config.num_classes)
+    weights[TARGET] = 1.0
+    _, grads, _ = logits_and_pixel_grads(model, images, PACKED_LEN, weights)
+    for i, grad in enumerate(grads):
+        if i == TARGET:
+            assert grad.abs().max() > 0
+        else:
+            assert torch.count_nonzero(grad) == 0, f"image {i} influenced image {TARGET}"
+
+
+# --------------------------------------------------------------------------------------------
+# Every backend agrees with the dense reference.
+
+
+def features_logits_grads(model, batch, weights):
+    model.zero_grad()
+    features = model.forward_features(batch)
+    logits = model.forward_head(features, batch)
+    (logits * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return features.detach(), logits.detach(), grads
+
+
+def assert_param_grads_close(actual: dict, expected: dict, rtol: float) -> None:
+    """Per-parameter relative check; grads that are zero in theory are judged on the global scale."""
+    assert actual.keys() == expected.keys()
+    scale = max(g.abs().max() for g in expected.values())
+    for name, grad in expected.items():
+        floor = max(grad.abs().max(), 1e-3 * scale)
+        error = (actual[name] - grad).abs().max() / floor
+        assert error <= rtol, f"gradient of {name}: relative error {error:.3g} > {rtol:g}"
+
+
+@pytest.mark.parametrize("config", [dict(pool="map", rope=True), dict(pool="mean", rope=False)], ids=config_id)
+@pytest.mark.parametrize("backend", [name for name in CPU_BACKENDS if name != "dense"])
+def test_backend_matches_dense_outputs_and_parameter_gradients(backend, config):
+    dense = tiny_model(attn_backend="dense", **config)
+    other = with_backend(dense, backend)
+    batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24, max_images_per_seq=4)
+    weights = torch.randn(batch.num_images, dense.config.num_classes)
+    ref_features, ref_logits, ref_grads = features_logits_grads(dense, batch, weights)
+    features, logits, grads = features_logits_grads(other, batch, weights)
+    real = batch.token_mask
+    assert_rel_close(features[real], ref_features[real], 1e-5, "features")
+    assert_rel_close(logits, ref_logits, 1e-5, "logits")
+    assert_param_grads_close(grads, ref_grads, 1e-5)
+
+
+def has_cpu_compiler() -> bool:
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++", "cl"))
+
+
+@pytest.mark.skipif(not has_cpu_compiler(), reason="FlexAttention on CPU needs torch.compile and a C++ compiler")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside compile
+def test_flex_backend_forward_matches_dense_on_cpu():
+    # FlexAttention on CPU is inference only and compiles on first use (~15 s cold, once).
+    dense = tiny_model(attn_backend="dense")
+    flex = with_backend(dense, "flex")
+    batch = pack_images(random_images(SIZES, seed=4), PATCH, PACKED_LEN)
+    with torch.no_grad():
+        out = flex.forward_features(batch)
+        expected = dense.forward_features(batch)
+    real = batch.token_mask
+    assert_rel_close(out[real], expected[real], 1e-5, "flex features")
+
+
+def test_flex_backend_refuses_to_train_on_cpu():
+    model = tiny_model(attn_backend="flex").train()
+    batch = pack_images(random_images(SIZES[:2]), PATCH, PACKED_LEN)
+    with pytest.raises(RuntimeError, match="no CPU backward.*attn_backend='bucketed'"):
+        model(batch)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: isolation for every backend the device offers, and agreement with dense.
+
+
+@needs_cuda
+class TestCuda:
+    DEVICE = "cuda"
+
+    @pytest.fixture(autouse=True)
+    def _exact_fp32(self):
+        # TF32 matmuls would make fp32 results depend on the kernel chosen for each shape.
+        previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+    @pytest.mark.parametrize("config", ISOLATION_CONFIGS, ids=config_id)
+    @pytest.mark.parametrize("backend", [b for b in available_backends("cuda") if b != "varlen"])
+    def test_isolation_fp32(self, backend, config):
+        check_isolation(tiny_model(attn_backend=backend, **config).to(self.DEVICE), self.DEVICE)
+
+    @pytest.mark.parametrize("config", ISOLATION_CONFIGS, ids=config_id)
+    def test_varlen_isolation_in_bf16_against_dense_fp32(self, config):
+        if "varlen" not in available_backends(self.DEVICE):
+            pytest.skip("torch.nn.attention.varlen is not available in this PyTorch build")
+        dense = tiny_model(attn_backend="dense", **config).to(self.DEVICE)
+        varlen = with_backend(dense, "varlen")
+        # Packed with others in bf16 flash attention vs alone through the dense fp32 reference.
+        packed, packed_grad, alone, alone_grad, _ = isolation_results(
+            varlen, self.DEVICE, autocast_dtype=torch.bfloat16, alone_model=dense
+        )
+        assert_rel_close(packed, alone, 5e-2, "bf16 varlen logits")
+        cosine = torch.nn.functional.cosine_similarity(packed_grad.flatten(), alone_grad.flatten(), dim=0)
+        assert cosine > 0.98, f"bf16 varlen pixel gradients: cosine {cosine:.4f}"
+
+    @pytest.mark.parametrize("backend", [b for b in available_backends("cuda") if b != "dense"])
+    def test_backend_matches_dense(self, backend):
+        dense = tiny_model(attn_backend="dense", pool="map", rope=True).to(self.DEVICE)
+        other = with_backend(dense, backend)
+        batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24).to(self.DEVICE)
+        weights = torch.randn(batch.num_images, dense.config.num_classes, device=self.DEVICE)
+        ref_features, ref_logits, ref_grads = features_logits_grads(dense, batch, weights)
+        real = batch.token_mask
+        if backend == "varlen":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                features, logits, grads = features_logits_grads(other, batch, weights)
+            assert_rel_close(features[real].float(), ref_features[real], 1e-1, "bf16 varlen features")
+            assert_rel_close(logits.float(), ref_logits, 5e-2, "bf16 varlen logits")
+            for name, grad in ref_grads.items():
+                if grad.abs().max() > 1e-3 * max(g.abs().max() for g in ref_grads.values()):
+                    cosine = torch.nn.functional.cosine_similarity(grads[name].flatten().float(), grad.flatten(), dim=0)
+                    assert cosine > 0.95, f"bf16 varlen gradient of {name}: cosine {cosine:.4f}"
+        else:
+            features, logits, grads = features_logits_grads(other, batch, weights)
+            assert_rel_close(features[real], ref_features[real], 1e-5, "features")
+            assert_rel_close(logits, ref_logits, 1e-5, "logits")
+            assert_param_grads_close(grads, ref_grads, 1e-5)

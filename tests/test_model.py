@@ -1,0 +1,283 @@
+"""The NaViT model API: presets, outputs in input order, padding, training, stochastic depth."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import PATCH, assert_rel_close, image_of_slot, random_images, tiny_config, tiny_model
+from navit import NaViT, NaViTConfig, create_model, list_models, pack, pack_images
+from navit.attention import BACKENDS
+from navit.config import ATTN_BACKENDS
+from navit.model import drop_path
+from navit.patchify import image_to_tokens
+from navit.pooling import slot_index
+
+SIZES = [(16, 24), (24, 24), (8, 32), (32, 16), (16, 16), (24, 8)]
+
+
+def batch_of(sizes=SIZES, max_seq_len=24, seed=0, **kwargs):
+    return pack_images(random_images(sizes, seed=seed), PATCH, max_seq_len, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and configuration.
+
+
+def test_presets_cover_every_size_and_patch():
+    names = list_models()
+    assert names == sorted(f"navit_{size}{patch}" for size in ("ti", "s", "b", "l") for patch in (16, 32))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_preset_builds_and_classifies(name):
+    # Only the Ti presets are built at full depth; the others with one block to stay fast.
+    full = name.startswith("navit_ti")
+    model = create_model(name, num_classes=10, **({} if full else {"depth": 1})).eval()
+    patch = int(name.removeprefix("navit_").lstrip("tisbl"))
+    assert model.config.patch_size == patch
+    assert len(model.blocks) == (model.config.depth if full else 1)
+    if full:
+        assert model.config.depth == 12
+    batch = pack_images(random_images([(patch, 2 * patch), (patch, patch)]), patch, 4)
+    with torch.no_grad():
+        logits = model(batch)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_larger_presets_are_wider():
+    widths = [create_model(f"navit_{size}16", depth=1, num_classes=0).num_features for size in ("ti", "s", "b", "l")]
+    assert widths == sorted(set(widths))
+
+
+def test_create_model_accepts_a_config_and_overrides():
+    config = tiny_config(num_classes=5)
+    model = create_model(config, num_classes=3, pool="mean")
+    assert isinstance(model, NaViT)
+    assert model.config == dataclasses.replace(config, num_classes=3, pool="mean")
+    assert config.num_classes == 5, "the caller's config is not modified"
+    assert model.head.out_features == 3
+    assert create_model(config).config == config
+    preset = create_model("navit_ti16", depth=2, num_classes=4)
+    assert (preset.config.embed_dim, preset.config.depth, preset.head.out_features) == (192, 2, 4)
+
+
+def test_config_round_trips_through_a_dict():
+    config = tiny_config(rope=True, pos_combine="stack")
+    assert NaViTConfig.from_dict(config.to_dict()) == config
+
+
+def test_num_classes_zero_gives_features():
+    model = tiny_model(num_classes=0)
+    batch = batch_of()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model.embed(batch))
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs.
+
+
+@pytest.mark.parametrize("pool", ["map", "mean"])
+def test_output_shapes_and_padding(pool):
+    model = tiny_model(pool=pool)
+    batch = batch_of(max_images_per_seq=4)
+    assert not batch.token_mask.all(), "the batch should contain padding"
+    with torch.no_grad():
+        features = model.forward_features(batch)
+        embeddings = model.embed(batch)
+        logits = model(batch)
+    n, d = len(SIZES), model.config.embed_dim
+    assert features.shape == (batch.num_seqs, batch.seq_len, d)
+    assert (features[~batch.token_mask] == 0).all()
+    assert (features[batch.token_mask].norm(dim=-1) > 0).all()
+    assert embeddings.shape == (n, d)
+    assert logits.shape == (n, model.config.num_classes)
+    torch.testing.assert_close(model.head(embeddings), logits)
+    slots = model.pool_slots(features, batch)
+    assert slots.shape == (batch.num_seqs, 4, d)
+    empty = batch.slot_to_image == -1
+    assert empty.any() and (slots[empty] == 0).all()
+
+
+def test_mean_pool_averages_each_images_tokens():
+    model = tiny_model(pool="mean")
+    batch = batch_of()
+    with torch.no_grad():
+        features = model.forward_features(batch)
+        embeddings = model.embed(batch)
+    owner = image_of_slot(batch)
+    for j in range(batch.num_images):
+        torch.testing.assert_close(embeddings[j], features[owner == j].mean(0))
+
+
+@pytest.mark.parametrize("strategy", ["first_fit", "first_fit_decreasing"])
+def test_outputs_follow_input_order(strategy):
+    model = tiny_model()
+    images = random_images(SIZES, seed=1)
+    permutation = [3, 0, 5, 1, 4, 2]
+    with torch.no_grad():
+        logits = model(pack_images(images, PATCH, 24, strategy=strategy))
+        shuffled = model(pack_images([images[i] for i in permutation], PATCH, 24, strategy=strategy))
+        alone = torch.cat([model(pack_images([image], PATCH, 24)) for image in images])
+    assert_rel_close(shuffled, logits[permutation], 1e-5, "permuted inputs")
+    assert_rel_close(logits, alone, 1e-5, "each image alone")
+
+
+def test_outputs_of_a_batch_with_leftovers_follow_the_packed_images():
+    model = tiny_model()
+    images = random_images([(16, 16), (24, 24), (8, 24)], seed=2)  # 4, 9, 3 tokens
+    tokens = [image_to_tokens(image, PATCH, 10) for image in images]
+    result = pack(tokens, 10, num_seqs=1, max_images_per_seq=2)
+    assert result.packed == [0, 2] and result.leftover == [1]
+    with torch.no_grad():
+        logits = model(result.batch)
+        expected = torch.cat([model(pack_images([images[i]], PATCH, 16)) for i in result.packed])
+    assert_rel_close(logits, expected, 1e-5, "logits")
+
+
+def test_token_dropped_batches_run_with_fractional_positions():
+    from navit import TokenDropper
+
+    model = tiny_model(rope=True).train()
+    batch = batch_of(token_dropper=TokenDropper(0.5, seed=0))
+    logits = model(batch)
+    assert logits.shape == (len(SIZES), model.config.num_classes) and torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Training.
+
+
+def test_a_few_adamw_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = tiny_model(attn_backend="bucketed", drop_path=0.1).train()
+    batch = batch_of(max_seq_len=32, seed=5)
+    labels = torch.arange(len(SIZES)) % model.config.num_classes
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(model(batch), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(value) for value in losses)
+    assert losses[-1] < 0.6 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def drop_path_context(batch):
+    """The two fields of the model's ForwardContext that drop_path reads."""
+    slots = batch.max_images_per_seq
+    return SimpleNamespace(slot_index=slot_index(batch.segment_ids, slots), num_slots=slots)
+
+
+def test_drop_path_drops_whole_images_independently():
+    torch.manual_seed(0)
+    rate = 0.5
+    batch = pack_images(random_images([(8, 8 * (1 + i % 3)) for i in range(400)]), PATCH, 24)
+    x = torch.ones(batch.num_seqs, batch.seq_len, 4)
+    out = drop_path(x, rate, drop_path_context(batch), training=True)
+    owner = image_of_slot(batch)
+    kept, mixed_sequence = [], False
+    for seq in range(batch.num_seqs):
+        states = set()
+        for j in owner[seq][batch.token_mask[seq]].unique().tolist():
+            values = out[seq][owner[seq] == j].unique()
+            assert len(values) == 1, "an image is dropped or kept as a whole"
+            assert values.item() in (0.0, 1 / (1 - rate)), "kept images are rescaled by 1/(1 - rate)"
+            states.add(values.item() > 0)
+            kept.append(values.item() > 0)
+        mixed_sequence |= len(states) == 2
+    assert mixed_sequence, "images in one sequence are dropped independently"
+    kept = torch.tensor(kept, dtype=torch.float64)
+    tolerance = 5 * math.sqrt(rate * (1 - rate) / len(kept))
+    assert abs(kept.mean().item() - (1 - rate)) <= tolerance
+
+
+def test_drop_path_is_identity_in_eval_mode_or_at_rate_zero():
+    batch = batch_of()
+    x = torch.randn(batch.num_seqs, batch.seq_len, 4)
+    ctx = drop_path_context(batch)
+    assert drop_path(x, 0.5, ctx, training=False) is x
+    assert drop_path(x, 0.0, ctx, training=True) is x
+
+
+def test_model_drop_path_is_random_in_training_and_off_in_eval():
+    model = tiny_model(drop_path=0.5)
+    reference = tiny_model(drop_path=0.0)
+    batch = batch_of()
+    with torch.no_grad():
+        model.train()
+        first, second = model(batch), model(batch)
+        assert not torch.allclose(first, second)
+        model.eval()
+        torch.testing.assert_close(model(batch), reference(batch))
+    model.train()
+    logits = model(batch)
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors that say what is wrong.
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"unknown model 'navit_xl16'; available: \['navit_b16'"):
+        create_model("navit_xl16")
+
+
+def test_unknown_config_field_in_overrides():
+    with pytest.raises(TypeError, match=r"unknown NaViTConfig field\(s\) \['embed_size'\]"):
+        create_model("navit_ti16", embed_size=128)
+
+
+def test_unknown_attention_backend_is_rejected_when_configuring():
+    assert set(ATTN_BACKENDS) == {"auto", *BACKENDS}
+    with pytest.raises(ValueError, match=r"NaViTConfig.attn_backend='flash'; expected one of"):
+        create_model(tiny_config(), attn_backend="flash")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(pos_embed="rotary"), "NaViTConfig.pos_embed='rotary'"),
+        (dict(pool="cls"), "NaViTConfig.pool='cls'"),
+        (dict(depth=0), "NaViTConfig.depth must be >= 1, got 0"),
+        (dict(embed_dim=30, num_heads=4), "embed_dim=30 is not divisible by num_heads=4"),
+        (dict(embed_dim=24, num_heads=4, rope=True), "rope=True needs head_dim divisible by 4, got 6"),
+        (dict(num_classes=-1), "num_classes must be >= 0"),
+    ],
+)
+def test_invalid_configs_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_model_takes_only_a_packed_batch():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="takes a navit.PackedBatch, got Tensor; build one with navit.pack_images"):
+        model(torch.randn(2, 3, 16, 16))
+
+
+def test_patch_dim_mismatch():
+    model = tiny_model()  # patch 8, 3 channels: 192 values per patch
+    batch = pack_images(random_images([(32, 32)]), 16, 8)
+    expected = r"768 values each, but the model expects patch_size=8 with 3 channels \(192 values\)"
+    with pytest.raises(ValueError, match=expected):
+        model(batch)
+    grey = pack_images(random_images([(16, 16)], channels=1), PATCH, 8)
+    with pytest.raises(ValueError, match="with 3 channels"):
+        model(grey)
+
+
+def test_absolute_positions_beyond_the_table_fail_clearly():
+    model = tiny_model(pos_mode="absolute", pos_max_len=4)
+    with pytest.raises(ValueError, match="raise pos_max_len or use pos_mode='fractional'"):
+        model(pack_images(random_images([(8, 40)]), PATCH, 8))
