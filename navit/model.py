@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from navit.attention import AttentionBackend, auto_backend_name, get_backend
+from navit.attention import AttentionBackend, auto_backend, get_backend
 from navit.config import NaViTConfig, resolve_config
 from navit.packing import PackedBatch
 from navit.pooling import MAPPool, MeanPool, slot_index
@@ -109,7 +109,7 @@ class NaViT(nn.Module):
             if cfg.rope
             else None
         )
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.pool = (
@@ -126,12 +126,12 @@ class NaViT(nn.Module):
 
     def attention_backend(self, device: torch.device) -> AttentionBackend:
         name = self.config.attn_backend
-        if name == "auto":
-            half = self.patch_embed.weight.dtype in (torch.float16, torch.bfloat16) or (
-                device.type == "cuda" and torch.is_autocast_enabled("cuda")
-            )
-            name = auto_backend_name(device, half)
-        return get_backend(name)
+        if name != "auto":
+            return get_backend(name)
+        half = self.patch_embed.weight.dtype in (torch.float16, torch.bfloat16) or (
+            device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        )
+        return auto_backend(device, half)
 
     def _check_batch(self, batch: PackedBatch) -> None:
         if not isinstance(batch, PackedBatch):

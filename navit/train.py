@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,8 @@ class TrainConfig:
     compile: bool = False
     # run
     seed: int = 0
-    workers: int = 2
+    workers: int = 1
+    threads: int | None = None  # torch threads; default: the cores the loader workers leave free
     device: str = "auto"
     out: str = "runs"
     name: str | None = None
@@ -207,6 +209,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> NaViT:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, evaluate at each token budget, write the run folder; returns the summary."""
     torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - cfg.workers))
     device = pick_device(cfg.device)
     folder = run_folder(cfg)
     (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from conftest import PATCH, assert_rel_close, labelled_image, random_images, tiny_model, with_backend
 from navit import pack, pack_images
-from navit.attention import BACKENDS, auto_backend_name, available_backends, get_backend
+from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
+from navit.attention.bucketed import BucketedBackend
 from navit.packing import PAD
 
 CPU_BACKENDS = available_backends("cpu")
@@ -63,13 +64,17 @@ def reference_attention(q, k, v, segment_ids):
     max_images=st.none() | st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "bucketed-dense-fallback"])
 def test_backend_matches_per_image_attention(backend, lengths, max_images, seed):
     batch = pack([labelled_image(i, n) for i, n in enumerate(lengths)], 20, max_images_per_seq=max_images).batch
     generator = torch.Generator().manual_seed(seed)
     b, length = batch.segment_ids.shape
     q, k, v = torch.randn(3, b, length, 2, 8, generator=generator, dtype=torch.float64)
-    attention = get_backend(backend)
+    if backend == "bucketed-dense-fallback":  # the adaptive plan's dense branch, forced
+        attention = BucketedBackend(dense_above=0.0)
+        assert attention.prepare(batch.segment_ids).dense_mask is not None
+    else:
+        attention = get_backend(backend)
     out = attention.attend(q, k, v, attention.prepare(batch.segment_ids))
     assert out.shape == q.shape
     real = batch.token_mask
@@ -82,7 +87,7 @@ def test_backend_registry_on_cpu():
     assert CPU_BACKENDS[:2] == ["dense", "bucketed"]
     if not CUDA:
         assert CPU_BACKENDS == ["dense", "bucketed"]
-    assert auto_backend_name(torch.device("cpu"), half_precision=False) == "bucketed"
+    assert isinstance(auto_backend(torch.device("cpu"), half_precision=False), BucketedBackend)
     assert set(BACKENDS) == {"dense", "bucketed", "varlen", "flex"}
     with pytest.raises(ValueError, match="unknown attention backend 'sparse'"):
         get_backend("sparse")
@@ -128,7 +133,7 @@ def check_isolation(model, device="cpu", rtol=1e-5):
 
 
 @pytest.mark.parametrize("config", ISOLATION_CONFIGS, ids=config_id)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "auto"])
 def test_an_image_is_unaffected_by_the_images_packed_with_it(backend, config):
     check_isolation(tiny_model(attn_backend=backend, **config))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from navit.data import CLASS_NAMES, SyntheticShapes, open_source, shard
-from navit.data.synthetic import RATIO_RANGES, CLASS_SPECS
+from navit.data.synthetic import CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES
 
 
 def _pixels(img) -> np.ndarray:
@@ -196,8 +196,8 @@ def test_object_size_position_and_contrast():
         box_h = p.obj_w * math.sin(t) + p.obj_h * math.cos(t)
         assert max(box_w / p.width, box_h / p.height) >= 0.35, p
         assert abs(p.angle) <= 8.0
-        luma = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]  # noqa: E731
-        assert min(abs(luma(p.color) - luma(p.bg_start)), abs(luma(p.color) - luma(p.bg_end))) >= 59.9
+        # A dark object on a light background: every object channel below every background one.
+        assert max(p.color) <= DARK_MAX < LIGHT_MIN <= min(*p.bg_start, *p.bg_end)
 
 
 def test_noise_is_mild_and_background_is_not_flat():

@@ -30,16 +30,20 @@ def available_backends(device: torch.device | str) -> list[str]:
     return names
 
 
-def auto_backend_name(device: torch.device, half_precision: bool) -> str:
-    """Fastest backend for a device: varlen flash attention on CUDA in half precision, FlexAttention
-    on CUDA in fp32, the Σnᵢ² bucketed backend on CPU."""
+# Measured on CPU (benchmarks/attention_scaling.py): buckets win while their scores stay below
+# about 0.3 of the dense B·L² scores; above that, gathering costs more than it saves.
+CPU_DENSE_ABOVE = 0.3
+
+
+def auto_backend(device: torch.device, half_precision: bool) -> AttentionBackend:
+    """Fastest backend for a device: varlen flash attention on CUDA in half precision,
+    FlexAttention on CUDA in fp32, and on CPU the Σnᵢ² bucketed backend, which switches to one
+    dense call for batches where that is cheaper."""
     if device.type == "cuda":
         if half_precision and varlen.available():
-            return "varlen"
-        if flex.available():
-            return "flex"
-        return "dense"
-    return "bucketed"
+            return VarlenBackend()
+        return FlexBackend() if flex.available() else DenseBackend()
+    return BucketedBackend(dense_above=CPU_DENSE_ABOVE)
 
 
 def get_backend(name: str) -> AttentionBackend:
@@ -48,4 +52,4 @@ def get_backend(name: str) -> AttentionBackend:
     return BACKENDS[name]()
 
 
-__all__ = ["AttentionBackend", "available_backends", "auto_backend_name", "get_backend", "BACKENDS"]
+__all__ = ["AttentionBackend", "available_backends", "auto_backend", "get_backend", "BACKENDS"]

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from navit.attention.base import segment_runs
+from navit.attention.dense import DenseBackend
 from navit.packing import PAD
 
 
 @dataclass
 class Bucket:
-    index: torch.Tensor  # [G·m] flat token index of every bucket slot
-    size: tuple[int, int]  # (G, m)
+    size: tuple[int, int]  # (G, m): G images padded to m tokens
     key_mask: torch.Tensor | None  # [G, 1, 1, m] True at real keys; None if no slot is padding
     valid: torch.Tensor | None  # [G·m] True at slots holding a real token; None if all do
 
@@ -28,7 +28,9 @@ class Bucket:
 @dataclass
 class BucketPlan:
     buckets: list[Bucket]
+    index: torch.Tensor  # flat token index of every slot of every bucket, buckets concatenated
     positions: torch.Tensor  # flat token index of each output row, buckets concatenated
+    dense_mask: torch.Tensor | None = None  # set when one dense [L, L] mask is cheaper
 
 
 def group_lengths(lengths: list[int], ratio: float, slack: int) -> list[list[int]]:
@@ -51,49 +53,62 @@ def group_lengths(lengths: list[int], ratio: float, slack: int) -> list[list[int
 
 
 class BucketedBackend:
+    """``dense_above``: when the buckets would cost more than this fraction of the dense B·L²
+    scores (few, long images per sequence), one dense masked call beats gathering, so the plan
+    switches to it. ``None`` (the default for the named backend) always uses buckets."""
+
     name = "bucketed"
 
-    def __init__(self, ratio: float = 0.75, slack: int = 8) -> None:
-        self.ratio, self.slack = ratio, slack
+    def __init__(self, ratio: float = 0.75, slack: int = 8, dense_above: float | None = None) -> None:
+        self.ratio, self.slack, self.dense_above = ratio, slack, dense_above
 
     def prepare(self, segment_ids: torch.Tensor) -> BucketPlan:
         starts, lengths, ids = segment_runs(segment_ids)
         real = ids != PAD
         starts, lengths = starts[real], lengths[real]
         length_list = lengths.tolist()
-        buckets, positions = [], []
-        for group in group_lengths(length_list, self.ratio, self.slack):
+        groups = group_lengths(length_list, self.ratio, self.slack)
+        bucket_cost = sum(len(g) * length_list[g[0]] ** 2 for g in groups)
+        dense_cost = segment_ids.numel() * segment_ids.shape[1]
+        if self.dense_above is not None and bucket_cost > self.dense_above * dense_cost:
+            empty = starts.new_zeros(0)
+            return BucketPlan([], empty, empty, DenseBackend().prepare(segment_ids))
+        buckets, indices, positions = [], [], []
+        for group in groups:
             rows = torch.tensor(group, device=starts.device)
             g_len, g_start = lengths[rows], starts[rows]
-            m = max(length_list[i] for i in group)
+            m = length_list[group[0]]
             offset = torch.arange(m, device=starts.device)
             valid = offset[None, :] < g_len[:, None]  # [G, m]
             # Padded slots repeat the image's last token: harmless (masked as keys, dropped as
             # queries) and keeps the gather free of a sentinel row.
             index = g_start[:, None] + torch.minimum(offset[None, :], g_len[:, None] - 1)
-            ragged = bool(min(length_list[i] for i in group) < m)
+            ragged = bool(length_list[group[-1]] < m)
             buckets.append(
                 Bucket(
-                    index=index.reshape(-1),
                     size=(len(group), m),
                     key_mask=valid[:, None, None, :] if ragged else None,
                     valid=valid.reshape(-1) if ragged else None,
                 )
             )
+            indices.append(index.reshape(-1))
             positions.append(index[valid])
-        if not positions:
-            positions.append(starts.new_zeros(0))
-        return BucketPlan(buckets, torch.cat(positions))
+        empty = [starts.new_zeros(0)]
+        return BucketPlan(buckets, torch.cat(indices or empty), torch.cat(positions or empty))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BucketPlan) -> torch.Tensor:
+        if plan.dense_mask is not None:
+            return DenseBackend().attend(q, k, v, plan.dense_mask)
         b, length, heads, dim = q.shape
-        flat = [t.reshape(b * length, heads, dim) for t in (q, k, v)]
+        # One gather per tensor for all buckets: its backward is one scatter, not one per bucket.
+        sizes = [g * m for g, m in (bucket.size for bucket in plan.buckets)]
+        gathered = [
+            t.reshape(b * length, heads, dim).index_select(0, plan.index).split(sizes) for t in (q, k, v)
+        ]
         pieces = []
-        for bucket in plan.buckets:
+        for bucket, qg, kg, vg in zip(plan.buckets, *gathered):
             g, m = bucket.size
-            qg, kg, vg = (
-                t.index_select(0, bucket.index).view(g, m, heads, dim).transpose(1, 2) for t in flat
-            )
+            qg, kg, vg = (t.view(g, m, heads, dim).transpose(1, 2) for t in (qg, kg, vg))
             out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bucket.key_mask)
             out = out.transpose(1, 2).reshape(g * m, heads, dim)
             pieces.append(out if bucket.valid is None else out[bucket.valid])
