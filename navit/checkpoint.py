@@ -41,7 +41,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def save_checkpoint(
     folder: str | Path,
     name: str,
-    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
     *,
@@ -54,8 +54,7 @@ def save_checkpoint(
     tmp = folder / f".{name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / WEIGHTS)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -76,8 +77,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         raise SystemExit(f"navit train: {error}") from error
     summary = train(cfg)
-    print(f"\nvalidation accuracy (native resolution): {100 * summary['val_accuracy']:.2f}%")
-    print(f"run folder: {summary['run_folder']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"\nvalidation accuracy (native resolution): {100 * summary['val_accuracy']:.2f}%")
+        print(f"run folder: {summary['run_folder']}")
     return 0
 
 

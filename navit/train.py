@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,10 @@ from navit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from navit import distributed as D
 from navit.config import resolve_config
 from navit.data.loader import DropSchedule, LoaderBatch, PackedLoader
-from navit.data.sources import open_source, split_holdout
+from navit.data.sources import open_source, shard, split_holdout
 from navit.data.transforms import ImagePipeline, ResolutionSampler
 from navit.evaluate import evaluate_budgets, write_budget_report
 from navit.metrics import MetricsLogger
@@ -44,7 +45,7 @@ class TrainConfig:
     """Everything a training run needs; saved as ``config.yaml`` in the run folder."""
 
     # data
-    data: str = "synthetic"
+    data: str = "synthetic:5000"
     val_data: str | None = None
     val_fraction: float = 0.2
     # model
@@ -72,7 +73,7 @@ class TrainConfig:
     drop_schedule: str = "constant"
     drop_schedule_end: float = 1.0
     # optimisation
-    epochs: int = 8
+    epochs: int = 10
     max_steps: int | None = None
     lr: float = 2e-3
     min_lr: float = 1e-5
@@ -84,6 +85,8 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     # run
+    nan_policy: str = "stop"  # on a non-finite loss: "stop" the run or "skip" the step
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2, sharded weights)
     seed: int = 0
     workers: int = 1
     threads: int | None = None  # torch threads; default: the cores the loader workers leave free
@@ -103,6 +106,8 @@ class TrainConfig:
             "drop": DROP_KINDS,
             "loss": ("softmax", "sigmoid"),
             "precision": ("fp32", "bf16"),
+            "nan_policy": ("stop", "skip"),
+            "distributed": D.STRATEGIES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -162,15 +167,17 @@ def mean_native_tokens(source, pipeline: ImagePipeline, sample: int = 256) -> fl
     return sum(counts) / len(counts)
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Mean over images (not tokens), so big images do not weigh more than small ones."""
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, reduction: str = "mean"
+) -> torch.Tensor:
+    """Per image (not per token), so big images do not weigh more than small ones."""
     if cfg.loss == "softmax":
-        return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing, reduction=reduction)
     classes = logits.shape[-1]
     target = F.one_hot(labels, classes).float()
     target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / classes
     per_image = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").sum(-1)
-    return per_image.mean()
+    return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
 def warmup_cosine(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -206,13 +213,38 @@ def build_model(cfg: TrainConfig, num_classes: int) -> NaViT:
     return model
 
 
+def endless(loader: PackedLoader) -> Iterator[LoaderBatch]:
+    """Batches across epochs. Under torchrun every rank runs the same number of *steps*, whatever
+    its shard packs into, so no rank waits at an epoch end for a collective that never comes."""
+    while True:
+        yield from loader
+
+
+def planned_steps(cfg: TrainConfig, train_source, native: ImagePipeline, square_tokens: int | None,
+                  world_size: int) -> int:
+    """Steps for ``cfg.epochs`` over the global training set, from the mean tokens per image."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    tokens = square_tokens or mean_native_tokens(train_source, native, sample=64)
+    per_seq = min(cfg.max_images_per_seq, cfg.seq_len / tokens)
+    return math.ceil(cfg.epochs * len(train_source) / (world_size * cfg.seqs_per_batch * per_seq))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate at each token budget, write the run folder; returns the summary."""
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - cfg.workers))
+    """Train, evaluate at each token budget, write the run folder; returns the summary.
+
+    Runs alone or under ``torchrun`` (each rank trains on a disjoint shard; rank 0 logs and
+    writes checkpoints).
+    """
     device = pick_device(cfg.device)
-    folder = run_folder(cfg)
-    (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    info = D.init_distributed(device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    torch.manual_seed(cfg.seed + info.rank)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - cfg.workers))
+    folder = D.broadcast_object(run_folder(cfg) if info.is_main else None, info)
+    if info.is_main:
+        (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
     source = open_source(cfg.data)
     if cfg.val_data:
@@ -229,13 +261,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # Same mean token count as NaViT sees at native resolution, but every image squashed.
         square_tokens = max(1, round(math.sqrt(mean_native_tokens(train_source, native)))) ** 2
     pipeline = make_pipeline(cfg, patch, square_tokens=square_tokens)
-
-    est_tokens = square_tokens or mean_native_tokens(train_source, native, sample=64)
-    per_batch = cfg.seqs_per_batch * min(cfg.max_images_per_seq, cfg.seq_len / est_tokens)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_source) / per_batch)
+    total_steps = D.broadcast_object(
+        planned_steps(cfg, train_source, native, square_tokens, info.world_size) if info.is_main else None, info
+    )
 
     loader = PackedLoader(
-        train_source,
+        shard(train_source, info.rank, info.world_size) if info.enabled else train_source,
         pipeline,
         seq_len=cfg.seq_len,
         num_seqs=cfg.seqs_per_batch,
@@ -246,10 +277,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         num_workers=cfg.workers,
         dropper=make_dropper(cfg),
         drop_schedule=DropSchedule(cfg.drop_schedule, 1.0, cfg.drop_schedule_end),
-        total_images=cfg.epochs * len(train_source),
+        total_images=cfg.epochs * len(train_source) // info.world_size,
         fail_fast=cfg.fail_fast,
     )
 
+    wrapped = D.wrap_model(model, info, cfg.distributed, device)
     no_decay = {n for n, p in model.named_parameters() if p.dim() < 2 or "pos_embed" in n or "probe" in n}
     groups = [
         {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg.weight_decay},
@@ -262,92 +294,116 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume:
         checkpoint = resolve_checkpoint(cfg.resume)
         meta = load_meta(checkpoint)
-        model.load_state_dict(load_weights(checkpoint))
         state = load_train_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        D.load_full_state(wrapped, optimizer, load_weights(checkpoint), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        loader.load_state_dict(meta["loader"])
+        loader_states = meta["loader"]
+        if len(loader_states) == info.world_size:
+            torch.set_rng_state(state["torch_rng"][info.rank])
+            loader.load_state_dict(loader_states[info.rank])
+        else:  # another world size: shards differ, so start the saved epoch afresh
+            loader.epoch = int(loader_states[0]["epoch"])
+            if info.is_main:
+                print(f"resuming {len(loader_states)}-rank data state on {info.world_size} rank(s): "
+                      f"epoch {loader.epoch} restarts")
         step = int(meta["step"])
-        print(f"resumed from {checkpoint} at step {step}")
+        if info.is_main:
+            print(f"resumed from {checkpoint} at step {step}")
 
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    metrics = MetricsLogger(folder, resume=bool(cfg.resume))
+    metrics = MetricsLogger(folder, resume=bool(cfg.resume)) if info.is_main else None
 
     def checkpoint_now() -> None:
+        # Gathering full states is collective: every rank takes part, rank 0 writes.
+        weights = D.full_model_state(wrapped, info)
+        optimizer_state = D.full_optimizer_state(wrapped, optimizer, info)
+        loader_states = D.all_gather_object(loader.state_dict(), info)
+        rng_states = D.all_gather_object(torch.get_rng_state(), info)
+        if not info.is_main:
+            return
         meta = {
             "step": step,
             "model_config": model.config.to_dict(),
             "class_names": class_names,
-            "loader": loader.state_dict(),
+            "loader": loader_states,
+            "world_size": info.world_size,
             "square_tokens": square_tokens,
             "patch_size": patch,
             "max_tokens": cfg.max_tokens,
         }
-        train_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        save_checkpoint(folder / "checkpoints", f"step_{step:08d}", model, meta, train_state)
+        train_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "torch_rng": rng_states}
+        save_checkpoint(folder / "checkpoints", f"step_{step:08d}", weights, meta, train_state)
 
     start = time.perf_counter()
-    done = False
-    with tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0) as bar:
-        while not done and loader.epoch < cfg.epochs:
-            model.train()
-            window = {"images": 0, "tokens": 0, "slots": 0, "time": time.perf_counter()}
-            for item in loader:
-                item = item.to(device)
-                with autocast:
-                    logits = forward(item.batch)
-                    loss = classification_loss(logits, item.labels, cfg)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
+    window = {"images": 0, "tokens": 0, "slots": 0, "loss_sum": 0.0, "time": time.perf_counter()}
+    stream = endless(loader)
+    model.train()
+    with tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
+              disable=not info.is_main) as bar:
+        while step < total_steps:
+            item = next(stream).to(device)
+            with autocast:
+                logits = forward(item.batch)
+            loss, loss_sum, images = global_loss(logits, item.labels, cfg, info, device)
+            if not all_finite(loss, info, device):
+                if cfg.nan_policy == "stop":
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step + 1}; stopping (use --nan-policy skip to skip such steps)"
+                    )
+                print(f"warning: non-finite loss at step {step + 1}; step skipped")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
                 scheduler.step()
                 step += 1
-                window["images"] += item.labels.numel()
-                window["tokens"] += item.batch.num_real_tokens
-                window["slots"] += item.batch.segment_ids.numel()
-                if step % cfg.log_every == 0:
-                    elapsed = time.perf_counter() - window["time"]
-                    record = {
-                        "step": step,
-                        "epoch": loader.epoch,
-                        "loss": round(loss.item(), 5),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": round(float(grad_norm), 4),
-                        "images_per_s": round(window["images"] / elapsed, 2),
-                        "tokens_per_s": round(window["tokens"] / elapsed, 1),
-                        "padding": round(1 - window["tokens"] / window["slots"], 5),
-                        "images_per_batch": round(window["images"] / cfg.log_every, 2),
-                    }
-                    metrics.log(record)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}",
-                        img_s=f"{record['images_per_s']:.0f}",
-                        tok_s=f"{record['tokens_per_s']:.0f}",
-                        pad=f"{100 * record['padding']:.1f}%",
-                    )
-                    window = {"images": 0, "tokens": 0, "slots": 0, "time": time.perf_counter()}
                 bar.update(1)
-                if step % cfg.save_every == 0:
-                    checkpoint_now()
-                if cfg.max_steps and step >= cfg.max_steps:
-                    done = True
-                    break
-    checkpoint_now()
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window["images"] += images
+            window["tokens"] += item.batch.num_real_tokens
+            window["slots"] += item.batch.segment_ids.numel()
+            window["loss_sum"] += loss_sum.item()
+            if step % cfg.log_every == 0:
+                elapsed = time.perf_counter() - window["time"]
+                tokens = D.sum_over_ranks(window["tokens"], info, device)
+                slots = D.sum_over_ranks(window["slots"], info, device)
+                loss_total = D.sum_over_ranks(window["loss_sum"], info, device)
+                record = {
+                    "step": step,
+                    "epoch": loader.epoch,
+                    "loss": round(loss_total / window["images"], 5),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": round(float(grad_norm), 4),
+                    "images_per_s": round(window["images"] / elapsed, 2),
+                    "tokens_per_s": round(tokens / elapsed, 1),
+                    "padding": round(1 - tokens / slots, 5),
+                    "images_per_batch": round(window["images"] / cfg.log_every / info.world_size, 2),
+                }
+                if metrics is not None:
+                    metrics.log(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    img_s=f"{record['images_per_s']:.0f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    pad=f"{100 * record['padding']:.1f}%",
+                )
+                window = {"images": 0, "tokens": 0, "slots": 0, "loss_sum": 0.0, "time": time.perf_counter()}
+            bar.update(1)
+            if step % cfg.save_every == 0 or step == total_steps:
+                checkpoint_now()
     train_seconds = time.perf_counter() - start
-    if sum(loader.skipped.values()):
-        print(f"skipped {sum(loader.skipped.values())} unreadable images: {dict(loader.skipped)}")
+    skipped = sum(loader.skipped.values())
+    if skipped:
+        print(f"rank {info.rank}: skipped {skipped} unreadable images: {dict(loader.skipped)}")
 
+    # Every rank evaluates the same validation set (FSDP needs all ranks in each forward);
+    # rank 0 reports.
     results = evaluate_budgets(
-        model,
+        wrapped,
         val_source,
         patch_size=patch,
         max_tokens=cfg.max_tokens,
@@ -358,15 +414,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device=device,
         workers=cfg.workers,
     )
-    write_budget_report(results, folder, title=f"{cfg.baseline} ({folder.name})")
     summary = {
         "run_folder": str(folder),
         "steps": step,
+        "world_size": info.world_size,
         "train_seconds": round(train_seconds, 1),
         "val_accuracy": results["native"]["accuracy"],
         "accuracy_vs_tokens": results,
         "skipped_images": dict(loader.skipped),
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    metrics.close()
+    if info.is_main:
+        write_budget_report(results, folder, title=f"{cfg.baseline} ({folder.name})")
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics.close()
+    D.shutdown()
     return summary
+
+
+def global_loss(
+    logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, info: D.DistInfo, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(loss to backpropagate, local loss sum, images in the step on all ranks).
+
+    Ranks hold different numbers of images, so each normalises its sum by the global count;
+    DDP then averages gradients over ranks, which the world-size factor undoes. The gradient is
+    exactly that of the mean loss over every image of the step.
+    """
+    loss_sum = classification_loss(logits, labels, cfg, reduction="sum")
+    images = int(D.sum_over_ranks(labels.numel(), info, device))
+    return loss_sum * info.world_size / images, loss_sum, images
+
+
+def all_finite(loss: torch.Tensor, info: D.DistInfo, device: torch.device) -> bool:
+    """Whether the loss is finite on every rank (a skip must be agreed by all)."""
+    bad = 0 if torch.isfinite(loss).item() else 1
+    return D.sum_over_ranks(bad, info, device) == 0

@@ -323,6 +323,54 @@ def test_manifest_unknown_class_and_missing_image(tmp_path):
         m.load(0)
 
 
+def test_manifest_captions_csv_and_jsonl(tmp_path):
+    _make_images(tmp_path, [(10, 10, 10), (20, 20, 20), (30, 30, 30)])
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text(
+        'path,caption,label\n0.png,"a tall, dark ellipse",cat\n1.png,  naïve café  ,dog\n2.png,,cat\n'
+    )
+    m = Manifest(csv_path)
+    assert m.has_captions and m.class_names == ["cat", "dog"] and [m.label(i) for i in range(3)] == [0, 1, 0]
+    assert m.caption(0) == "a tall, dark ellipse" and m.caption(1) == "naïve café"
+    with pytest.raises(ValueError, match=r"c\.csv, line 4.*caption"):
+        m.caption(2)  # this row's caption is empty
+    with pytest.raises(IndexError):
+        m.caption(3)
+    assert pickle.loads(pickle.dumps(m)).caption(1) == "naïve café"
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(
+        json.dumps({"path": "0.png", "label": 1, "caption": "a wide rectangle"}) + "\n\n"
+        + json.dumps({"path": "1.png", "label": 0}) + "\n"
+        + json.dumps({"path": "2.png", "label": 0, "caption": 5}) + "\n"
+    )
+    j = Manifest(jsonl)
+    assert j.has_captions and j.caption(0) == "a wide rectangle" and j.label(0) == 1
+    with pytest.raises(ValueError, match=r"c\.jsonl, line 3.*caption"):
+        j.caption(1)  # no caption key on this line
+    with pytest.raises(ValueError, match=r"line 4.*not a string"):
+        j.caption(2)
+    # Subsets (splits, shards) pass captions through.
+    assert Subset(j, [2, 0]).caption(1) == "a wide rectangle"
+
+
+def test_manifest_without_captions_says_so(tmp_path):
+    _make_images(tmp_path, [(10, 10, 10)])
+    for name, text in (("n.csv", "path,label\n0.png,0\n"), ("n.jsonl", '{"path": "0.png", "label": 0}\n')):
+        m = Manifest(tmp_path / name) if (tmp_path / name).write_text(text) else None
+        assert not m.has_captions
+        with pytest.raises(ValueError, match=r"has no captions.*caption"):
+            m.caption(0)
+        assert m.label(0) == 0 and m.load(0).getpixel((0, 0)) == (10, 10, 10)
+    with pytest.raises(ValueError, match="no captions"):
+        Subset(ImageFolder_of(tmp_path), [0]).caption(0)
+
+
+def ImageFolder_of(tmp_path):
+    _make_images(tmp_path / "folder" / "a", [(1, 2, 3)])
+    return ImageFolder(tmp_path / "folder")
+
+
 # ---------------------------------------------------------------------------------------------
 # TarShards
 # ---------------------------------------------------------------------------------------------

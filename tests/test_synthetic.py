@@ -245,3 +245,95 @@ def test_open_source_synthetic_specs():
     for bad in ("synthetic:", "synthetic:abc", "synthetic:0", "synthetic:1:2:3", "synthetic:-5"):
         with pytest.raises(ValueError, match="synthetic"):
             open_source(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+def _words(text: str) -> list[str]:
+    return text.replace(",", " ").replace(".", " ").split()
+
+
+def test_captions_are_deterministic_and_vary():
+    from navit.data.synthetic import CAPTION_TEMPLATES
+
+    a, b = SyntheticShapes(300, seed=4), SyntheticShapes(5000, seed=4)
+    caps = [a.caption(i) for i in range(300)]
+    assert [b.caption(i) for i in reversed(range(300))][::-1] == caps
+    assert pickle.loads(pickle.dumps(a)).caption(7) == caps[7]
+    assert len(set(caps)) > 100
+    # Every template is used, roughly evenly; another seed picks templates differently.
+    templates = [_template_of(c) for c in caps]
+    assert len(CAPTION_TEMPLATES) == 4 and min(Counter(templates).values()) > 40
+    other = [_template_of(SyntheticShapes(300, seed=5).caption(i)) for i in range(300)]
+    assert other != templates
+    with pytest.raises(IndexError):
+        a.caption(300)
+
+
+def _template_of(caption: str) -> int:
+    if caption.startswith("a photo of"):
+        return 1
+    if "gradient" in caption:
+        return 2
+    if "that is" in caption:
+        return 3
+    return 0
+
+
+def test_caption_words_match_the_generation_parameters():
+    from navit.data.synthetic import COLOR_NAMES, area_fraction, color_name, size_word
+
+    s = SyntheticShapes(600, seed=6)
+    seen_colors, seen_sizes = Counter(), Counter()
+    for i in range(600):
+        p, cap = s.params(i), s.caption(i)
+        words = _words(cap)
+        prop = p.class_name.split("_")[0]
+        for word in ("tall", "round", "square", "wide"):
+            assert (word in words) == (word == prop), (cap, p.class_name)
+        for shape in ("ellipse", "rectangle"):
+            assert (shape in words) == (shape == p.shape), (cap, p.shape)
+        # Exactly one colour word, and it is the object's colour.
+        named = [c for c in COLOR_NAMES if f" {c} " in f" {' '.join(words)} "]
+        assert named == [color_name(p.color)], (cap, p.color)
+        sizes = [w for w in ("small", "medium", "large") if w in words]
+        assert sizes == [size_word(area_fraction(p))], cap
+        # Size words follow the object's area: small < 8% of the image <= medium < 16% <= large.
+        frac = area_fraction(p)
+        assert sizes[0] == ("small" if frac < 0.08 else "medium" if frac < 0.16 else "large")
+        seen_colors[named[0]] += 1
+        seen_sizes[sizes[0]] += 1
+        assert "_" not in cap and "  " not in cap
+        for article, nxt in zip(words, words[1:]):  # "a" / "an" agree with the next word
+            if article in ("a", "an"):
+                assert (article == "an") == (nxt[0] in "aeiou"), cap
+    assert set(seen_colors) == set(COLOR_NAMES)
+    assert min(seen_sizes.values()) > 100
+
+
+def test_area_fraction_matches_the_drawn_object():
+    from navit.data.synthetic import area_fraction
+
+    s = SyntheticShapes(30, seed=8)
+    for i in range(30):
+        p = s.params(i)
+        mask = np.all(_pixels(s.render(p, noise=False)) == np.asarray(p.color), axis=-1)
+        assert abs(mask.mean() - area_fraction(p)) < 0.15 * area_fraction(p) + 2.0 * (p.width + p.height) / (
+            p.width * p.height
+        ), (i, mask.mean(), area_fraction(p))
+
+
+@pytest.mark.parametrize(
+    "rgb, name",
+    [
+        ((0, 0, 0), "black"), ((25, 10, 29), "black"), ((60, 60, 60), "gray"), ((85, 80, 90), "gray"),
+        ((85, 5, 5), "dark red"), ((85, 5, 25), "dark red"), ((85, 45, 5), "brown"), ((80, 80, 5), "olive"),
+        ((5, 85, 5), "dark green"), ((5, 80, 75), "teal"), ((5, 5, 85), "navy"), ((40, 5, 85), "purple"),
+        ((85, 5, 85), "purple"),
+    ],
+)
+def test_color_name(rgb, name):
+    from navit.data.synthetic import color_name
+
+    assert color_name(rgb) == name

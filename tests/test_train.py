@@ -112,8 +112,7 @@ def test_bad_options_fail_before_work(tmp_path, capsys):
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
-    model = torch.nn.Linear(2, 2)
-    save_checkpoint(tmp_path, "step_1", model, {"step": 1}, {"x": torch.ones(1)})
+    save_checkpoint(tmp_path, "step_1", torch.nn.Linear(2, 2).state_dict(), {"step": 1}, {"x": torch.ones(1)})
     # A crash mid-save leaves a partial folder behind; 'latest' still names the complete one.
     (tmp_path / ".step_2.partial").mkdir()
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_1"

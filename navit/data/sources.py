@@ -152,6 +152,11 @@ class Manifest:
     sorted set (JSON integers mixed with names are an error). Relative paths are resolved against
     ``root``, by default the manifest's folder. Files are not checked at construction; loading a
     missing file raises an error naming the path and the manifest line.
+
+    Captions (for image-text training) are optional: a ``caption`` column (CSV) or key (JSON
+    lines). :attr:`has_captions` tells whether the manifest has them; :meth:`caption` returns one,
+    and raises a ``ValueError`` naming the manifest (and line) if the manifest has no captions or
+    that row's caption is missing, empty or not a string.
     """
 
     def __init__(
@@ -165,6 +170,9 @@ class Manifest:
             raise FileNotFoundError(f"manifest {self.manifest_path} does not exist")
         base = root if root is not None else os.path.dirname(self.manifest_path)
         self.root = os.path.abspath(os.fspath(base))
+        # Filled by the readers, one entry per row: the caption, or None where a row has none.
+        self._captions: list[str | None] = []
+        self.has_captions = False
         ext = os.path.splitext(self.manifest_path)[1].lower()
         if ext == ".csv":
             rows = self._read_csv()
@@ -206,6 +214,8 @@ class Manifest:
                             "(expected a header row with columns path,label)",
                         )
                     ip, il = header.index("path"), header.index("label")
+                    ic = header.index("caption") if "caption" in header else None
+                    self.has_captions = ic is not None
                     continue
                 if not record or all(not c.strip() for c in record):
                     continue
@@ -219,6 +229,7 @@ class Manifest:
                 if not lab:
                     raise self._error(reader.line_num, "empty label")
                 rows.append((reader.line_num, p, lab))
+                self._captions.append(record[ic].strip() or None if ic is not None else None)
         if header is None:
             raise ValueError(f"manifest {self.manifest_path} is empty (expected a header path,label)")
         return rows
@@ -246,6 +257,9 @@ class Manifest:
                 if isinstance(lab, str) and not lab.strip():
                     raise self._error(line_no, "empty label")
                 rows.append((line_no, p, lab.strip() if isinstance(lab, str) else lab))
+                cap = obj.get("caption")
+                self.has_captions = self.has_captions or "caption" in obj
+                self._captions.append(cap.strip() or None if isinstance(cap, str) else None)
         return rows
 
     def _resolve_labels(
@@ -309,6 +323,22 @@ class Manifest:
     def describe(self, index: int) -> str:
         index = _check_index(index, len(self), self)
         return f"{self._paths[index]} ({self.manifest_path}, line {self._lines[index]})"
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` (a ``caption`` column / key); see the class docstring."""
+        index = _check_index(index, len(self), self)
+        if not self.has_captions:
+            raise ValueError(
+                f"manifest {self.manifest_path} has no captions "
+                "(add a 'caption' column to the CSV, or a \"caption\" key to each JSON line)"
+            )
+        text = self._captions[index]
+        if text is None:
+            raise ValueError(
+                f"manifest {self.manifest_path}, line {self._lines[index]}: "
+                "the caption is missing, empty or not a string"
+            )
+        return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +568,13 @@ class Subset:
 
     def describe(self, index: int) -> str:
         return self.source.describe(self._base(index))
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` of the underlying source (if that source has captions)."""
+        base = self._base(index)
+        if not callable(getattr(self.source, "caption", None)):
+            raise ValueError(f"{self.source!r} has no captions")
+        return self.source.caption(base)
 
 
 def split_holdout(source: ImageSource, fraction: float, seed: int) -> tuple[Subset, Subset]:

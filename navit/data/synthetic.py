@@ -127,6 +127,98 @@ class ShapeParams:
         return [(self.cx + u * c + v * s, self.cy - u * s + v * c) for u, v in pts]
 
 
+#: Colour words of :func:`color_name`, for dark RGB colours (every channel <= DARK_MAX).
+COLOR_NAMES: tuple[str, ...] = (
+    "black", "gray", "dark red", "brown", "olive", "dark green", "teal", "navy", "purple",
+)
+
+#: Hue sectors (degrees, upper bound exclusive) of the chromatic colour words.
+_HUE_NAMES: tuple[tuple[float, str], ...] = (
+    (15.0, "dark red"),
+    (45.0, "brown"),
+    (75.0, "olive"),
+    (165.0, "dark green"),
+    (200.0, "teal"),
+    (260.0, "navy"),
+    (335.0, "purple"),
+    (360.0, "dark red"),
+)
+
+#: Size words by the object's share of the image area: below 0.08, below 0.16, the rest
+#: (roughly thirds of the default SyntheticShapes distribution).
+SIZE_THRESHOLDS: tuple[tuple[float, str], ...] = ((0.08, "small"), (0.16, "medium"), (math.inf, "large"))
+
+#: Caption templates; a caption's template is a function of (seed, index).
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{a_size} {size} {color} {prop} {shape}.",
+    "a photo of {a_prop} {prop} {color} {shape}, {size} in the frame.",
+    "{a_prop} {prop} {shape} in {color}, {size}, on a light gradient.",
+    "{a_color} {color} {shape} that is {prop} and {size}.",
+)
+
+
+def color_name(rgb: tuple[int, int, int]) -> str:
+    """A basic colour word for a dark RGB colour (channels 0..255, meant for <= DARK_MAX).
+
+    Brightness ``v = max channel`` below 30 is black; chroma ``max - min`` below ``v / 4`` (or
+    below 12) is gray; otherwise the HSV hue picks the word from :data:`_HUE_NAMES`.
+    """
+    r, g, b = (int(c) for c in rgb)
+    v, lo = max(r, g, b), min(r, g, b)
+    chroma = v - lo
+    if v < 30:
+        return "black"
+    if chroma < max(12, v / 4):
+        return "gray"
+    if v == r:
+        hue = 60.0 * (((g - b) / chroma) % 6)
+    elif v == g:
+        hue = 60.0 * ((b - r) / chroma + 2)
+    else:
+        hue = 60.0 * ((r - g) / chroma + 4)
+    for upper, name in _HUE_NAMES:
+        if hue < upper:
+            return name
+    return "dark red"  # pragma: no cover - hue < 360 always
+
+
+def area_fraction(p: ShapeParams) -> float:
+    """Share of the image area covered by the object (exact for the ideal shape)."""
+    area = p.obj_w * p.obj_h * (math.pi / 4 if p.shape == "ellipse" else 1.0)
+    return area / (p.width * p.height)
+
+
+def size_word(fraction: float) -> str:
+    """small / medium / large for an object covering ``fraction`` of the image."""
+    for upper, name in SIZE_THRESHOLDS:
+        if fraction < upper:
+            return name
+    return SIZE_THRESHOLDS[-1][1]
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def caption_of(p: ShapeParams, template: int = 0) -> str:
+    """The caption of the image described by ``p`` with template ``template``.
+
+    Words: the proportion word of the class name (tall / round / square / wide), the shape
+    (ellipse / rectangle), :func:`color_name` of the object and :func:`size_word` of its area.
+    """
+    prop = p.class_name.split("_")[0]
+    color, size = color_name(p.color), size_word(area_fraction(p))
+    return CAPTION_TEMPLATES[template].format(
+        prop=prop,
+        shape=p.shape,
+        color=color,
+        size=size,
+        a_prop=_article(prop),
+        a_color=_article(color),
+        a_size=_article(size),
+    )
+
+
 class SyntheticShapes:
     """Procedural ImageSource: ellipses and rectangles whose class is their true proportions.
 
@@ -210,6 +302,18 @@ class SyntheticShapes:
 
     def load(self, index: int) -> Image.Image:
         return self.render(self.params(index))
+
+    def caption(self, index: int) -> str:
+        """A short English caption of image ``index``, from its generation parameters.
+
+        It names the proportion (tall / round / square / wide, as in the class name), the shape,
+        the object's colour (:func:`color_name`) and its size relative to the image
+        (:func:`size_word`), with one of :data:`CAPTION_TEMPLATES` chosen deterministically from
+        ``(seed, index)``. Like the pixels, it depends on nothing else.
+        """
+        p = self.params(index)
+        template = _splitmix64(_splitmix64(self.seed ^ 0xCA9710) ^ p.index) % len(CAPTION_TEMPLATES)
+        return caption_of(p, template)
 
     # -- generation ---------------------------------------------------------------------
     def params(self, index: int) -> ShapeParams:

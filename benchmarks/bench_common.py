@@ -1,0 +1,147 @@
+"""Small helpers shared by the benchmark scripts: timing, machine noise, Markdown tables.
+
+Not part of the ``navit`` package; the scripts put ``benchmarks/`` on ``sys.path`` to import it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_busy_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine so far (Linux /proc/stat), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+class NoiseMonitor:
+    """Tracks how much CPU *other* processes used while a section ran.
+
+    ``busy_warning()`` at the start warns when the 1-minute load average already exceeds the
+    number of threads the benchmark wants; ``report()`` at the end gives other processes' CPU use
+    as a fraction of the machine (e.g. 0.9 = nearly one core busy with something else).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.cores = os.cpu_count() or 1
+        self.start()
+
+    def start(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
+
+    def busy_warning(self, label: str = "") -> str | None:
+        load = load_average()
+        if load is not None and load > max(0.5, self.cores - self.threads + 0.5):
+            msg = (
+                f"WARNING{(' [' + label + ']') if label else ''}: load average {load:.2f} on "
+                f"{self.cores} cores before timing; other processes compete for the CPU, so absolute "
+                "times are inflated (ratios between interleaved implementations stay meaningful)"
+            )
+            print(msg, file=sys.stderr, flush=True)
+            return msg
+        return None
+
+    def other_cpu_fraction(self) -> float | None:
+        busy = cpu_busy_seconds()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        other = (busy - self.busy0) - (own_cpu_seconds() - self.own0)
+        return max(0.0, other / max(wall, 1e-9) / self.cores)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of every ``fns[name]()``, the names alternating within each repeat so a
+    burst of machine noise hits all of them alike. The order rotates between repeats so no
+    implementation always runs right after the same neighbour."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "n": len(times),
+        "spread": max(times) / min(times) if min(times) > 0 else float("inf"),
+    }
+
+
+def machine_info(threads: int) -> dict[str, object]:
+    import torch
+
+    info: dict[str, object] = {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load_average_start": load_average(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
+    """A GitHub Markdown table; ``align`` is one char per column (l/r), default: first left."""
+    rows = [[str(c) for c in row] for row in rows]
+    align = align or ("l" + "r" * (len(headers) - 1))
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"

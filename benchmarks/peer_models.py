@@ -1,0 +1,280 @@
+"""Adapters that let ``peers.py`` drive navit and public NaViT/NaFlex implementations alike.
+
+Every adapter builds a ViT-Ti-sized classifier (width 192, 3 heads, MLP 768, patch 16, depth
+configurable) and turns one :class:`StepImages` (the *same* images for everyone) into its own
+input format. Peers are imported, never copied; an adapter whose library is missing reports why
+and is skipped.
+
+Implementations
+---------------
+navit          ``navit.create_model("navit_ti16", depth=...)`` on a pre-packed ``PackedBatch``
+               (``navit.pack`` of pre-patchified images); attention backend ``auto`` (CPU:
+               bucketed with adaptive dense fallback).
+navit-dense    the same model with ``attn_backend="dense"`` (one [B, 1, L, L] mask).
+navit-lean     ``qk_norm=False, pool="mean"``: what navit costs without its two extras, to
+               compare with the mask-free ceiling like for like (diagnostic row).
+lucidrains     ``vit_pytorch.na_vit.NaViT`` (dense [B, 1, n, n] mask over each group padded to
+               its longest group); fed the same groups navit packed, ``token_dropout_prob=None``.
+               Its patchify and mask building run inside ``forward`` and are timed with it.
+timm-naflex    ``timm.models.naflexvit.NaFlexVit`` (per-image padding: every image is its own
+               row, padded to the batch's longest image) with qk-norm, MAP pooling and factorized
+               learned position embeddings, like navit; inputs from timm's own ``Patchify`` and
+               ``NaFlexCollator``.
+ceiling        a plain ViT with no mask at all on square images with the batch's mean token
+               count: ``nn.TransformerEncoder`` (batch_first, norm_first, GELU, same dims) with
+               patch embedding, learned position embedding and mean pooling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import navit
+from navit.packing import PAD
+from navit.patchify import PatchedImage
+
+EMBED_DIM, NUM_HEADS, MLP_DIM, PATCH = 192, 3, 768, 16
+
+
+@dataclass
+class StepImages:
+    """The images of one step, identical for every implementation.
+
+    ``pixels[i]`` is image i already resized to its native patch grid ([3, rows·16, cols·16]);
+    ``tokens[i]`` is navit's patchified version of the same pixels. ``seq_of[i]`` is the
+    sequence navit's first-fit packer put it in (lucidrains gets the same groups).
+    """
+
+    pixels: list[torch.Tensor]
+    tokens: list[PatchedImage]
+    seq_of: list[int]
+    labels: torch.Tensor  # [N] long
+    seq_len: int
+    num_seqs: int
+    max_images_per_seq: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(t.num_tokens for t in self.tokens)
+
+    def groups(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(self.num_seqs)]
+        for i, s in enumerate(self.seq_of):
+            out[s].append(i)
+        return [g for g in out if g]
+
+
+@dataclass
+class Prepared:
+    inputs: Any
+    labels: torch.Tensor
+    real_tokens: int  # tokens of real image content the model processes
+    computed_tokens: int  # tokens the model computes on, padding included
+    note: str = ""
+
+
+@dataclass
+class Impl:
+    key: str
+    label: str
+    build: Callable[[int, int], nn.Module]  # (num_classes, depth) -> model
+    prepare: Callable[[StepImages], Prepared]
+    forward: Callable[[nn.Module, Any], torch.Tensor]
+    missing: str | None = None  # why it cannot run here
+    detail: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# navit
+# --------------------------------------------------------------------------------------------
+def navit_prepare(step: StepImages) -> Prepared:
+    result = navit.pack(
+        step.tokens,
+        step.seq_len,
+        max_images_per_seq=step.max_images_per_seq,
+        num_seqs=step.num_seqs,
+    )
+    if result.leftover:
+        raise RuntimeError(f"{len(result.leftover)} images did not fit the navit batch")
+    batch = result.batch
+    return Prepared(batch, step.labels, batch.num_real_tokens, batch.segment_ids.numel())
+
+
+def navit_impl(key: str, label: str, **overrides: Any) -> Impl:
+    def build(num_classes: int, depth: int) -> nn.Module:
+        return navit.create_model("navit_ti16", num_classes=num_classes, depth=depth, **overrides)
+
+    detail = "navit.create_model('navit_ti16'" + "".join(f", {k}={v!r}" for k, v in overrides.items()) + ")"
+    return Impl(key, label, build, navit_prepare, lambda m, x: m(x), detail=detail)
+
+
+# --------------------------------------------------------------------------------------------
+# lucidrains vit-pytorch NaViT
+# --------------------------------------------------------------------------------------------
+def lucidrains_impl() -> Impl:
+    try:
+        import vit_pytorch
+        from vit_pytorch.na_vit import NaViT as LucidNaViT
+    except Exception as error:  # ImportError, or a broken install
+        return Impl("lucidrains", "lucidrains NaViT", None, None, None,
+                    missing=f"vit-pytorch not importable ({type(error).__name__}: {error})")
+    version = getattr(vit_pytorch, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as _v
+
+            version = _v("vit-pytorch")
+        except Exception:
+            version = "?"
+
+    def build(num_classes: int, depth: int) -> nn.Module:
+        # image_size only sizes the factorized position tables: 64 patches per side is enough
+        # for every grid in the benchmark mixes (<= 256 tokens, aspect <= 4:1).
+        return LucidNaViT(
+            image_size=64 * PATCH, patch_size=PATCH, num_classes=num_classes, dim=EMBED_DIM,
+            depth=depth, heads=NUM_HEADS, dim_head=EMBED_DIM // NUM_HEADS, mlp_dim=MLP_DIM,
+            dropout=0.0, emb_dropout=0.0, token_dropout_prob=None,
+        )
+
+    def prepare(step: StepImages) -> Prepared:
+        groups = step.groups()
+        order = [i for g in groups for i in g]  # its output rows follow the groups
+        longest = max(sum(step.tokens[i].num_tokens for i in g) for g in groups)
+        return Prepared(
+            [[step.pixels[i] for i in g] for g in groups],
+            step.labels[torch.tensor(order)],
+            step.real_tokens,
+            len(groups) * longest,
+            note="patchify + mask inside forward",
+        )
+
+    return Impl("lucidrains", "lucidrains NaViT", build, prepare, lambda m, x: m(x),
+                detail=f"vit_pytorch.na_vit.NaViT (vit-pytorch {version})")
+
+
+# --------------------------------------------------------------------------------------------
+# timm NaFlexViT
+# --------------------------------------------------------------------------------------------
+def timm_impl() -> Impl:
+    try:
+        import timm
+        from timm.data.naflex_dataset import NaFlexCollator
+        from timm.data.naflex_transforms import Patchify
+        from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+    except Exception as error:
+        return Impl("timm-naflex", "timm NaFlexViT", None, None, None,
+                    missing=f"timm with NaFlexViT not importable ({type(error).__name__}: {error})")
+
+    def build(num_classes: int, depth: int) -> nn.Module:
+        # Built from NaFlexVitCfg directly: timm.create_model drops None-valued overrides, so
+        # init_values=None (no LayerScale, like navit) could not be passed through it.
+        cfg = NaFlexVitCfg(
+            patch_size=PATCH, embed_dim=EMBED_DIM, depth=depth, num_heads=NUM_HEADS,
+            mlp_ratio=MLP_DIM / EMBED_DIM, qkv_bias=True, qk_norm=True, init_values=None,
+            class_token=False, reg_tokens=0, global_pool="map", pos_embed="factorized",
+        )
+        return NaFlexVit(cfg, num_classes=num_classes)
+
+    patchify = Patchify(PATCH)
+
+    def prepare(step: StepImages) -> Prepared:
+        items = [(patchify(img), int(y)) for img, y in zip(step.pixels, step.labels)]
+        longest = max(t.num_tokens for t in step.tokens)
+        # timm pads every image to the collator's max_seq_len; the batch's longest image is the
+        # least padding its per-image layout allows (its own loader uses a fixed seq-len bucket).
+        inputs, labels = NaFlexCollator(max_seq_len=longest)(items)
+        inputs.pop("seq_len", None)
+        return Prepared(inputs, labels, step.real_tokens, len(items) * longest,
+                        note="padded per image to the batch's longest")
+
+    return Impl("timm-naflex", "timm NaFlexViT", build, prepare, lambda m, x: m(x),
+                detail=f"timm.models.naflexvit.NaFlexVit (timm {timm.__version__}): qk_norm, MAP pool, "
+                "factorized pos-emb, no reg/cls tokens, no LayerScale")
+
+
+# --------------------------------------------------------------------------------------------
+# Mask-free ceiling
+# --------------------------------------------------------------------------------------------
+class PlainViT(nn.Module):
+    """Standard ViT on a fixed square grid: no mask, no padding, mean pooling."""
+
+    def __init__(self, num_classes: int, depth: int, tokens: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Linear(PATCH * PATCH * 3, EMBED_DIM)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, EMBED_DIM) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            EMBED_DIM, NUM_HEADS, MLP_DIM, dropout=0.0, activation="gelu",
+            layer_norm_eps=1e-6, batch_first=True, norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(EMBED_DIM, eps=1e-6)
+        self.head = nn.Linear(EMBED_DIM, num_classes)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(patches) + self.pos_embed
+        x = self.norm(self.encoder(x))
+        return self.head(x.mean(1))
+
+
+def ceiling_side(step: StepImages) -> int:
+    return max(1, round(math.sqrt(step.real_tokens / step.num_images)))
+
+
+def ceiling_impl() -> Impl:
+    def prepare(step: StepImages) -> Prepared:
+        side = ceiling_side(step)
+        g = torch.Generator().manual_seed(1234)
+        patches = torch.rand(step.num_images, side * side, PATCH * PATCH * 3, generator=g)
+        n = step.num_images * side * side
+        return Prepared(patches, step.labels, n, n, note=f"{side}x{side} tokens per image")
+
+    def build(num_classes: int, depth: int, tokens: int = 0) -> nn.Module:
+        return PlainViT(num_classes, depth, tokens)
+
+    impl = Impl("ceiling", "plain ViT (no mask)", build, prepare, lambda m, x: m(x),
+                detail="torch nn.TransformerEncoder(batch_first, norm_first, GELU) ViT, square "
+                "images of the mean token count, mean pool")
+    impl.extra["needs_tokens"] = True
+    return impl
+
+
+def all_impls(include_lean: bool = True) -> list[Impl]:
+    impls = [
+        navit_impl("navit", "navit (auto)"),
+        navit_impl("navit-dense", "navit (dense)", attn_backend="dense"),
+    ]
+    if include_lean:
+        impls.append(navit_impl("navit-lean", "navit (no qk-norm, mean pool)", qk_norm=False, pool="mean"))
+    impls += [lucidrains_impl(), timm_impl(), ceiling_impl()]
+    return impls
+
+
+def build_model(impl: Impl, num_classes: int, depth: int, step: StepImages) -> nn.Module:
+    if impl.extra.get("needs_tokens"):
+        side = ceiling_side(step)
+        return impl.build(num_classes, depth, side * side)
+    return impl.build(num_classes, depth)
+
+
+def check_real_tokens_match(prepared: dict[str, Prepared], step: StepImages) -> None:
+    """Every mask-based implementation must see exactly the step's real tokens."""
+    for key, p in prepared.items():
+        if key != "ceiling" and p.real_tokens != step.real_tokens:
+            raise AssertionError(f"{key} sees {p.real_tokens} real tokens, expected {step.real_tokens}")
+
+
+__all__ = [
+    "Impl", "Prepared", "StepImages", "PlainViT", "all_impls", "build_model",
+    "check_real_tokens_match", "ceiling_side", "PAD",
+]

@@ -1,0 +1,219 @@
+"""ImageTextModel (shapes, normalisation, save/rebuild, a few training steps) and zero-shot helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from navit import NaViTConfig, pack
+from navit.contrastive import sigmoid_contrastive_loss
+from navit.data import SyntheticShapes
+from navit.patchify import image_to_tokens
+from navit.text import ByteTokenizer
+from navit.two_tower import ImageTextConfig, ImageTextModel, create_image_text_model
+from navit.zeroshot import DEFAULT_TEMPLATES, class_prompts, zero_shot_logits, zero_shot_weights
+
+PATCH = 8
+TINY_IMAGE = dict(patch_size=PATCH, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, pos_max_len=16)
+
+
+def tiny(loss: str = "sigmoid", seed: int = 0) -> ImageTextModel:
+    torch.manual_seed(seed)
+    return create_image_text_model(
+        "navit_ti16", loss=loss, embed_dim=24, text_width=32, text_depth=1,
+        image_overrides=TINY_IMAGE, text_max_len=64,
+    )
+
+
+def synthetic_pairs(n: int = 8, seed: int = 0):
+    """A packed batch of ``n`` small SyntheticShapes images and their captions, in batch order."""
+    source = SyntheticShapes(n, seed=seed, min_side=16, max_side=48)
+    tokens = []
+    for i in range(n):
+        pixels = torch.from_numpy(np.asarray(source.load(i)).copy()).permute(2, 0, 1).float() / 255.0
+        tokens.append(image_to_tokens(pixels, PATCH, 36, index=i))
+    result = pack(tokens, max_seq_len=64)
+    captions = [source.caption(i) for i in result.packed]
+    return result.batch, captions
+
+
+def test_shapes_normalisation_and_logit_parameters():
+    batch, captions = synthetic_pairs(6)
+    for loss, scale, bias in (("sigmoid", 10.0, -10.0), ("softmax", 1 / 0.07, None)):
+        model = tiny(loss).eval()
+        assert model.image.config.num_classes == 0 and isinstance(model.image.head, nn.Identity)
+        ids, mask = model.tokenizer().encode(captions)
+        img, txt = model(batch, ids, mask)
+        assert img.shape == (6, 24) and txt.shape == (6, 24)
+        for emb in (img, txt):
+            assert torch.allclose(emb.norm(dim=-1), torch.ones(6), atol=1e-5)
+        assert torch.allclose(img, model.encode_image(batch)) and torch.allclose(txt, model.encode_text(ids, mask))
+        assert math.isclose(model.logit_scale.exp().item(), scale, rel_tol=1e-5)
+        if bias is None:
+            assert model.logit_bias is None
+        else:
+            assert model.logit_bias.item() == bias
+        assert model.logits(img, txt).shape == (6, 6)
+    # Images of different content get different embeddings (not a constant output).
+    assert (img[0] - img[1]).abs().max() > 1e-4 and (txt[0] - txt[1]).abs().max() > 1e-4
+
+
+def test_factory_defaults_and_validation():
+    model = create_image_text_model("navit_ti16", text_depth=1, image_overrides=dict(depth=1))
+    cfg = model.config
+    assert cfg.embed_dim == cfg.text_width == 192 and cfg.text_heads == 3 and cfg.image.num_classes == 0
+    assert model.tokenizer().max_len == 64 and model.tokenizer().vocab_size == cfg.vocab_size
+    with pytest.raises(ValueError, match="num_classes"):
+        create_image_text_model(image_overrides=dict(num_classes=10))
+    with pytest.raises(ValueError, match="loss"):
+        create_image_text_model(loss="hinge", image_overrides=dict(depth=1))
+    with pytest.raises(ValueError, match="num_classes"):
+        ImageTextModel(ImageTextConfig(image=NaViTConfig(depth=1)))
+    with pytest.raises(TypeError, match="unknown"):
+        ImageTextConfig.from_dict({"embed_dim": 8, "colour": 1})
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_save_and_rebuild_gives_identical_outputs(loss):
+    batch, captions = synthetic_pairs(5)
+    model = tiny(loss, seed=1).eval()
+    with torch.no_grad():  # move the scalars off their init so the state dict really carries them
+        model.logit_scale.add_(0.3)
+        if model.logit_bias is not None:
+            model.logit_bias.sub_(1.5)
+    text = json.dumps(model.to_dict())
+    rebuilt = ImageTextModel.from_dict(json.loads(text))
+    assert rebuilt.config == model.config
+    fresh = [(a - b).abs().max().item() for a, b in zip(rebuilt(batch, *model.tokenizer().encode(captions)),
+                                                       model(batch, *model.tokenizer().encode(captions)))]
+    assert max(fresh) > 1e-4  # a rebuilt model without the weights differs...
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    ids, mask = model.tokenizer().encode(captions)
+    for a, b in zip(model(batch, ids, mask), rebuilt(batch, ids, mask)):
+        assert torch.equal(a, b)  # ...with them, it is the same model
+    assert torch.equal(model.logit_scale, rebuilt.logit_scale)
+    img, txt = model(batch, ids, mask)
+    assert torch.equal(model.contrastive_loss(img, txt), rebuilt.contrastive_loss(img, txt))
+
+
+def test_a_few_training_steps_reduce_the_sigmoid_loss():
+    batch, captions = synthetic_pairs(8, seed=3)
+    model = tiny("sigmoid", seed=2).train()
+    ids, mask = model.tokenizer().encode(captions)
+    init_scale, init_bias = model.logit_scale.exp().item(), model.logit_bias.item()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses, tower_losses = [], []
+    for step in range(8):
+        img, txt = model(batch, ids, mask)
+        loss = sigmoid_contrastive_loss(img, txt, logit_scale=model.logit_scale.exp(), logit_bias=model.logit_bias)
+        losses.append(loss.item())
+        # The same loss at the initial scale and bias: moves only if the towers' embeddings do.
+        tower_losses.append(
+            sigmoid_contrastive_loss(img.detach(), txt.detach(), logit_scale=init_scale, logit_bias=init_bias).item()
+        )
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:  # every part of both towers gets a gradient
+            for name, p in model.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            for name in ("image.patch_embed.weight", "image.blocks.0.attn.qkv.weight", "text.token_embed.weight",
+                         "text.blocks.0.qkv.weight", "image_proj.weight", "text_proj.weight",
+                         "logit_scale", "logit_bias"):
+                assert model.get_parameter(name).grad.abs().sum() > 0, name
+        opt.step()
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert tower_losses[-1] < 0.5 * tower_losses[0], tower_losses
+    for name in ("image.patch_embed.weight", "text.token_embed.weight"):
+        assert not torch.equal(before[name], model.get_parameter(name)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot
+# ---------------------------------------------------------------------------------------------
+def test_class_prompts():
+    prompts = class_prompts(["tall_ellipse", "square_rectangle"])
+    assert len(prompts) == 2 and all(len(p) == len(DEFAULT_TEMPLATES) for p in prompts)
+    assert prompts[0][0] == "a photo of a tall ellipse."
+    assert all("tall ellipse" in p and "_" not in p for p in prompts[0])
+    assert class_prompts(["wide_rectangle"], ["{}", "the {} here"]) == [["wide rectangle", "the wide rectangle here"]]
+    with pytest.raises(ValueError, match="exactly once"):
+        class_prompts(["a"], ["no slot"])
+    with pytest.raises(TypeError):
+        class_prompts("tall_ellipse")
+
+
+def test_zero_shot_weights_are_the_mean_of_normalised_prompt_embeddings():
+    model = tiny("sigmoid", seed=4).eval()
+    tok = model.tokenizer()
+    names = ["tall_ellipse", "round_ellipse", "wide_rectangle"]
+    weights = zero_shot_weights(model, tok, names, batch_size=5)  # batches across class borders
+    assert weights.shape == (3, 24)
+    assert torch.allclose(weights.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert not model.training  # mode untouched
+    with torch.no_grad():
+        for c, prompts in enumerate(class_prompts(names)):
+            expected = F.normalize(model.encode_text(*tok.encode(prompts)).mean(0), dim=-1)
+            assert torch.allclose(weights[c], expected, atol=1e-5)
+    img = F.normalize(torch.randn(4, 24), dim=-1)
+    logits = zero_shot_logits(img, weights)
+    assert logits.shape == (4, 3) and torch.allclose(logits, img @ weights.T, atol=1e-6)
+    with pytest.raises(ValueError):
+        zero_shot_logits(img, weights[:, :5])
+
+
+class KeywordTextModel(nn.Module):
+    """A text tower by construction: bag of the shape words, plus a template-specific nuisance."""
+
+    WORDS = ("tall", "round", "square", "wide", "ellipse", "rectangle")
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))  # gives the model a device
+        gen = torch.Generator().manual_seed(0)
+        self.word_vectors = F.normalize(torch.randn(len(self.WORDS), dim, generator=gen), dim=-1)
+        self.tokenizer = ByteTokenizer()
+        self.dim = dim
+
+    def embed_words(self, text: str) -> torch.Tensor:
+        words = text.replace(".", " ").split()
+        out = torch.zeros(self.dim)
+        for k, w in enumerate(self.WORDS):
+            if w in words:
+                out += self.word_vectors[k]
+        # Everything else (the template) lands in a pseudo-random direction of its own.
+        rest = " ".join(w for w in words if w not in self.WORDS)
+        noise = torch.randn(self.dim, generator=torch.Generator().manual_seed(sum(map(ord, rest))))
+        return out + 0.5 * F.normalize(noise, dim=0)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        texts = self.tokenizer.decode(ids)
+        return F.normalize(torch.stack([self.embed_words(t) for t in texts]), dim=-1)
+
+
+def test_zero_shot_picks_the_matching_class():
+    from navit.data.synthetic import CLASS_NAMES
+
+    model = KeywordTextModel()
+    weights = zero_shot_weights(model, model.tokenizer, CLASS_NAMES)
+    assert weights.shape == (len(CLASS_NAMES), 16)
+    # Image embeddings built to match: the words of the true class, plus noise.
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(len(CLASS_NAMES)).repeat(3)
+    img = torch.stack([model.embed_words(CLASS_NAMES[c].replace("_", " ")) for c in labels.tolist()])
+    img = img + 0.1 * torch.randn(img.shape, generator=gen)
+    pred = zero_shot_logits(img, weights).argmax(dim=1)
+    assert torch.equal(pred, labels)
+    # Shuffling the class order shuffles the predictions the same way.
+    order = [3, 0, 5, 1, 4, 2]
+    shuffled = zero_shot_weights(model, model.tokenizer, [CLASS_NAMES[k] for k in order])
+    pred2 = zero_shot_logits(img, shuffled).argmax(dim=1)
+    assert torch.equal(torch.tensor(order)[pred2], labels)
