@@ -118,6 +118,18 @@ class TrainConfig:
             raise ValueError(f"max_tokens={self.max_tokens} exceeds seq_len={self.seq_len}")
         if any(b < 1 or b > self.seq_len for b in self.eval_budgets):
             raise ValueError(f"eval_budgets {self.eval_budgets} must lie in [1, seq_len={self.seq_len}]")
+        for name in ("max_tokens", "seqs_per_batch", "max_images_per_seq", "buffer_size", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # Build the small parts now, so an impossible setting fails before any work starts.
+        model = resolve_config(self.model, **{**self.model_args, "num_classes": 1})
+        resolution = ResolutionSampler(self.res_mode, self.res_min, self.res_max, self.res_dist)
+        if resolution.mode != "native" and resolution.min_res < model.patch_size:
+            raise ValueError(
+                f"res_min={self.res_min} px is smaller than the patch size {model.patch_size}: "
+                "such images would be a fraction of one patch; raise res_min"
+            )
+        make_dropper(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -242,10 +254,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device = torch.device("cuda", info.local_rank)
     torch.manual_seed(cfg.seed + info.rank)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - cfg.workers))
-    folder = D.broadcast_object(run_folder(cfg) if info.is_main else None, info)
-    if info.is_main:
-        (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
     source = open_source(cfg.data)
     if cfg.val_data:
         train_source, val_source = source, open_source(cfg.val_data)
@@ -264,6 +272,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = D.broadcast_object(
         planned_steps(cfg, train_source, native, square_tokens, info.world_size) if info.is_main else None, info
     )
+
+    # The run folder appears only once data and model are known to be usable.
+    folder = D.broadcast_object(run_folder(cfg) if info.is_main else None, info)
+    if info.is_main:
+        (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
     loader = PackedLoader(
         shard(train_source, info.rank, info.world_size) if info.enabled else train_source,

@@ -357,18 +357,16 @@ def test_manifest_captions_csv_and_jsonl(tmp_path):
 def test_manifest_without_captions_says_so(tmp_path):
     _make_images(tmp_path, [(10, 10, 10)])
     for name, text in (("n.csv", "path,label\n0.png,0\n"), ("n.jsonl", '{"path": "0.png", "label": 0}\n')):
-        m = Manifest(tmp_path / name) if (tmp_path / name).write_text(text) else None
+        (tmp_path / name).write_text(text)
+        m = Manifest(tmp_path / name)
         assert not m.has_captions
         with pytest.raises(ValueError, match=r"has no captions.*caption"):
             m.caption(0)
         assert m.label(0) == 0 and m.load(0).getpixel((0, 0)) == (10, 10, 10)
-    with pytest.raises(ValueError, match="no captions"):
-        Subset(ImageFolder_of(tmp_path), [0]).caption(0)
-
-
-def ImageFolder_of(tmp_path):
+    # A Subset of a source without captions (an ImageFolder) says so too.
     _make_images(tmp_path / "folder" / "a", [(1, 2, 3)])
-    return ImageFolder(tmp_path / "folder")
+    with pytest.raises(ValueError, match="no captions"):
+        Subset(ImageFolder(tmp_path / "folder"), [0]).caption(0)
 
 
 # ---------------------------------------------------------------------------------------------

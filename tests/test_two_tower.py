@@ -195,8 +195,9 @@ class KeywordTextModel(nn.Module):
         return out + 0.5 * F.normalize(noise, dim=0)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Deliberately not unit length (norm grows with the text), so the weights must normalise.
         texts = self.tokenizer.decode(ids)
-        return F.normalize(torch.stack([self.embed_words(t) for t in texts]), dim=-1)
+        return torch.stack([len(t) * F.normalize(self.embed_words(t), dim=0) for t in texts])
 
 
 def test_zero_shot_picks_the_matching_class():
@@ -205,6 +206,9 @@ def test_zero_shot_picks_the_matching_class():
     model = KeywordTextModel()
     weights = zero_shot_weights(model, model.tokenizer, CLASS_NAMES)
     assert weights.shape == (len(CLASS_NAMES), 16)
+    for c, prompts in enumerate(class_prompts(CLASS_NAMES)):
+        unit = F.normalize(model.encode_text(*model.tokenizer.encode(prompts)), dim=-1)
+        assert torch.allclose(weights[c], F.normalize(unit.mean(0), dim=0), atol=1e-6)
     # Image embeddings built to match: the words of the true class, plus noise.
     gen = torch.Generator().manual_seed(1)
     labels = torch.arange(len(CLASS_NAMES)).repeat(3)
