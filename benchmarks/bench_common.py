@@ -145,3 +145,41 @@ def fmt(x: float | None, digits: int = 1) -> str:
     if abs(x) >= 1000:
         return f"{x:,.0f}"
     return f"{x:.{digits}f}"
+
+
+def stall_probe(threads: int, calls: int = 2000, numel: int = 1 << 17) -> dict[str, float]:
+    """Detects OpenMP barrier stalls: ``calls`` small parallel ops with ``threads`` threads vs 1.
+
+    On an idle machine 2 threads are faster than 1. When other processes keep a core busy, each
+    parallel region waits for a preempted worker thread (often a whole scheduler tick), and many
+    small ops become several times slower with more threads than with one. Returns seconds per
+    call for both and their ratio (> 1 means more threads are *slower*).
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    a, b = torch.randn(numel), torch.randn(numel)
+    out: dict[str, float] = {}
+    try:
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            torch.add(a, b)
+            t0 = time.perf_counter()  # the mean, not the best: stalls are intermittent
+            for _ in range(calls):
+                torch.add(a, b)
+            out[f"threads_{n}_s"] = (time.perf_counter() - t0) / calls
+    finally:
+        torch.set_num_threads(old)
+    out["ratio"] = out[f"threads_{threads}_s"] / out["threads_1_s"]
+    return out
+
+
+def stall_warning(probe: dict[str, float], threads: int) -> str | None:
+    if threads > 1 and probe["ratio"] > 0.9:
+        return (
+            f"WARNING: parallel regions stall: a small op takes {probe['ratio']:.2f}x as long with "
+            f"{threads} threads as with 1 (expected ~{1 / threads:.2f}x on an idle machine). Other "
+            "processes are using the cores; timings with many small ops are inflated unevenly. "
+            "Re-run on a quiet machine, or with --threads 1 for contention-robust ratios."
+        )
+    return None

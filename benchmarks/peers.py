@@ -53,7 +53,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import navit  # noqa: E402
 from bench_common import (  # noqa: E402
-    RESULTS_DIR, NoiseMonitor, fmt, interleaved, load_average, machine_info, md_table, summarize,
+    RESULTS_DIR, NoiseMonitor, fmt, interleaved, load_average, machine_info, md_table, stall_probe,
+    stall_warning, summarize,
 )
 from navit.packing import PAD, assign_first_fit  # noqa: E402
 from navit.patchify import fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
@@ -73,7 +74,7 @@ TARGETS = {  # (mode, peer) -> minimum navit / peer ratio on real tokens/s
     ("train", "ceiling"): 0.9,
     ("infer", "timm-naflex"): 1.5,
 }
-SECTIONS = ("train", "infer", "loader", "memory", "profile")
+SECTIONS = ("train", "infer", "lsweep", "loader", "memory", "profile")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +181,17 @@ def paired_ratios(times: dict[str, list[float]], a: str, b: str, work_a: float, 
     return [(work_a / ta) / (work_b / tb) for ta, tb in zip(times[a], times[b])]
 
 
+def section_warnings(monitor: NoiseMonitor, label: str, threads: int) -> tuple[str | None, dict]:
+    """Load-average and OpenMP-stall warnings right before a timed section (printed too)."""
+    probe = stall_probe(threads)
+    stall = stall_warning(probe, threads)
+    if stall:
+        print(f"{stall} [{label}]", file=sys.stderr, flush=True)
+    monitor.start()
+    warning = "; ".join(w for w in (monitor.busy_warning(label), stall) if w)
+    return warning or None, probe
+
+
 def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], models: dict,
              prepared: dict[str, Prepared], args, monitor: NoiseMonitor) -> dict:
     warmup = args.warmup
@@ -191,8 +203,7 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
         out = fn() if mode == "infer" else impls[k].forward(models[k], prepared[k].inputs)
         if out.shape != (step.num_images, args.num_classes):
             raise AssertionError(f"{k} returned {tuple(out.shape)} for {step.num_images} images")
-    monitor.start()
-    warning = monitor.busy_warning(f"{mode}/{mix}")
+    warning, probe = section_warnings(monitor, f"{mode}/{mix}", args.threads)
     times = interleaved(fns, warmup, repeats)
     rows = {}
     for k, t in times.items():
@@ -223,8 +234,55 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
                 / (prepared[other].real_tokens / rows[other]["min_s"]),
                 "target": TARGETS.get((mode, other)),
             }
-    return {"rows": rows, "ratios": ratios, "raw_s": times, "busy_warning": warning,
+            if "ceiling" in times and other != "ceiling":
+                # What navit would reach if it ran as fast as the mask-free ceiling.
+                c = paired_ratios(times, "ceiling", other, prepared["ceiling"].real_tokens, prepared[other].real_tokens)
+                ratios[other]["ceiling_over_peer"] = statistics.median(c)
+    return {"rows": rows, "ratios": ratios, "raw_s": times, "busy_warning": warning, "stall_probe": probe,
             "other_cpu_fraction": monitor.other_cpu_fraction(), "load_end": load_average()}
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence-length sweep (navit vs the dense-mask implementations)
+# --------------------------------------------------------------------------------------------
+def run_lsweep(args, impls: dict[str, Impl], monitor: NoiseMonitor) -> dict:
+    """Training step at several L with the tokens per batch fixed (B = tokens / L): the dense
+    [L, L] masks of lucidrains and navit-dense grow with L, navit's buckets do not."""
+    import copy
+
+    keys = [k for k in ("navit", "navit-dense", "lucidrains") if k in impls]
+    points = []
+    for length in args.lsweep_lens:
+        sub = copy.copy(args)
+        sub.seq_len = length
+        sub.num_seqs = max(1, args.lsweep_tokens // length)
+        sub.max_images_per_seq = max(args.max_images_per_seq, length // 64)
+        step, _ = make_step(args.lsweep_mix, sub, seed_offset=length)
+        torch.manual_seed(args.seed)
+        models = {k: build_model(impls[k], args.num_classes, args.depth, step) for k in keys}
+        prepared = {k: impls[k].prepare(step) for k in keys}
+        check_real_tokens_match(prepared, step)
+        fns = {k: make_train_fn(impls[k], models[k], prepared[k]) for k in keys}
+        warning, probe = section_warnings(monitor, f"lsweep/L={length}", args.threads)
+        times = interleaved(fns, 1, args.lsweep_repeats)
+        point = {"seq_len": length, "num_seqs": sub.num_seqs, "images": step.num_images,
+                 "real_tokens": step.real_tokens, "median_s": {}, "min_s": {}, "ratios": {},
+                 "busy_warning": warning, "stall_probe": probe,
+                 "other_cpu_fraction": monitor.other_cpu_fraction()}
+        for k in keys:
+            point["median_s"][k] = statistics.median(times[k])
+            point["min_s"][k] = min(times[k])
+        if "navit" in times:
+            for other in keys:
+                if other != "navit":
+                    point["ratios"][other] = statistics.median(
+                        paired_ratios(times, "navit", other, step.real_tokens, step.real_tokens))
+        points.append(point)
+        print(f"  L={length:5d} B={sub.num_seqs:2d} {step.num_images:3d} images: "
+              + ", ".join(f"{k} {point['median_s'][k] * 1e3:.0f} ms" for k in keys)
+              + "".join(f"; navit/{o} {r:.2f}x" for o, r in point["ratios"].items()), flush=True)
+        del models, prepared, fns
+    return {"mix": args.lsweep_mix, "tokens_per_batch": args.lsweep_tokens, "points": points}
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,8 +314,7 @@ def run_loader(args, monitor: NoiseMonitor) -> dict:
                 seed=args.seed,
                 train=True,
             )
-            monitor.start()
-            warning = monitor.busy_warning(f"loader/{workers} workers")
+            warning, _ = section_warnings(monitor, f"loader/{workers} workers", args.threads)
             stamps, images, tokens, padding = [], [], [], []
             t_start = time.perf_counter()
             # Stop while the stream still loads: the final flush of the buffer packs without
@@ -348,6 +405,12 @@ def memory_worker(args) -> None:
     import gc
 
     gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     before = _rss_kb()
     reset = _reset_hwm()
     t0 = time.perf_counter()
@@ -375,7 +438,10 @@ def run_memory(args) -> dict:
                    "--mem-len", str(length), "--mem-backend", backend, "--depth", str(args.depth),
                    "--threads", str(args.threads), "--num-classes", str(args.num_classes),
                    "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            # Freed blocks >= 64 KiB go straight back to the OS, so RSS tracks live tensors and
+            # the high-water mark of the measured step is not hidden by memory glibc kept.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
             if proc.returncode != 0:
                 print(f"memory worker failed for L={length} {backend}:\n{proc.stderr[-2000:]}", file=sys.stderr)
                 points.append({"seq_len": length, "backend": backend, "error": proc.stderr[-500:]})
@@ -464,6 +530,9 @@ def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, 
 
     out = {}
     keys = [k for k in impls if k in args.profile_impls]
+    threads = args.profile_threads or args.threads
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     for mode in ("train", "infer"):
         for key in keys:
             maker = make_train_fn if mode == "train" else make_infer_fn
@@ -481,7 +550,7 @@ def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, 
             )
             path = RESULTS_DIR / f"peers_profile_{mix}_{mode}_{key}.txt"
             path.write_text(
-                f"# {key}, {mode} step, mix {mix}, {args.profile_steps} steps\n"
+                f"# {key}, {mode} step, mix {mix}, {args.profile_steps} steps, {threads} threads\n"
                 f"# total self CPU: {total_us / 1e3 / args.profile_steps:.1f} ms/step\n\n{table}\n\n"
                 "# navit ranges (forward only for modules; cpu_time_total incl. children)\n"
                 + "\n".join(f"{e.key:45s} {e.cpu_time_total / 1e3 / args.profile_steps:9.2f} ms/step "
@@ -506,6 +575,7 @@ def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, 
             }
             print(f"  profile {mix}/{mode}/{key}: {total_us / 1e3 / args.profile_steps:.0f} ms/step -> {path.name}",
                   flush=True)
+    torch.set_num_threads(old_threads)
     return out
 
 
@@ -564,10 +634,12 @@ def render_markdown(res: dict) -> str:
                 for other, q in r["ratios"].items():
                     tgt = q["target"]
                     verdict = "" if tgt is None else ("PASS" if q["median"] >= tgt else "**MISS**")
+                    head = q.get("ceiling_over_peer")
                     rows.append([f"navit / {other}", f"{q['median']:.2f}×", f"{q['min']:.2f}–{q['max']:.2f}",
-                                 f"{q['of_mins']:.2f}×", "" if tgt is None else f"≥ {tgt}×", verdict])
-                lines.append(md_table(["ratio (real tok/s)", "median", "range", "of mins", "target", ""],
-                                      rows, "lrrrrl"))
+                                 f"{q['of_mins']:.2f}×", "—" if head is None else f"{head:.2f}×",
+                                 "" if tgt is None else f"≥ {tgt}×", verdict])
+                lines.append(md_table(["ratio (real tok/s)", "median", "range", "of mins",
+                                       "ceiling / peer (bound)", "target", ""], rows, "lrrrrrl"))
                 lines.append("")
             extra = []
             if r.get("busy_warning"):
@@ -582,7 +654,7 @@ def render_markdown(res: dict) -> str:
             rows = [[k, f"{v['median_s'] * 1e3:.2f}", f"{v['min_s'] * 1e3:.2f}"] for k, v in mres["prep"].items()]
             lines += [md_table(["what", "median ms", "min ms"], rows), ""]
         if "profile" in mres:
-            lines += ["### Profile: top ops by self CPU time (ms per step)", ""]
+            lines += [f"### Profile: top ops by self CPU time (ms per step, {mres.get('profile_threads')} threads)", ""]
             for name, p in mres["profile"].items():
                 ops = ", ".join(f"`{o['op']}` {o['self_ms_per_step']:.1f} ({100 * o['share']:.0f}%)"
                                 for o in p["top_ops"][:8])
@@ -591,6 +663,31 @@ def render_markdown(res: dict) -> str:
                     rng = ", ".join(f"`{e['range'][7:]}` {e['total_ms_per_step']:.1f}" for e in p["navit_ranges"][:8])
                     lines.append(f"  - navit forward ranges (incl. children): {rng}")
             lines.append("")
+
+    if "lsweep" in res:
+        ls = res["lsweep"]
+        keys = list(ls["points"][0]["median_s"]) if ls["points"] else []
+        others = [k for k in keys if k != "navit"]
+        lines += [f"## Training step vs sequence length L (mix `{ls['mix']}`, {ls['tokens_per_batch']} tokens per "
+                  "batch, B = tokens / L)", "",
+                  "The dense-mask implementations pay for B·L² attention scores; navit's buckets pay Σnᵢ², "
+                  "independent of L. 1 warm-up + median of "
+                  f"{a['lsweep_repeats']} interleaved repeats.", ""]
+        rows = []
+        for pt in ls["points"]:
+            row = [str(pt["seq_len"]), str(pt["num_seqs"]), str(pt["images"])]
+            row += [f"{pt['median_s'][k] * 1e3:.0f}" for k in keys]
+            row += [f"{pt['ratios'][o]:.2f}×" for o in others]
+            tgt = TARGETS.get(("train", "lucidrains"))
+            if "lucidrains" in pt["ratios"] and tgt:
+                row.append("PASS" if pt["ratios"]["lucidrains"] >= tgt else "**MISS**")
+            else:
+                row.append("")
+            if pt.get("busy_warning"):
+                row[-1] += " (busy)"
+            rows.append(row)
+        lines += [md_table(["L", "B", "images"] + [f"{k} ms" for k in keys] + [f"navit / {o}" for o in others]
+                           + ["≥ 3× lucidrains"], rows), ""]
 
     if "loader" in res:
         ld = res["loader"]
@@ -727,6 +824,10 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="default 2 (quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="training repeats (default 7, quick 3)")
     p.add_argument("--infer-repeats", type=int, default=None, help="inference repeats (default 9, quick 3)")
+    p.add_argument("--lsweep-lens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--lsweep-tokens", type=int, default=4096, help="tokens per batch in the L sweep (B = tokens / L)")
+    p.add_argument("--lsweep-mix", choices=list(MIXES), default="native")
+    p.add_argument("--lsweep-repeats", type=int, default=3)
     p.add_argument("--loader-images", type=int, default=None, help="PNG files to write (default 1200, quick 500)")
     p.add_argument("--loader-buffer", type=int, default=256)
     p.add_argument("--loader-workers", type=int, nargs="+", default=[2])
@@ -736,7 +837,8 @@ def parse_args(argv):
     p.add_argument("--dense-max-len", type=int, default=4096, help="skip dense memory points above this L")
     p.add_argument("--profile-impls", nargs="+", default=None,
                    help="implementations to profile (default: all available; quick: navit only)")
-    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-threads", type=int, default=None, help="threads while profiling (default --threads)")
     p.add_argument("--profile-top", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json")
@@ -751,6 +853,8 @@ def parse_args(argv):
     args.infer_repeats = args.infer_repeats if args.infer_repeats is not None else (3 if q else 9)
     args.loader_images = args.loader_images or (500 if q else 1200)
     args.memory_lens = args.memory_lens or ([256, 1024, 4096] if q else [256, 512, 1024, 2048, 4096, 8192])
+    if q and "--sections" not in " ".join(argv or sys.argv[1:]):
+        args.sections = [s for s in args.sections if s != "lsweep"]
     return args
 
 
@@ -764,9 +868,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     monitor = NoiseMonitor(args.threads)
     warnings_ = []
-    w = monitor.busy_warning("start")
-    if w:
-        warnings_.append(w)
+    probe = stall_probe(args.threads)
+    stall = stall_warning(probe, args.threads)
+    if stall:
+        print(stall, file=sys.stderr, flush=True)
+    warnings_ += [w for w in (monitor.busy_warning("start"), stall) if w]
 
     all_ = all_impls(include_lean=not args.quick)
     if args.impls:
@@ -776,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         if i.missing:
             print(f"skipping {i.key}: {i.missing}", file=sys.stderr)
     if args.profile_impls is None:
-        args.profile_impls = ["navit"] if args.quick else list(impls)
+        args.profile_impls = ["navit"] if args.quick else [k for k in ("navit", "ceiling") if k in impls]
 
     res: dict = {
         "command": [Path(sys.executable).name, *sys.argv],
@@ -784,6 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         "impls": {i.key: {"available": i.missing is None, "detail": i.detail, "missing": i.missing} for i in all_},
         "mixes": {},
         "warnings": warnings_,
+        "stall_probe_start": probe,
     }
     model_sections = [s for s in ("train", "infer", "profile") if s in args.sections]
     for mix in args.mixes if model_sections else []:
@@ -809,8 +916,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    navit/{other}: {q['median']:.2f}x (target {q['target']})", flush=True)
         if "profile" in args.sections:
             mres["profile"] = run_profile(mix, impls, models, prepared, args)
+            mres["profile_threads"] = args.profile_threads or args.threads
         res["mixes"][mix] = mres
         del models, prepared
+
+    if "lsweep" in args.sections and "navit" in impls:
+        print("[lsweep]", flush=True)
+        res["lsweep"] = run_lsweep(args, impls, monitor)
 
     if "loader" in args.sections:
         print("[loader]", flush=True)

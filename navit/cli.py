@@ -76,7 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(values)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"navit train: {error}") from error
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError) as error:  # bad data or options: say what, no traceback
+        raise SystemExit(f"navit train: {error}") from error
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nvalidation accuracy (native resolution): {100 * summary['val_accuracy']:.2f}%")
         print(f"run folder: {summary['run_folder']}")

@@ -84,8 +84,10 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, device: torch.de
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.blocks:
-        fully_shard(block)
+    # One FSDP unit per transformer block (of every tower), then the rest at the root.
+    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+        for block in blocks:
+            fully_shard(block)
     fully_shard(model)
     return model
 

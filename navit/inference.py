@@ -7,24 +7,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from navit.checkpoint import load_meta, load_weights, resolve_checkpoint
 from navit.config import NaViTConfig
 from navit.data.decode import load_rgb
 from navit.data.transforms import ImagePipeline
 from navit.model import NaViT
+from navit.two_tower import ImageTextModel
+from navit.zeroshot import ZeroShotClassifier
 from navit.packing import pack
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[NaViT, dict[str, Any]]:
-    """Model and metadata from a checkpoint, checkpoints folder or run folder."""
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A classifier and its metadata from a checkpoint, checkpoints folder or run folder.
+
+    An image-text checkpoint comes back as a zero-shot classifier over its class names.
+    """
     checkpoint = resolve_checkpoint(path)
     meta = load_meta(checkpoint)
-    model = NaViT(NaViTConfig.from_dict(meta["model_config"]))
+    contrastive = meta.get("task") == "contrastive"
+    model = ImageTextModel.from_dict(meta["model_config"]) if contrastive else NaViT(
+        NaViTConfig.from_dict(meta["model_config"])
+    )
     try:
         model.load_state_dict(load_weights(checkpoint))
     except RuntimeError as error:
         raise ValueError(f"weights in {checkpoint} do not match its config: {error}") from error
+    if contrastive:
+        model = ZeroShotClassifier(model.eval(), model.tokenizer(), meta["class_names"])
     return model.to(device).eval(), meta
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 import yaml
 from tqdm import tqdm
 
@@ -34,7 +35,9 @@ from navit.data.sources import open_source, shard, split_holdout
 from navit.data.transforms import ImagePipeline, ResolutionSampler
 from navit.evaluate import evaluate_budgets, write_budget_report
 from navit.metrics import MetricsLogger
-from navit.model import NaViT, create_model
+from navit.model import NaViT
+from navit.two_tower import ImageTextModel, create_image_text_model
+from navit.zeroshot import ZeroShotClassifier
 from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDropper, UniformRate
 
 DROP_KINDS = ("none", "constant", "uniform", "beta", "resolution")
@@ -54,6 +57,10 @@ class TrainConfig:
         default_factory=lambda: dict(embed_dim=128, depth=4, num_heads=4, pos_mode="absolute")
     )
     baseline: str = "navit"  # "navit" (native aspect) or "square" (ViT baseline: squash to a square)
+    task: str = "classify"  # "classify" (labels) or "contrastive" (image-caption pairs)
+    text_depth: int = 2  # contrastive: text transformer depth (width = image width)
+    text_max_len: int = 64  # contrastive: bytes per caption, longer ones are truncated (counted)
+    chunk_size: int | None = None  # contrastive: texts per similarity block (bounded memory)
     # packing and resolution
     max_tokens: int = 64
     seq_len: int = 256
@@ -103,6 +110,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {
             "baseline": ("navit", "square"),
+            "task": ("classify", "contrastive"),
             "drop": DROP_KINDS,
             "loss": ("softmax", "sigmoid"),
             "precision": ("fp32", "bf16"),
@@ -211,9 +219,15 @@ def run_folder(cfg: TrainConfig) -> Path:
     return folder
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> NaViT:
-    model_cfg = resolve_config(cfg.model, **{**cfg.model_args, "num_classes": num_classes})
-    model = NaViT(model_cfg)
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """A classifier, or for ``task='contrastive'`` an image-text two-tower model."""
+    if cfg.task == "contrastive":
+        model = create_image_text_model(
+            cfg.model, loss=cfg.loss, image_overrides=cfg.model_args,
+            text_depth=cfg.text_depth, text_max_len=cfg.text_max_len,
+        )  # fmt: skip
+    else:
+        model = NaViT(resolve_config(cfg.model, **{**cfg.model_args, "num_classes": num_classes}))
     if cfg.init_from:  # fine-tuning: take every weight whose name and shape match
         weights = load_weights(resolve_checkpoint(cfg.init_from))
         own = model.state_dict()
@@ -225,11 +239,30 @@ def build_model(cfg: TrainConfig, num_classes: int) -> NaViT:
     return model
 
 
+def check_captions(source, spec: str) -> None:
+    """Image-text training needs a caption per image: fail now, not in every worker."""
+    try:
+        source.caption(0)
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"--task contrastive needs captions, but data {spec!r} has none ({error}); use the "
+            "built-in synthetic data or a manifest with a 'caption' column"
+        ) from error
+
+
 def endless(loader: PackedLoader) -> Iterator[LoaderBatch]:
     """Batches across epochs. Under torchrun every rank runs the same number of *steps*, whatever
     its shard packs into, so no rank waits at an epoch end for a collective that never comes."""
     while True:
-        yield from loader
+        produced = False
+        for item in loader:
+            produced = True
+            yield item
+        if not produced:
+            raise RuntimeError(
+                f"no image of the training data could be loaded in epoch {loader.epoch - 1}: "
+                f"{dict(loader.skipped)}"
+            )
 
 
 def planned_steps(cfg: TrainConfig, train_source, native: ImagePipeline, square_tokens: int | None,
@@ -260,8 +293,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         train_source, val_source = split_holdout(source, cfg.val_fraction, cfg.seed)
     class_names = list(source.class_names)
+    if cfg.task == "contrastive":
+        check_captions(train_source, cfg.data)
     model = build_model(cfg, len(class_names)).to(device)
-    patch = model.config.patch_size
+    contrastive = isinstance(model, ImageTextModel)
+    image_config = model.config.image if contrastive else model.config
+    patch = image_config.patch_size
+    tokenizer = model.tokenizer() if contrastive else None
 
     native = make_pipeline(cfg, patch, square_tokens=None)
     square_tokens = None
@@ -292,6 +330,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         drop_schedule=DropSchedule(cfg.drop_schedule, 1.0, cfg.drop_schedule_end),
         total_images=cfg.epochs * len(train_source) // info.world_size,
         fail_fast=cfg.fail_fast,
+        captions=contrastive,
     )
 
     wrapped = D.wrap_model(model, info, cfg.distributed, device)
@@ -337,6 +376,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             return
         meta = {
             "step": step,
+            "task": cfg.task,
             "model_config": model.config.to_dict(),
             "class_names": class_names,
             "loader": loader_states,
@@ -356,9 +396,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
               disable=not info.is_main) as bar:
         while step < total_steps:
             item = next(stream).to(device)
-            with autocast:
-                logits = forward(item.batch)
-            loss, loss_sum, images = global_loss(logits, item.labels, cfg, info, device)
+            if contrastive:
+                ids, mask = (t.to(device) for t in tokenizer.encode(item.captions))
+                with autocast:
+                    img, txt = forward(item.batch, ids, mask)
+                loss, loss_sum, images = global_contrastive_loss(model, img, txt, cfg, info, device)
+            else:
+                with autocast:
+                    logits = forward(item.batch)
+                loss, loss_sum, images = global_loss(logits, item.labels, cfg, info, device)
             if not all_finite(loss, info, device):
                 if cfg.nan_policy == "stop":
                     raise FloatingPointError(
@@ -416,7 +462,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Every rank evaluates the same validation set (FSDP needs all ranks in each forward);
     # rank 0 reports.
     results = evaluate_budgets(
-        wrapped,
+        ZeroShotClassifier(model, tokenizer, class_names) if contrastive else wrapped,
         val_source,
         patch_size=patch,
         max_tokens=cfg.max_tokens,
@@ -442,6 +488,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics.close()
     D.shutdown()
     return summary
+
+
+def global_contrastive_loss(
+    model: ImageTextModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig, info: D.DistInfo,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The chunked contrastive loss over the images of all ranks (every rank gets its value).
+
+    Each rank receives the full gradient for its own embeddings; DDP's averaging over ranks is
+    undone by the world-size factor, as for classification.
+    """
+    group = torch.distributed.group.WORLD if info.enabled else None
+    loss = model.contrastive_loss(img.float(), txt.float(), chunk_size=cfg.chunk_size, group=group)
+    images = int(D.sum_over_ranks(img.shape[0], info, device))
+    return loss * info.world_size, loss.detach() * img.shape[0], images
 
 
 def global_loss(

@@ -8,11 +8,17 @@ embeddings. An image's logits are its cosine similarities to the class weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from navit.text import ByteTokenizer
+
+if TYPE_CHECKING:
+    from navit.packing import PackedBatch
+    from navit.two_tower import ImageTextModel
 
 __all__ = ["DEFAULT_TEMPLATES", "class_prompts", "zero_shot_weights", "zero_shot_logits"]
 
@@ -77,3 +83,17 @@ def zero_shot_logits(img_emb: torch.Tensor, weights: torch.Tensor) -> torch.Tens
             f"expected img_emb [N, D] and weights [C, D], got {tuple(img_emb.shape)} and {tuple(weights.shape)}"
         )
     return F.normalize(img_emb, dim=-1) @ F.normalize(weights.to(img_emb.dtype), dim=-1).T
+
+
+class ZeroShotClassifier(nn.Module):
+    """Classifies packed images by similarity to class-name prompts (for evaluation)."""
+
+    def __init__(self, model: ImageTextModel, tokenizer: ByteTokenizer, class_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("weights", zero_shot_weights(model, tokenizer, class_names))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Cosine similarities times the model's learned temperature, so softmax is meaningful."""
+        scale = self.model.logit_scale.exp()
+        return scale * zero_shot_logits(self.model.encode_image(batch), self.weights)

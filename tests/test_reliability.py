@@ -218,6 +218,6 @@ def test_empty_class_folder_and_empty_dataset_fail_before_training(tmp_path):
     (tmp_path / "data" / "cats").mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(tmp_path / "data" / "cats" / "a.png")
     (tmp_path / "data" / "dogs").mkdir()
-    with pytest.raises(ValueError, match="dogs"):
+    with pytest.raises(SystemExit, match="dogs"):
         main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), *TINY])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -1,6 +1,7 @@
 """End to end through the real CLI: data synth -> train -> resume -> eval -> predict."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,27 @@ def test_cli_entry_point_runs_as_a_program():
     assert result.returncode == 0
     for command in ("train", "eval", "predict", "data"):
         assert command in result.stdout
+
+
+def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, capsys):
+    run = Path(tmp_path) / "clip"
+    assert main(["train", "--task", "contrastive", "--data", "synthetic:48", "--out", str(tmp_path), "--name", "clip",
+                 "--workers", "0", "--max-steps", "3", "--text-depth", "1", *TINY]) == 0  # fmt: skip
+    results = json.loads((run / "eval.json").read_text())
+    assert set(results) == {"native", "4", "16"} and results["native"]["images"] > 0
+    model, meta = load_model(run)
+    assert meta["task"] == "contrastive" and len(meta["class_names"]) == 6
+    from navit.data.synthetic import SyntheticShapes
+
+    image = tmp_path / "shape.png"
+    SyntheticShapes(num_images=1).load(0).save(image)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), str(image), "--topk", "6"]) == 0
+    line = capsys.readouterr().out.strip()
+    probabilities = [float(p.rstrip("%")) for p in re.findall(r"[\d.]+%", line)]
+    assert len(probabilities) == 6 and abs(sum(probabilities) - 100) < 0.5
+
+
+def test_contrastive_task_needs_captions(tmp_path, image_folder):
+    with pytest.raises(SystemExit, match="needs captions"):
+        main(["train", "--task", "contrastive", "--data", str(image_folder), "--out", str(tmp_path), *TINY])

@@ -40,6 +40,7 @@ class LoadedItem:
     label: int
     tokens: PatchedImage | None
     error: str | None = None
+    caption: str | None = None
 
 
 @dataclass
@@ -49,9 +50,10 @@ class LoaderBatch:
     batch: PackedBatch
     labels: torch.Tensor  # [N] long
     indices: torch.Tensor  # [N] dataset index of each image
+    captions: list[str] | None = None  # [N], when the loader was asked for captions
 
     def to(self, device: torch.device | str) -> "LoaderBatch":
-        return LoaderBatch(self.batch.to(device), self.labels.to(device), self.indices)
+        return LoaderBatch(self.batch.to(device), self.labels.to(device), self.indices, self.captions)
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,9 @@ class _TokenizeDataset(Dataset):
     """Runs in workers: a chunk of keys in, a list of tokenized images (or errors) out."""
 
     def __init__(self, source, pipeline: ImagePipeline, train: bool, seed: int,
-                 dropper: TokenDropper | None, schedule: DropSchedule) -> None:
+                 dropper: TokenDropper | None, schedule: DropSchedule, captions: bool) -> None:
         self.source, self.pipeline, self.train, self.seed = source, pipeline, train, seed
-        self.dropper, self.schedule = dropper, schedule
+        self.dropper, self.schedule, self.captions = dropper, schedule, captions
 
     def __len__(self) -> int:  # unused: keys come from the sampler
         return 0
@@ -98,6 +100,7 @@ class _TokenizeDataset(Dataset):
     def tokenize(self, key: ItemKey) -> LoadedItem:
         label = self.source.label(key.index)
         try:
+            caption = self.source.caption(key.index) if self.captions else None
             image = self.source.load(key.index)
             rng = np.random.default_rng([self.seed, key.epoch, key.index]) if self.train else None
             tokens = self.pipeline(
@@ -105,7 +108,7 @@ class _TokenizeDataset(Dataset):
             )
         except Exception as error:  # a long run must not die on one bad image
             return LoadedItem(key, label, None, f"{self.source.describe(key.index)}: {error}")
-        return LoadedItem(key, label, tokens)
+        return LoadedItem(key, label, tokens, caption=caption)
 
     def __getitem__(self, keys: list[ItemKey]) -> list[LoadedItem]:
         return [self.tokenize(key) for key in keys]
@@ -143,6 +146,7 @@ class PackedLoader:
     drop_schedule: DropSchedule = field(default_factory=DropSchedule)
     total_images: int | None = None
     fail_fast: bool = False
+    captions: bool = False  # also load each image's caption (image-text training)
 
     epoch: int = 0
     _consumed: int = 0
@@ -196,6 +200,7 @@ class PackedLoader:
             batch=result.batch,
             labels=torch.tensor([item.label for item in items], dtype=torch.long),
             indices=torch.tensor([item.key.index for item in items], dtype=torch.long),
+            captions=[item.caption for item in items] if self.captions else None,
         )
 
     def _accept(self, item: LoadedItem) -> None:
@@ -213,9 +218,7 @@ class PackedLoader:
         order = self._order(self.epoch)
         keys = [self._key(index, pos) for pos, index in enumerate(order)][self._consumed :]
         chunks = [keys[i : i + self.chunk_size] for i in range(0, len(keys), self.chunk_size)]
-        dataset = _TokenizeDataset(
-            self.source, self.pipeline, self.train, self.seed, self.dropper, self.drop_schedule
-        )
+        dataset = self._dataset()
         loader = DataLoader(
             dataset,
             sampler=chunks,
@@ -237,6 +240,11 @@ class PackedLoader:
         self.epoch += 1
         self._consumed = 0
 
+    def _dataset(self) -> _TokenizeDataset:
+        return _TokenizeDataset(
+            self.source, self.pipeline, self.train, self.seed, self.dropper, self.drop_schedule, self.captions
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands between two batches, as plain JSON-able values."""
         return {
@@ -249,9 +257,7 @@ class PackedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self._consumed = int(state["epoch"]), int(state["consumed"])
         self.skipped = Counter(state.get("skipped", {}))
-        dataset = _TokenizeDataset(
-            self.source, self.pipeline, self.train, self.seed, self.dropper, self.drop_schedule
-        )
+        dataset = self._dataset()
         self._buffer = []
         for raw in state["buffer"]:
             key = ItemKey(int(raw[0]), int(raw[1]), float(raw[2]))
