@@ -254,11 +254,11 @@ def endless(loader: PackedLoader) -> Iterator[LoaderBatch]:
     """Batches across epochs. Under torchrun every rank runs the same number of *steps*, whatever
     its shard packs into, so no rank waits at an epoch end for a collective that never comes."""
     while True:
-        produced = False
+        fresh, produced = loader.at_epoch_start, False
         for item in loader:
             produced = True
             yield item
-        if not produced:
+        if fresh and not produced:
             raise RuntimeError(
                 f"no image of the training data could be loaded in epoch {loader.epoch - 1}: "
                 f"{dict(loader.skipped)}"

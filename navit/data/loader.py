@@ -175,6 +175,11 @@ class PackedLoader:
         tokens = self.pipeline.square_tokens or self.pipeline.token_budget or self.pipeline.max_tokens / 2
         return max(1, int(self.num_seqs * min(self.max_images_per_seq, self.seq_len / tokens)))
 
+    @property
+    def at_epoch_start(self) -> bool:
+        """True unless the current epoch is partly consumed (e.g. after resuming mid-epoch)."""
+        return self._consumed == 0 and not self._buffer
+
     def _order(self, epoch: int) -> list[int]:
         n = len(self.source)
         if not self.train:
