@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | `{shown}` | {rc} | {el:.0f} |" for name, shown, rc, el, _ in sections]
     lines.append("")
     for name, shown, rc, el, body in sections:
-        lines += [f"---", "", f"# `{name}`", "", f"`{shown}` — exit {rc}, {el:.0f} s", ""]
+        lines += ["---", "", f"# `{name}`", "", f"`{shown}` — exit {rc}, {el:.0f} s", ""]
         # Demote the benchmark's own headings by one level so the summary keeps one H1 per section.
         lines += [("#" + line) if line.startswith("#") else line for line in body.splitlines()]
         lines.append("")

@@ -14,9 +14,9 @@ from navit.config import NaViTConfig
 from navit.data.decode import load_rgb
 from navit.data.transforms import ImagePipeline
 from navit.model import NaViT
+from navit.packing import pack
 from navit.two_tower import ImageTextModel
 from navit.zeroshot import ZeroShotClassifier
-from navit.packing import pack
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -17,10 +17,11 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 import yaml
+from torch import nn
 from tqdm import tqdm
 
+from navit import distributed as D
 from navit.checkpoint import (
     load_meta,
     load_train_state,
@@ -28,7 +29,6 @@ from navit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from navit import distributed as D
 from navit.config import resolve_config
 from navit.data.loader import DropSchedule, LoaderBatch, PackedLoader
 from navit.data.sources import open_source, shard, split_holdout
@@ -36,9 +36,9 @@ from navit.data.transforms import ImagePipeline, ResolutionSampler
 from navit.evaluate import evaluate_budgets, write_budget_report
 from navit.metrics import MetricsLogger
 from navit.model import NaViT
+from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDropper, UniformRate
 from navit.two_tower import ImageTextModel, create_image_text_model
 from navit.zeroshot import ZeroShotClassifier
-from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDropper, UniformRate
 
 DROP_KINDS = ("none", "constant", "uniform", "beta", "resolution")
 

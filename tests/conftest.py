@@ -102,3 +102,11 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(1234)
+
+
+# Command-line options of a tiny, fast training run (for the CLI tests).
+TINY_TRAIN = [
+    "--model-args", "embed_dim=32", "depth=1", "num_heads=2", "pos_max_len=32",
+    "--max-tokens", "16", "--seq-len", "64", "--seqs-per-batch", "2", "--buffer-size", "8",
+    "--eval-budgets", "4", "16", "--log-every", "1", "--warmup-steps", "2", "--workers", "0",
+]  # fmt: skip

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import PATCH, assert_rel_close, labelled_image, random_images, tiny_model, with_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import PATCH, assert_rel_close, labelled_image, random_images, tiny_model, with_backend
 from navit import pack, pack_images
 from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
 from navit.attention.bucketed import BucketedBackend

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_TRAIN, random_images, tiny_model
 
-from conftest import random_images, tiny_model
-from navit import pack_images
 from navit import distributed as D
+from navit import pack_images
 from navit.train import TrainConfig, global_loss
 
 CFG = TrainConfig(label_smoothing=0.1)
@@ -61,11 +61,6 @@ def test_ddp_gradients_match_single_process_for_uneven_ranks(tmp_path):
             torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-TINY = [
-    "--model-args", "embed_dim=32", "depth=1", "num_heads=2", "pos_max_len=32",
-    "--max-tokens", "16", "--seq-len", "64", "--seqs-per-batch", "2", "--buffer-size", "8",
-    "--eval-budgets", "16", "--log-every", "1", "--warmup-steps", "2", "--workers", "0",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +80,11 @@ def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return result
 
 
-def test_torchrun_trains_on_uneven_shards_and_resumes_on_one_rank(image_folder, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_trains_on_uneven_shards_and_resumes_on_one_rank(strategy, image_folder, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    args = ["-m", "navit", "train", "--data", str(image_folder), "--out", str(tmp_path), *TINY]
+    args = ["-m", "navit", "train", "--data", str(image_folder), "--out", str(tmp_path), *TINY_TRAIN,
+            "--distributed", strategy]  # fmt: skip
     # 3 epochs' worth of steps, so every rank crosses epoch ends at different steps.
     run([*torchrun, *args, "--name", "two", "--max-steps", "12", "--save-every", "6"])
     run_dir = Path(tmp_path) / "two"
@@ -98,6 +95,6 @@ def test_torchrun_trains_on_uneven_shards_and_resumes_on_one_rank(image_folder, 
 
     # The 2-rank checkpoint at step 6 resumes in a single process.
     out = run([sys.executable, "-m", "navit", "train", "--resume", str(run_dir / "checkpoints" / "step_00000006"),
-               "--data", str(image_folder), "--out", str(tmp_path), *TINY, "--max-steps", "9"])  # fmt: skip
+               "--data", str(image_folder), "--out", str(tmp_path), *TINY_TRAIN, "--max-steps", "9"])  # fmt: skip
     assert "resumed from" in out.stdout and "restarts" in out.stdout
     assert (run_dir / "checkpoints" / "step_00000009").exists()

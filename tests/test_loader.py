@@ -1,7 +1,6 @@
 """The packing loader: fixed shapes, nothing lost, deterministic, resumable mid-epoch."""
 
 import pytest
-import torch
 
 from navit.data.loader import DropSchedule, PackedLoader
 from navit.data.synthetic import SyntheticShapes

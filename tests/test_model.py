@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import PATCH, assert_rel_close, image_of_slot, random_images, tiny_config, tiny_model
+
 from navit import NaViT, NaViTConfig, create_model, list_models, pack, pack_images
 from navit.attention import BACKENDS
 from navit.config import ATTN_BACKENDS

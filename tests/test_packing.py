@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PATCH, image_of_slot, image_tokens, labelled_image, random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import PATCH, image_of_slot, image_tokens, labelled_image, random_images
 from navit import TokenDropper, pack, pack_images
 from navit.packing import PAD, STRATEGIES, PackedBatch, assign_first_fit
 from navit.patchify import image_to_tokens

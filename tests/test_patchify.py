@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import PATCH, random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import PATCH, random_images
 from navit import image_to_tokens, pack_images
 from navit.patchify import fit_grid, patchify
 

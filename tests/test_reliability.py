@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
+from conftest import TINY_TRAIN
 from PIL import Image
 
 from navit.checkpoint import load_meta, load_train_state, load_weights, resolve_checkpoint
@@ -23,12 +22,6 @@ from navit.data.loader import PackedLoader
 from navit.data.sources import ImageFolder
 from navit.data.transforms import ImagePipeline
 from navit.train import TrainConfig
-
-TINY = [
-    "--model-args", "embed_dim=32", "depth=1", "num_heads=2", "pos_max_len=32",
-    "--max-tokens", "16", "--seq-len", "64", "--seqs-per-batch", "2", "--buffer-size", "8",
-    "--eval-budgets", "16", "--log-every", "1", "--warmup-steps", "2", "--workers", "0",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +93,7 @@ def losses(run: Path) -> dict[int, float]:
 
 def test_sigkill_then_resume_gives_the_same_losses(image_folder, tmp_path):
     args = [sys.executable, "-m", "navit", "train", "--data", str(image_folder), "--out", str(tmp_path),
-            *TINY, "--max-steps", "14", "--save-every", "2"]  # fmt: skip
+            *TINY_TRAIN, "--max-steps", "14", "--save-every", "2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*args, "--name", "clean"], check=True, capture_output=True, env=env, timeout=300)
     reference = losses(tmp_path / "clean")
@@ -116,14 +109,14 @@ def test_sigkill_then_resume_gives_the_same_losses(image_folder, tmp_path):
     assert int(load_meta(checkpoint)["step"]) < 14, "the run was killed before it finished"
 
     subprocess.run([*args[:3], "train", "--resume", str(tmp_path / "killed"), "--data", str(image_folder),
-                    "--out", str(tmp_path), *TINY, "--max-steps", "14"], check=True, capture_output=True,
+                    "--out", str(tmp_path), *TINY_TRAIN, "--max-steps", "14"], check=True, capture_output=True,
                    env=env, timeout=300)  # fmt: skip
     assert losses(tmp_path / "killed") == reference
 
 
 def test_nan_loss_stops_with_the_step_or_skips(image_folder, tmp_path, capsys):
     # A learning rate of 1e30 blows the weights up within a step or two.
-    common = ["train", "--data", str(image_folder), "--out", str(tmp_path), *TINY, "--max-steps", "6",
+    common = ["train", "--data", str(image_folder), "--out", str(tmp_path), *TINY_TRAIN, "--max-steps", "6",
               "--lr", "1e30", "--grad-clip", "1e30", "--warmup-steps", "1"]  # fmt: skip
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
         main([*common, "--name", "stop"])
@@ -132,7 +125,7 @@ def test_nan_loss_stops_with_the_step_or_skips(image_folder, tmp_path, capsys):
 
 
 def test_damaged_checkpoint_names_the_file(image_folder, tmp_path):
-    main(["train", "--data", str(image_folder), "--out", str(tmp_path), "--name", "run", *TINY, "--max-steps", "1"])
+    main(["train", "--data", str(image_folder), "--out", str(tmp_path), "--name", "run", *TINY_TRAIN, "--max-steps", "1"])
     checkpoint = resolve_checkpoint(tmp_path / "run")
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -146,7 +139,7 @@ def test_damaged_checkpoint_names_the_file(image_folder, tmp_path):
 def test_rank_death_ends_torchrun_in_bounded_time(image_folder, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd = [*torchrun, "-m", "navit", "train", "--data", str(image_folder), "--out", str(tmp_path),
-           "--name", "doomed", *TINY, "--max-steps", "100000"]  # fmt: skip
+           "--name", "doomed", *TINY_TRAIN, "--max-steps", "100000"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     metrics = tmp_path / "doomed" / "metrics.jsonl"
@@ -219,5 +212,5 @@ def test_empty_class_folder_and_empty_dataset_fail_before_training(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "data" / "cats" / "a.png")
     (tmp_path / "data" / "dogs").mkdir()
     with pytest.raises(SystemExit, match="dogs"):
-        main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), *TINY])
+        main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), *TINY_TRAIN])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

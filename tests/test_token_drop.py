@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import labelled_image
+
 from navit import BetaRate, ConstantRate, ResolutionRate, TokenDropper, UniformRate
 
 SIGMAS = 5.0  # statistical tests allow this many standard errors (false alarm ~ 6e-7)

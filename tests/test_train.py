@@ -8,16 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from navit.checkpoint import load_train_state, resolve_checkpoint, save_checkpoint
 from navit.cli import main
 from navit.inference import load_model
-
-TINY = [
-    "--model-args", "embed_dim=32", "depth=1", "num_heads=2", "pos_max_len=32",
-    "--max-tokens", "16", "--seq-len", "64", "--seqs-per-batch", "2", "--buffer-size", "8",
-    "--eval-budgets", "4", "16", "--log-every", "1", "--warmup-steps", "2",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ def losses(run: Path) -> dict[int, float]:
 
 def train(image_folder, out, name, *extra):
     args = ["train", "--data", str(image_folder), "--out", str(out), "--name", name,
-            "--workers", "0", "--epochs", "3", *TINY, *extra]  # fmt: skip
+            "--workers", "0", "--epochs", "3", *TINY_TRAIN, *extra]  # fmt: skip
     assert main(args) == 0
     return Path(out) / name
 
@@ -55,7 +50,7 @@ def test_train_resume_eval_predict(image_folder, tmp_path, capsys):
         "".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in full.items() if s <= 4)
     )
     assert main(["train", "--resume", str(copy / "checkpoints" / "step_00000004"), "--data", str(image_folder),
-                 "--out", str(tmp_path), "--workers", "0", "--epochs", "3", "--max-steps", "8", *TINY]) == 0  # fmt: skip
+                 "--out", str(tmp_path), "--workers", "0", "--epochs", "3", "--max-steps", "8", *TINY_TRAIN]) == 0  # fmt: skip
     assert losses(copy) == full
 
     capsys.readouterr()
@@ -130,7 +125,7 @@ def test_cli_entry_point_runs_as_a_program():
 def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, capsys):
     run = Path(tmp_path) / "clip"
     assert main(["train", "--task", "contrastive", "--data", "synthetic:48", "--out", str(tmp_path), "--name", "clip",
-                 "--workers", "0", "--max-steps", "3", "--text-depth", "1", *TINY]) == 0  # fmt: skip
+                 "--workers", "0", "--max-steps", "3", "--text-depth", "1", *TINY_TRAIN]) == 0  # fmt: skip
     results = json.loads((run / "eval.json").read_text())
     assert set(results) == {"native", "4", "16"} and results["native"]["images"] > 0
     model, meta = load_model(run)
@@ -148,4 +143,4 @@ def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, caps
 
 def test_contrastive_task_needs_captions(tmp_path, image_folder):
     with pytest.raises(SystemExit, match="needs captions"):
-        main(["train", "--task", "contrastive", "--data", str(image_folder), "--out", str(tmp_path), *TINY])
+        main(["train", "--task", "contrastive", "--data", str(image_folder), "--out", str(tmp_path), *TINY_TRAIN])
