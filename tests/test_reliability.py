@@ -214,3 +214,17 @@ def test_empty_class_folder_and_empty_dataset_fail_before_training(tmp_path):
     with pytest.raises(SystemExit, match="dogs"):
         main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), *TINY_TRAIN])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_skipped_and_counted(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "data" / "a" / "ok.png")
+    locked = tmp_path / "data" / "a" / "locked.png"
+    Image.new("RGB", (32, 32)).save(locked)
+    locked.chmod(0)
+    loader = PackedLoader(ImageFolder(tmp_path / "data"), ImagePipeline(patch_size=16, max_tokens=4), seq_len=8,
+                          num_seqs=1, buffer_size=2, num_workers=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="locked.png"):
+        assert sum(item.labels.numel() for item in loader) == 1
+    assert sum(loader.skipped.values()) == 1
