@@ -39,12 +39,26 @@ def load_average() -> float | None:
         return None
 
 
+def others_busy_now(seconds: float = 0.5) -> float | None:
+    """Fraction of the machine (0..1) used by *other* processes over ``seconds`` while this
+    process sleeps. Unlike the load average, it does not count this benchmark's own threads."""
+    busy0, own0 = cpu_busy_seconds(), own_cpu_seconds()
+    if busy0 is None:
+        return None
+    time.sleep(seconds)
+    busy = cpu_busy_seconds() - busy0 - (own_cpu_seconds() - own0)
+    return max(0.0, busy / seconds / (os.cpu_count() or 1))
+
+
+NOISY_OTHER_CPU = 0.10  # other processes above this fraction of the machine make a table unreliable
+
+
 class NoiseMonitor:
     """Tracks how much CPU *other* processes used while a section ran.
 
-    ``busy_warning()`` at the start warns when the 1-minute load average already exceeds the
-    number of threads the benchmark wants; ``report()`` at the end gives other processes' CPU use
-    as a fraction of the machine (e.g. 0.9 = nearly one core busy with something else).
+    ``busy_warning()`` at the start samples other processes' CPU use for half a second (this
+    process idle) and warns above ``NOISY_OTHER_CPU``; ``other_cpu_fraction()`` at the end gives
+    their use over the whole section as a fraction of the machine (0.5 = one of two cores).
     """
 
     def __init__(self, threads: int) -> None:
@@ -56,12 +70,14 @@ class NoiseMonitor:
         self.t0, self.busy0, self.own0 = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
 
     def busy_warning(self, label: str = "") -> str | None:
-        load = load_average()
-        if load is not None and load > max(0.5, self.cores - self.threads + 0.5):
+        others = others_busy_now()
+        self.start()
+        if others is not None and others > NOISY_OTHER_CPU:
             msg = (
-                f"WARNING{(' [' + label + ']') if label else ''}: load average {load:.2f} on "
-                f"{self.cores} cores before timing; other processes compete for the CPU, so absolute "
-                "times are inflated (ratios between interleaved implementations stay meaningful)"
+                f"WARNING{(' [' + label + ']') if label else ''}: other processes use "
+                f"{100 * others:.0f}% of the {self.cores}-core machine (load average "
+                f"{load_average() or 0:.2f}); absolute times are inflated, ratios between "
+                "interleaved implementations are less affected"
             )
             print(msg, file=sys.stderr, flush=True)
             return msg
