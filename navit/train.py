@@ -181,9 +181,14 @@ def mean_native_tokens(source, pipeline: ImagePipeline, sample: int = 256) -> fl
     step = max(1, len(source) // sample)
     counts = []
     for index in range(0, len(source), step):
-        image = source.load(index)
+        try:
+            image = source.load(index)
+        except Exception:  # unreadable images are the loader's to count and report
+            continue
         rows, cols = pipeline.grid_for(image.height, image.width, None)
         counts.append(rows * cols)
+    if not counts:
+        raise ValueError(f"none of the {len(source)} training images sampled could be read")
     return sum(counts) / len(counts)
 
 
