@@ -23,6 +23,9 @@ timm-naflex    ``timm.models.naflexvit.NaFlexVit`` (per-image padding: every ima
 ceiling        a plain ViT with no mask at all on square images with the batch's mean token
                count: ``nn.TransformerEncoder`` (batch_first, norm_first, GELU, same dims) with
                patch embedding, learned position embedding and mean pooling.
+navit-squares  navit (auto) fed the ceiling's square images, packed (diagnostic: navit's own
+               overhead at exactly the ceiling's attention work, without the Σnᵢ² > N·mean²
+               effect of varied sizes).
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import torch
 from torch import nn
 
 import navit
-from navit.packing import PAD
 from navit.patchify import PatchedImage
 
 EMBED_DIM, NUM_HEADS, MLP_DIM, PATCH = 192, 3, 768, 16
@@ -248,14 +250,37 @@ def ceiling_impl() -> Impl:
     return impl
 
 
-def all_impls(include_lean: bool = True) -> list[Impl]:
+def navit_squares_impl() -> Impl:
+    def prepare(step: StepImages) -> Prepared:
+        side = ceiling_side(step)
+        g = torch.Generator().manual_seed(1234)
+        coords = navit.patchify.grid_coords(side, side)
+        tokens = [PatchedImage(torch.rand(side * side, PATCH * PATCH * 3, generator=g), coords, (side, side))
+                  for _ in range(step.num_images)]
+        # Sequences just long enough for an equal share of squares, so padding stays as small as
+        # the ceiling's (none) and both do the same work: ceil(N / B) squares per sequence.
+        per_seq = math.ceil(step.num_images / step.num_seqs)
+        batch = navit.pack(tokens, per_seq * side * side, num_seqs=step.num_seqs,
+                           max_images_per_seq=max(per_seq, step.max_images_per_seq)).batch
+        return Prepared(batch, step.labels, batch.num_real_tokens, batch.segment_ids.numel(),
+                        note=f"{side}x{side} squares, {batch.num_seqs}×{batch.seq_len}")
+
+    impl = navit_impl("navit-squares", "navit on the ceiling's squares")
+    impl.prepare = prepare
+    impl.detail = "navit.create_model('navit_ti16') on the ceiling's square images, packed (diagnostic)"
+    return impl
+
+
+def all_impls(diagnostics: bool = True) -> list[Impl]:
     impls = [
         navit_impl("navit", "navit (auto)"),
         navit_impl("navit-dense", "navit (dense)", attn_backend="dense"),
     ]
-    if include_lean:
+    if diagnostics:
         impls.append(navit_impl("navit-lean", "navit (no qk-norm, mean pool)", qk_norm=False, pool="mean"))
     impls += [lucidrains_impl(), timm_impl(), ceiling_impl()]
+    if diagnostics:
+        impls.append(navit_squares_impl())
     return impls
 
 
@@ -269,11 +294,11 @@ def build_model(impl: Impl, num_classes: int, depth: int, step: StepImages) -> n
 def check_real_tokens_match(prepared: dict[str, Prepared], step: StepImages) -> None:
     """Every mask-based implementation must see exactly the step's real tokens."""
     for key, p in prepared.items():
-        if key != "ceiling" and p.real_tokens != step.real_tokens:
+        if key not in ("ceiling", "navit-squares") and p.real_tokens != step.real_tokens:
             raise AssertionError(f"{key} sees {p.real_tokens} real tokens, expected {step.real_tokens}")
 
 
 __all__ = [
     "Impl", "Prepared", "StepImages", "PlainViT", "all_impls", "build_model",
-    "check_real_tokens_match", "ceiling_side", "PAD",
+    "check_real_tokens_match", "ceiling_side", "navit_squares_impl",
 ]

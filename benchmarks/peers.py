@@ -279,7 +279,13 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
                 # What navit would reach if it ran as fast as the mask-free ceiling.
                 c = paired_ratios(times, "ceiling", other, prepared["ceiling"].real_tokens, prepared[other].real_tokens)
                 ratios[other]["ceiling_over_peer"] = statistics.median(c)
-    return {"rows": rows, "ratios": ratios, "raw_s": times, **noise, "load_end": load_average()}
+    diag = {}
+    for a_, b_ in (("navit-squares", "ceiling"), ("navit-lean", "ceiling"), ("navit", "navit-squares")):
+        if a_ in times and b_ in times:
+            r = paired_ratios(times, a_, b_, prepared[a_].real_tokens, prepared[b_].real_tokens)
+            diag[f"{a_} / {b_}"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+    return {"rows": rows, "ratios": ratios, "diagnostic_ratios": diag, "raw_s": times, **noise,
+            "load_end": load_average()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,7 +591,7 @@ def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, 
             ranges = sorted(
                 [e for e in events if e.key.startswith("navit::")], key=lambda e: -e.cpu_time_total
             )
-            path = RESULTS_DIR / f"peers_profile_{mix}_{mode}_{key}.txt"
+            path = args.out.parent / f"peers_profile_{mix}_{mode}_{key}.txt"
             path.write_text(
                 f"# {key}, {mode} step, mix {mix}, {args.profile_steps} steps, {threads} threads\n"
                 f"# total self CPU: {total_us / 1e3 / args.profile_steps:.1f} ms/step\n\n{table}\n\n"
@@ -684,6 +690,8 @@ def render_markdown(res: dict) -> str:
                     rows.append([f"navit / {other}", f"{q['median']:.2f}×", f"{q['min']:.2f}–{q['max']:.2f}",
                                  f"{q['of_mins']:.2f}×", "—" if head is None else f"{head:.2f}×",
                                  "" if tgt is None else f"≥ {tgt}×", verdict])
+                for name, q in r.get("diagnostic_ratios", {}).items():
+                    rows.append([f"_{name}_", f"{q['median']:.2f}×", f"{q['min']:.2f}–{q['max']:.2f}", "", "", "", ""])
                 lines.append(md_table(["ratio (real tok/s)", "median", "range", "of mins",
                                        "ceiling / peer (bound)", "target", ""], rows, "lrrrrrl"))
                 lines.append("")
@@ -796,7 +804,7 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def make_plots(res: dict) -> list[str]:
+def make_plots(res: dict, out_dir: Path) -> list[str]:
     try:
         import matplotlib
 
@@ -823,11 +831,15 @@ def make_plots(res: dict) -> list[str]:
                 ax.barh(keys, vals, color=colors)
                 ax.invert_yaxis()
                 ax.set_xlabel("real tokens / s (median)")
+                ax.locator_params(axis="x", nbins=5)
+                ax.xaxis.set_major_formatter(
+                    matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))
+                ax.set_xlim(0, max(vals) * 1.18)
                 ax.set_title(f"{mode} — mix {mix}")
                 for y, v in enumerate(vals):
                     ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
         fig.tight_layout()
-        path = RESULTS_DIR / "peers.png"
+        path = out_dir / "peers.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path.name)
@@ -849,7 +861,7 @@ def make_plots(res: dict) -> list[str]:
             ax.legend()
             ax.grid(True, which="both", alpha=0.3)
             fig.tight_layout()
-            path = RESULTS_DIR / "peers_memory.png"
+            path = out_dir / "peers_memory.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path.name)
@@ -865,7 +877,7 @@ def parse_args(argv):
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
     p.add_argument("--impls", nargs="+", default=None,
-                   help="subset of: navit navit-dense navit-lean lucidrains timm-naflex ceiling")
+                   help="subset of: navit navit-dense navit-lean lucidrains timm-naflex ceiling navit-squares")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--num-classes", type=int, default=10)
@@ -895,7 +907,8 @@ def parse_args(argv):
                    help="re-run a timed table up to N times when other processes disturbed it (default 1, quick 0)")
     p.add_argument("--retry-wait", type=float, default=20.0, help="seconds to wait before such a retry")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json",
+                   help="JSON path; the .md, PNGs and profile tables go next to it")
     # internal: one memory measurement in a fresh process
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mem-len", type=int, default=1024, help=argparse.SUPPRESS)
@@ -920,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     monitor = NoiseMonitor(args.threads)
     warnings_ = []
     probe = stall_probe(args.threads)
@@ -929,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         print(stall, file=sys.stderr, flush=True)
     warnings_ += [w for w in (monitor.busy_warning("start"), stall) if w]
 
-    all_ = all_impls(include_lean=not args.quick)
+    all_ = all_impls(diagnostics=not args.quick)
     if args.impls:
         all_ = [i for i in all_ if i.key in args.impls]
     impls = {i.key: i for i in all_ if i.missing is None}
@@ -1012,14 +1025,14 @@ def main(argv: list[str] | None = None) -> int:
     res["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     res["elapsed_s"] = time.perf_counter() - t_start
     res["machine"]["load_average_end"] = load_average()
-    res["plots"] = make_plots(res)
+    res["plots"] = make_plots(res, args.out.parent)
     md = render_markdown(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, default=str))
     args.out.with_suffix(".md").write_text(md + "\n")
     print()
     print(md)
-    print(f"\nwrote {args.out}, {args.out.with_suffix('.md')}" + "".join(f", {RESULTS_DIR / p}" for p in res["plots"]))
+    print(f"\nwrote {args.out}, {args.out.with_suffix('.md')}" + "".join(f", {args.out.parent / p}" for p in res["plots"]))
     return 0
 
 
