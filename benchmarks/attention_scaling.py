@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_common import cpu_busy_seconds, own_cpu_seconds  # benchmarks/ is on sys.path
 from navit.attention import get_backend
 from navit.packing import PAD, assign_first_fit
 
@@ -50,21 +51,6 @@ def build_segment_ids(
         fill[s] += n
         per_seq[s].append(n)
     return seg, per_seq
-
-
-def cpu_busy_seconds() -> float | None:
-    """Busy CPU seconds of the whole machine so far (Linux /proc/stat), or None elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def interleaved(fn, names: list[str], warmup: int, repeats: int) -> dict[str, list[float]]:
