@@ -302,8 +302,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         check_captions(train_source, cfg.data)
     model = build_model(cfg, len(class_names)).to(device)
     contrastive = isinstance(model, ImageTextModel)
-    image_config = model.config.image if contrastive else model.config
-    patch = image_config.patch_size
+    patch = (model.config.image if contrastive else model.config).patch_size
     tokenizer = model.tokenizer() if contrastive else None
 
     native = make_pipeline(cfg, patch, square_tokens=None)

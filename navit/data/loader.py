@@ -167,11 +167,8 @@ class PackedLoader:
         if self.dropper is not None:
             self.dropper.train(self.train)
 
-    def __len__(self) -> int:
-        """Rough number of batches per epoch (exact only after packing)."""
-        return math.ceil(len(self.source) / max(1, self.images_per_batch_estimate()))
-
     def images_per_batch_estimate(self) -> int:
+        """Rough images per batch (for sizing runs); exact counts are known only after packing."""
         tokens = self.pipeline.square_tokens or self.pipeline.token_budget or self.pipeline.max_tokens / 2
         return max(1, int(self.num_seqs * min(self.max_images_per_seq, self.seq_len / tokens)))
 
