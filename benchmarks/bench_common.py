@@ -135,6 +135,8 @@ def machine_info(threads: int) -> dict[str, object]:
         "threads": threads,
         "load_average_start": load_average(),
     }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -23,6 +23,7 @@ timm-naflex    ``timm.models.naflexvit.NaFlexVit`` (per-image padding: every ima
 ceiling        a plain ViT with no mask at all on square images with the batch's mean token
                count: ``nn.TransformerEncoder`` (batch_first, norm_first, GELU, same dims) with
                patch embedding, learned position embedding and mean pooling.
+navit-compiled navit (auto) under ``torch.compile`` (``--compile``).
 navit-squares  navit (auto) fed the ceiling's square images, packed (diagnostic: navit's own
                overhead at exactly the ceiling's attention work, without the Σnᵢ² > N·mean²
                effect of varied sizes).
@@ -271,11 +272,16 @@ def navit_squares_impl() -> Impl:
     return impl
 
 
-def all_impls(diagnostics: bool = True) -> list[Impl]:
+def all_impls(diagnostics: bool = True, compiled: bool = False) -> list[Impl]:
     impls = [
         navit_impl("navit", "navit (auto)"),
         navit_impl("navit-dense", "navit (dense)", attn_backend="dense"),
     ]
+    if compiled:
+        impl = navit_impl("navit-compiled", "navit (auto), torch.compile")
+        impl.detail += " under torch.compile"
+        impl.extra["compile"] = True
+        impls.append(impl)
     if diagnostics:
         impls.append(navit_impl("navit-lean", "navit (no qk-norm, mean pool)", qk_norm=False, pool="mean"))
     impls += [lucidrains_impl(), timm_impl(), ceiling_impl()]

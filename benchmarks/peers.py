@@ -1,4 +1,4 @@
-"""navit side by side with public NaViT / NaFlex implementations, in one process, on CPU.
+"""navit side by side with public NaViT / NaFlex implementations, in one process (CPU or GPU).
 
 Every implementation gets the *same* images and the *same* model size (ViT-Ti: width 192,
 3 heads, MLP 768, patch 16, depth 6 by default); they run interleaved within every repeat, so
@@ -23,6 +23,12 @@ Image mixes (``--mixes``): ``native`` (long side ~ U(64, 512) px, aspect ratios 
 One step = the images a streaming first-fit packer puts into ``--num-seqs`` sequences of
 ``--seq-len`` tokens (``--max-images-per-seq`` slots), like ``PackedLoader`` does.
 
+Device and precision (``--device cpu|cuda``, ``--precision fp32|bf16``) apply to every
+implementation alike; bf16 is ``torch.autocast``. On CUDA navit's ``auto`` backend is varlen flash
+attention in bf16 and FlexAttention in fp32; ``--compile`` adds a ``navit-compiled`` row
+(``torch.compile`` of the whole model on the fixed packed shapes). Memory on CUDA is
+``torch.cuda.max_memory_allocated`` instead of RSS.
+
 Peers that are not installed are skipped with a message, so this also runs in an environment
 with navit only. Results: ``results/peers.{md,json,png}`` (+ ``peers_memory.png``,
 ``peers_profile_*.txt``).
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -76,6 +83,35 @@ TARGETS = {  # (mode, peer) -> minimum navit / peer ratio on real tokens/s
     ("infer", "timm-naflex"): 1.5,
 }
 SECTIONS = ("train", "infer", "lsweep", "loader", "memory", "profile")
+
+
+def to_device(obj, device: torch.device):
+    """Tensors (and PackedBatches) inside lists, tuples and dicts, moved to ``device``."""
+    if isinstance(obj, (torch.Tensor, navit.PackedBatch)):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def prepare_on(impl: Impl, step: StepImages, device: torch.device) -> Prepared:
+    """``impl.prepare`` (loader-side work, always on CPU), then its inputs moved to ``device``."""
+    prepared = impl.prepare(step)
+    return dataclasses.replace(prepared, inputs=to_device(prepared.inputs, device),
+                               labels=prepared.labels.to(device))
+
+
+def build_on(impl: Impl, args, step: StepImages) -> torch.nn.Module:
+    model = build_model(impl, args.num_classes, args.depth, step).to(args.device)
+    return torch.compile(model) if impl.extra.get("compile") else model
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timed call ends when its kernels do."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,26 +204,35 @@ def time_prep(step: StepImages, originals: list[torch.Tensor], impls: dict[str, 
 # --------------------------------------------------------------------------------------------
 # Model steps
 # --------------------------------------------------------------------------------------------
-def make_train_fn(impl: Impl, model, prepared: Prepared):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+def autocast(args) -> contextlib.AbstractContextManager:
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def make_train_fn(impl: Impl, model, prepared: Prepared, args):
+    # The same optimizer for everyone: fused where this torch has it for the device.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = impl.forward(model, prepared.inputs)
-        loss = F.cross_entropy(logits, prepared.labels)
+        with autocast(args):
+            logits = impl.forward(model, prepared.inputs)
+        loss = F.cross_entropy(logits.float(), prepared.labels)
         loss.backward()
         opt.step()
+        synchronize(args.device)
         return loss
 
     return step
 
 
-def make_infer_fn(impl: Impl, model, prepared: Prepared):
+def make_infer_fn(impl: Impl, model, prepared: Prepared, args):
     def step():
         model.eval()
-        with torch.no_grad():
-            return impl.forward(model, prepared.inputs)
+        with torch.no_grad(), autocast(args):
+            out = impl.forward(model, prepared.inputs)
+        synchronize(args.device)
+        return out
 
     return step
 
@@ -239,7 +284,7 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
     warmup = args.warmup
     repeats = args.repeats if mode == "train" else args.infer_repeats
     maker = make_train_fn if mode == "train" else make_infer_fn
-    fns = {k: maker(impls[k], models[k], prepared[k]) for k in impls}
+    fns = {k: maker(impls[k], models[k], prepared[k], args) for k in impls}
     # Sanity: every implementation returns one row of logits per image.
     for k, fn in fns.items():
         out = fn() if mode == "infer" else impls[k].forward(models[k], prepared[k].inputs)
@@ -305,10 +350,10 @@ def run_lsweep(args, impls: dict[str, Impl], monitor: NoiseMonitor) -> dict:
         sub.max_images_per_seq = max(args.max_images_per_seq, length // 64)
         step, _ = make_step(args.lsweep_mix, sub, seed_offset=length)
         torch.manual_seed(args.seed)
-        models = {k: build_model(impls[k], args.num_classes, args.depth, step) for k in keys}
-        prepared = {k: impls[k].prepare(step) for k in keys}
+        models = {k: build_on(impls[k], args, step) for k in keys}
+        prepared = {k: prepare_on(impls[k], step, args.device) for k in keys}
         check_real_tokens_match(prepared, step)
-        fns = {k: make_train_fn(impls[k], models[k], prepared[k]) for k in keys}
+        fns = {k: make_train_fn(impls[k], models[k], prepared[k], args) for k in keys}
         times, noise = timed(f"lsweep/L={length}", fns, 1, args.lsweep_repeats, args, monitor)
         point = {"seq_len": length, "num_seqs": sub.num_seqs, "images": step.num_images,
                  "real_tokens": step.real_tokens, "median_s": {}, "min_s": {}, "ratios": {}, **noise}
@@ -418,8 +463,10 @@ def _reset_hwm() -> bool:
 
 
 def memory_worker(args) -> None:
-    """Runs in a fresh process: peak extra RSS of one navit training step at --mem-len."""
+    """Runs in a fresh process: peak extra memory of one navit training step at --mem-len
+    (RSS high-water mark on CPU, ``max_memory_allocated`` on CUDA)."""
     torch.set_num_threads(args.threads)
+    device = args.device
     length, backend = args.mem_len, args.mem_backend
     rng = np.random.default_rng([args.seed, 99])
     sizes = sample_sizes(int(3 * length / 150) + 16, rng, "long", *MIXES["native"])
@@ -432,16 +479,19 @@ def memory_worker(args) -> None:
         if s != PAD
     ]
     e = len(tokens)
-    batch = navit.pack(tokens, length, max_images_per_seq=e, num_seqs=1).batch
-    labels = torch.randint(0, args.num_classes, (e,), generator=g)
+    batch = navit.pack(tokens, length, max_images_per_seq=e, num_seqs=1).batch.to(device)
+    labels = torch.randint(0, args.num_classes, (e,), generator=g).to(device)
     model = navit.create_model("navit_ti16", num_classes=args.num_classes, depth=args.depth,
-                               attn_backend=backend)
+                               attn_backend=backend).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(batch), labels).backward()
+        with autocast(args):
+            logits = model(batch)
+        F.cross_entropy(logits.float(), labels).backward()
         opt.step()
+        synchronize(device)
 
     step()  # allocates optimizer state and warms up
     opt.zero_grad(set_to_none=True)
@@ -454,16 +504,23 @@ def memory_worker(args) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    before = _rss_kb()
-    reset = _reset_hwm()
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device) // 1024
+        torch.cuda.reset_peak_memory_stats(device)
+        reset = True
+    else:
+        before = _rss_kb()
+        reset = _reset_hwm()
     t0 = time.perf_counter()
     step()
     elapsed = time.perf_counter() - t0
-    peak = _hwm_kb()
+    peak = torch.cuda.max_memory_allocated(device) // 1024 if device.type == "cuda" else _hwm_kb()
     plan_kind = None
-    if backend in ("bucketed", "auto"):
-        state = model.attention_backend(batch.segment_ids.device).prepare(batch.segment_ids)
-        plan_kind = "dense" if getattr(state, "dense_mask", None) is not None else f"{len(state.buckets)} buckets"
+    state = model.attention_backend(device).prepare(batch.segment_ids)
+    if hasattr(state, "buckets"):
+        plan_kind = "dense" if state.dense_mask is not None else f"{len(state.buckets)} buckets"
+    elif backend == "auto":
+        plan_kind = type(state).__name__
     print(json.dumps({
         "seq_len": length, "backend": backend, "images": e, "real_tokens": batch.num_real_tokens,
         "rss_before_mb": before / 1024, "peak_mb": peak / 1024, "extra_mb": (peak - before) / 1024,
@@ -480,7 +537,7 @@ def run_memory(args) -> dict:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker",
                    "--mem-len", str(length), "--mem-backend", backend, "--depth", str(args.depth),
                    "--threads", str(args.threads), "--num-classes", str(args.num_classes),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed), "--device", args.device.type, "--precision", args.precision]
             # Freed blocks >= 64 KiB go straight back to the OS, so RSS tracks live tensors and
             # the high-water mark of the measured step is not hidden by memory glibc kept.
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
@@ -571,6 +628,10 @@ def navit_ranges(models: dict):
 def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+    # On a GPU the kernels' own time is what matters; on CPU the ops' self time.
+    self_time = "self_device_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
+
     out = {}
     keys = [k for k in impls if k in args.profile_impls]
     threads = args.profile_threads or args.threads
@@ -579,15 +640,15 @@ def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, 
     for mode in ("train", "infer"):
         for key in keys:
             maker = make_train_fn if mode == "train" else make_infer_fn
-            fn = maker(impls[key], models[key], prepared[key])
+            fn = maker(impls[key], models[key], prepared[key], args)
             fn()  # warm
             with navit_ranges({key: models[key]}):
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                with profile(activities=activities, record_shapes=False) as prof:
                     for _ in range(args.profile_steps):
                         fn()
             events = prof.key_averages()
-            total_us = sum(e.self_cpu_time_total for e in events)
-            table = events.table(sort_by="self_cpu_time_total", row_limit=40)
+            total_us = sum(getattr(e, self_time) for e in events)
+            table = events.table(sort_by=self_time, row_limit=40)
             ranges = sorted(
                 [e for e in events if e.key.startswith("navit::")], key=lambda e: -e.cpu_time_total
             )
@@ -600,12 +661,12 @@ def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, 
                             f"x{e.count // args.profile_steps}" for e in ranges)
                 + "\n"
             )
-            top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.profile_top]
+            top = sorted(events, key=lambda e: -getattr(e, self_time))[: args.profile_top]
             out[f"{mode}/{key}"] = {
                 "total_self_ms_per_step": total_us / 1e3 / args.profile_steps,
                 "top_ops": [
-                    {"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / args.profile_steps,
-                     "share": e.self_cpu_time_total / total_us if total_us else 0.0,
+                    {"op": e.key, "self_ms_per_step": getattr(e, self_time) / 1e3 / args.profile_steps,
+                     "share": getattr(e, self_time) / total_us if total_us else 0.0,
                      "calls_per_step": e.count / args.profile_steps}
                     for e in top
                 ],
@@ -627,7 +688,9 @@ def run_profile(mix: str, impls: dict[str, Impl], models: dict, prepared: dict, 
 # --------------------------------------------------------------------------------------------
 def render_markdown(res: dict) -> str:
     a = res["args"]
-    lines = ["# navit vs public NaViT / NaFlex implementations (CPU)", ""]
+    device = a.get("device", "cpu")
+    where = res["machine"].get("gpu", "CPU") if device != "cpu" else "CPU"
+    lines = [f"# navit vs public NaViT / NaFlex implementations ({where}, {a.get('precision', 'fp32')})", ""]
     m = res["machine"]
     lines += [
         f"`{' '.join(res['command'])}` — torch {m['torch']}, Python {m['python']}, "
@@ -778,10 +841,12 @@ def render_markdown(res: dict) -> str:
 
     if "memory" in res:
         pts = [p for p in res["memory"]["points"] if "error" not in p]
-        lines += ["## Memory: peak extra RSS of one navit training step vs L", "",
+        gauge = ("CUDA memory (`max_memory_allocated`)" if res["args"].get("device", "cpu") == "cuda"
+                 else "RSS (VmHWM)")
+        lines += [f"## Memory: peak extra {gauge} of one navit training step vs L", "",
                   "Fresh process per point; one sequence of L tokens filled with `native`-mix images; "
-                  "optimizer state allocated by a first step, then the high-water mark (VmHWM) is reset and "
-                  "one more step runs. `extra` = peak − RSS before the step.", ""]
+                  "optimizer state allocated by a first step, then the high-water mark is reset and "
+                  "one more step runs. `extra` = peak − memory in use before the step.", ""]
         backends = sorted({p["backend"] for p in pts})
         lens = sorted({p["seq_len"] for p in pts})
         by = {(p["seq_len"], p["backend"]): p for p in pts}
@@ -856,7 +921,7 @@ def make_plots(res: dict, out_dir: Path) -> list[str]:
                 y0 = min(p["extra_mb"] for p in ref)
                 ax.loglog(xs, [y0 * x / xs[0] for x in xs], "k:", label="linear", base=2)
             ax.set_xlabel("sequence length L (tokens)")
-            ax.set_ylabel("peak extra RSS during a train step (MB)")
+            ax.set_ylabel("peak extra memory during a train step (MB)")
             ax.set_title("navit training-step memory vs L")
             ax.legend()
             ax.grid(True, which="both", alpha=0.3)
@@ -879,6 +944,11 @@ def parse_args(argv):
     p.add_argument("--impls", nargs="+", default=None,
                    help="subset of: navit navit-dense navit-lean lucidrains timm-naflex ceiling navit-squares")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: torch.autocast for every implementation")
+    p.add_argument("--compile", action="store_true",
+                   help="add a navit-compiled row: torch.compile of the whole model (fixed packed shapes)")
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -896,7 +966,8 @@ def parse_args(argv):
     p.add_argument("--loader-workers", type=int, nargs="+", default=[2])
     p.add_argument("--memory-lens", type=int, nargs="+", default=None,
                    help="default 256 512 1024 2048 4096 8192 (quick: 256 1024 4096)")
-    p.add_argument("--memory-backends", nargs="+", default=["bucketed", "dense"])
+    p.add_argument("--memory-backends", nargs="+", default=None,
+                   help="default: bucketed dense on CPU, auto dense on CUDA")
     p.add_argument("--dense-max-len", type=int, default=4096, help="skip dense memory points above this L")
     p.add_argument("--profile-impls", nargs="+", default=None,
                    help="implementations to profile (default: all available; quick: navit only)")
@@ -914,6 +985,11 @@ def parse_args(argv):
     p.add_argument("--mem-len", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--mem-backend", default="bucketed", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch " + torch.__version__)
+    args.device = torch.device(args.device)
+    args.memory_backends = args.memory_backends or (
+        ["auto", "dense"] if args.device.type == "cuda" else ["bucketed", "dense"])
     q = args.quick
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.repeats = args.repeats if args.repeats is not None else (3 if q else 7)
@@ -942,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
         print(stall, file=sys.stderr, flush=True)
     warnings_ += [w for w in (monitor.busy_warning("start"), stall) if w]
 
-    all_ = all_impls(diagnostics=not args.quick)
+    all_ = all_impls(diagnostics=not args.quick, compiled=args.compile)
     if args.impls:
         all_ = [i for i in all_ if i.key in args.impls]
     impls = {i.key: i for i in all_ if i.missing is None}
@@ -969,8 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         mres: dict = {"stats": stats}
         torch.manual_seed(args.seed)
-        models = {k: build_model(impl, args.num_classes, args.depth, step) for k, impl in impls.items()}
-        prepared = {k: impl.prepare(step) for k, impl in impls.items()}
+        models = {k: build_on(impl, args, step) for k, impl in impls.items()}
+        prepared = {k: prepare_on(impl, step, args.device) for k, impl in impls.items()}
         check_real_tokens_match(prepared, step)
         mres["prep"] = time_prep(step, originals, impls, repeats=3 if args.quick else 5)
         del originals
@@ -1022,7 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
         mem["slopes"] = slopes
         res["memory"] = mem
 
-    res["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    res["args"] = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     res["elapsed_s"] = time.perf_counter() - t_start
     res["machine"]["load_average_end"] = load_average()
     res["plots"] = make_plots(res, args.out.parent)
