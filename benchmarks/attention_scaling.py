@@ -1,4 +1,4 @@
-"""Forward+backward time of the CPU attention backends as the packed sequence length L grows.
+"""Forward+backward time of the attention backends as the packed sequence length L grows.
 
 Each sequence of L tokens holds many small images (token counts ~ U[min, max], default 16..64),
 packed contiguously by ``navit.packing.assign_first_fit`` with padding at the end. For each L we
@@ -9,9 +9,13 @@ time, in the same process and with the same inputs:
 * ``attend(q, k, v, state)`` forward only, and forward + backward (q, k, v [B, L, H, D] with
   ``requires_grad``; backward of a fixed random upstream gradient).
 
-``dense`` costs O(L²) per sequence; ``bucketed`` O(Σ nᵢ²) over the images nᵢ, so time / Σnᵢ²
-should stay roughly flat for bucketed and time / L² for dense. Times are medians of ``--repeats``
-runs after ``--warmup`` runs, the backends alternating within each repeat. Before timing, bucketed is checked against dense at the real tokens.
+``dense`` costs O(L²) per sequence; the others O(Σ nᵢ²) over the images nᵢ, so time / Σnᵢ²
+should stay roughly flat for them and time / L² for dense. Times are medians of ``--repeats``
+runs after ``--warmup`` runs, the backends alternating within each repeat. Before timing, every
+backend is checked against dense at the real tokens.
+
+On CPU the backends are ``dense`` and ``bucketed``; with ``--device cuda`` every backend that runs
+there (``varlen`` needs ``--dtype bf16``; ``flex`` is compiled on first use, in the warm-up).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from bench_common import cpu_busy_seconds, own_cpu_seconds  # benchmarks/ is on sys.path
-from navit.attention import get_backend
+from navit.attention import available_backends, get_backend
 from navit.packing import PAD, assign_first_fit
 
 
@@ -53,36 +57,45 @@ def build_segment_ids(
     return seg, per_seq
 
 
-def interleaved(fn, names: list[str], warmup: int, repeats: int) -> dict[str, list[float]]:
+def interleaved(fn, names: list[str], warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
     """Seconds per call of ``fn(name)`` for each name, backends alternating within every repeat
     so that a burst of machine noise hits all of them alike."""
+    def call(name: str) -> None:
+        fn(name)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         for name in names:
-            fn(name)
+            call(name)
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name in names:
             t0 = time.perf_counter()
-            fn(name)
+            call(name)
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def check_agreement(seg: torch.Tensor, heads: int, dim: int, seed: int) -> float:
-    """Max abs difference bucketed vs dense (outputs and q/k/v grads) at real tokens."""
+def check_agreement(names: list[str], seg: torch.Tensor, heads: int, dim: int, dtype: torch.dtype,
+                    seed: int) -> dict[str, float]:
+    """Max abs difference of each backend vs dense (outputs and q/k/v grads) at real tokens."""
     g = torch.Generator().manual_seed(seed)
     b, length = seg.shape
-    base = [torch.randn(b, length, heads, dim, generator=g) for _ in range(3)]
-    grad = torch.randn(b, length, heads, dim, generator=g)
+    base = [torch.randn(b, length, heads, dim, generator=g).to(seg.device, dtype) for _ in range(3)]
+    grad = torch.randn(b, length, heads, dim, generator=g).to(seg.device, dtype)
     real = (seg != PAD)[..., None, None]
-    results = []
-    for name in ("dense", "bucketed"):
+    results = {}
+    for name in names:
         backend = get_backend(name)
         q, k, v = (t.clone().requires_grad_(True) for t in base)
         out = backend.attend(q, k, v, backend.prepare(seg))
         (out * grad * real).sum().backward()
-        results.append([(out * real).detach(), q.grad, k.grad, v.grad])
-    return max(float((a - b).abs().max()) for a, b in zip(*results))
+        results[name] = [(out * real).detach(), q.grad, k.grad, v.grad]
+    return {
+        name: max(float((a.float() - b.float()).abs().max()) for a, b in zip(results[name], results["dense"]))
+        for name in names if name != "dense"
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention_scaling.json")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch " + torch.__version__)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    all_names = [n for n in available_backends(device) if not (n == "varlen" and dtype == torch.float32)]
+    if device.type == "cpu":
+        all_names = [n for n in all_names if n in ("dense", "bucketed")]  # flex has no CPU backward
     plot_path = args.plot or args.out.with_suffix(".png")
 
     torch.set_num_threads(args.threads)
@@ -113,29 +135,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: load average {load:.2f} before starting; timings will be noisy", file=sys.stderr)
 
     seg_check, _ = build_segment_ids(2, 256, args.min_tokens, args.max_tokens, rng)
-    max_err = check_agreement(seg_check, args.heads, args.head_dim, args.seed)
-    print(f"bucketed vs dense max |diff| (out, dq, dk, dv; B=2, L=256): {max_err:.2e}", file=sys.stderr)
-    if max_err > 1e-4:
-        print("WARNING: bucketed disagrees with dense", file=sys.stderr)
+    errors = check_agreement(all_names, seg_check.to(device), args.heads, args.head_dim, dtype, args.seed)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, err in errors.items():
+        print(f"{name} vs dense max |diff| (out, dq, dk, dv; B=2, L=256): {err:.2e}", file=sys.stderr)
+        if err > tolerance:
+            print(f"WARNING: {name} disagrees with dense", file=sys.stderr)
 
     rows = []
     for length in args.seq_lens:
         seg, per_seq = build_segment_ids(args.batch, length, args.min_tokens, args.max_tokens, rng)
+        seg = seg.to(device)
         sizes = [n for s in per_seq for n in s]
-        sum_n2 = sum(n * n for n in sizes)
         real = sum(sizes)
         shape = (args.batch, length, args.heads, args.head_dim)
-        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-        grad_out = torch.randn(shape)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn(shape, device=device, dtype=dtype)
         row = {
             "seq_len": length,
             "batch": args.batch,
             "images": len(sizes),
             "padding": 1 - real / (args.batch * length),
-            "sum_n2": sum_n2,
+            "sum_n2": sum(n * n for n in sizes),
             "L2": args.batch * length * length,
         }
-        names = [n for n in ("dense", "bucketed") if not (n == "dense" and length > args.dense_max_len)]
+        names = [n for n in all_names if not (n == "dense" and length > args.dense_max_len)]
         backends = {n: get_backend(n) for n in names}
         states = {n: backends[n].prepare(seg) for n in names}
 
@@ -151,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             backends[n].attend(q, k, v, states[n]).backward(grad_out)
 
         timings = {
-            "prepare": interleaved(prepare, names, args.warmup, args.repeats),
-            "forward": interleaved(forward, names, args.warmup, args.repeats),
-            "fwd_bwd": interleaved(fwd_bwd, names, args.warmup, args.repeats),
+            what: interleaved(fn, names, args.warmup, args.repeats, device)
+            for what, fn in (("prepare", prepare), ("forward", forward), ("fwd_bwd", fwd_bwd))
         }
-        for name in ("dense", "bucketed"):
+        for name in all_names:
             if name not in names:
                 row[name] = None
                 continue
@@ -164,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry[f"{what}_s"] = statistics.median(per_name[name])
                 entry[f"{what}_min_s"] = min(per_name[name])
                 entry[f"{what}_all_s"] = per_name[name]
-            if name == "bucketed":
-                plan = states[name]
+            plan = states[name]
+            if name == "bucketed" and plan.dense_mask is None:
                 entry["buckets"] = len(plan.buckets)
                 entry["bucket_sizes"] = [list(bk.size) for bk in plan.buckets]
                 entry["computed_n2"] = sum(g * m * m for g, m in (bk.size for bk in plan.buckets))
@@ -180,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     na = "—"
     noisy = False
+    fast = [n for n in all_names if n != "dense"]
 
     def cell(entry, what: str) -> str:
         """'median (min)' in ms; '*' marks a median over 1.5× the min (machine noise)."""
@@ -191,56 +215,50 @@ def main(argv: list[str] | None = None) -> int:
         noisy = noisy or bool(flag)
         return f"{med * 1e3:.2f} ({lo * 1e3:.2f}){flag}"
 
-    def ratio(d, bk, key: str) -> str:
-        return f"{d[key] / bk[key]:.1f}×" if d else na
+    def ratio(d, other, key: str) -> str:
+        return f"{d[key] / other[key]:.1f}×" if d and other else na
 
+    def table(headers: list[str], body: list[list[str]]) -> None:
+        print("| " + " | ".join(headers) + " |")
+        print("|" + "|".join(["---:"] * len(headers)) + "|")
+        for cells in body:
+            print("| " + " | ".join(cells) + " |")
+
+    where = f"CPU, {args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(
-        f"\n### Attention on CPU (torch {torch.__version__}, {args.threads} threads, "
+        f"\n### Attention on {where}, {args.dtype} (torch {torch.__version__}, "
         f"B={args.batch}, H={args.heads}, D={args.head_dim}, images U[{args.min_tokens},"
         f"{args.max_tokens}] tokens; ms per call, median (min) of {args.repeats} after "
         f"{args.warmup} warm-up, backends interleaved)\n"
     )
-    print(
-        "| L | images | dense fwd+bwd | bucketed fwd+bwd | dense/bucketed (median) | "
-        "dense/bucketed (min) | dense fwd | bucketed fwd | dense prepare | bucketed prepare |"
+    table(
+        ["L", "images"] + [f"{n} fwd+bwd" for n in all_names] + [f"dense/{n} (median)" for n in fast],
+        [[str(r["seq_len"]), str(r["images"])] + [cell(r[n], "fwd_bwd") for n in all_names]
+         + [ratio(r["dense"], r[n], "fwd_bwd_s") for n in fast] for r in rows],
     )
-    print("|" + "|".join(["---:"] * 10) + "|")
-    for r in rows:
-        d, bk = r["dense"], r["bucketed"]
-        cells = [
-            str(r["seq_len"]),
-            str(r["images"]),
-            cell(d, "fwd_bwd"),
-            cell(bk, "fwd_bwd"),
-            ratio(d, bk, "fwd_bwd_s"),
-            ratio(d, bk, "fwd_bwd_min_s"),
-            cell(d, "forward"),
-            cell(bk, "forward"),
-            cell(d, "prepare"),
-            cell(bk, "prepare"),
-        ]
-        print("| " + " | ".join(cells) + " |")
+    print()
+    table(
+        ["L"] + [f"{n} fwd" for n in all_names] + [f"{n} prepare" for n in all_names],
+        [[str(r["seq_len"])] + [cell(r[n], "forward") for n in all_names]
+         + [cell(r[n], "prepare") for n in all_names] for r in rows],
+    )
 
-    print("\nScaling (fwd+bwd median): dense should be flat in ns/L², bucketed flat in ns/Σnᵢ²\n")
-    print(
-        "| L | Σnᵢ² | L² | Σnᵢ²/L² | dense ns/L² | bucketed ns/Σnᵢ² | bucketed ns/Σnᵢ² (min) | "
-        "buckets | bucket pad (Σ G·m² / Σnᵢ²) |"
+    print("\nScaling (fwd+bwd median): dense should be flat in ns/L², the others flat in ns/Σnᵢ²\n")
+
+    def per(entry, work: int) -> str:
+        return f"{entry['fwd_bwd_s'] / work * 1e9:.2f}" if entry else na
+
+    bucketed = "bucketed" in all_names
+    table(
+        ["L", "Σnᵢ²", "L²", "Σnᵢ²/L²", "dense ns/L²"] + [f"{n} ns/Σnᵢ²" for n in fast]
+        + (["buckets", "bucket pad (Σ G·m² / Σnᵢ²)"] if bucketed else []),
+        [[str(r["seq_len"]), str(r["sum_n2"]), str(r["L2"]), f"{r['sum_n2'] / r['L2']:.4f}", per(r["dense"], r["L2"])]
+         + [per(r[n], r["sum_n2"]) for n in fast]
+         + ([str(r["bucketed"].get("buckets", "dense")),
+             f"{r['bucketed']['computed_n2'] / r['sum_n2']:.2f}" if "computed_n2" in r["bucketed"] else na]
+            if bucketed else [])
+         for r in rows],
     )
-    print("|" + "|".join(["---:"] * 9) + "|")
-    for r in rows:
-        d, bk = r["dense"], r["bucketed"]
-        cells = [
-            str(r["seq_len"]),
-            str(r["sum_n2"]),
-            str(r["L2"]),
-            f"{r['sum_n2'] / r['L2']:.4f}",
-            f"{d['fwd_bwd_s'] / r['L2'] * 1e9:.2f}" if d else na,
-            f"{bk['fwd_bwd_s'] / r['sum_n2'] * 1e9:.2f}",
-            f"{bk['fwd_bwd_min_s'] / r['sum_n2'] * 1e9:.2f}",
-            str(bk["buckets"]),
-            f"{bk['computed_n2'] / r['sum_n2']:.2f}",
-        ]
-        print("| " + " | ".join(cells) + " |")
     if noisy:
         print("\n`*`: median more than 1.5× the min: the machine was noisy during that measurement.")
     elapsed = time.perf_counter() - t_start
@@ -252,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             f"\nOther processes used {100 * other:.0f}% of the machine's {os.cpu_count()} CPUs during "
             f"the run (load average {load:.2f} at start)" + ("; rerun on a quiet machine" if other > 0.05 else "")
         )
-    print(f"\nbucketed vs dense max |diff| (out and grads, B=2, L=256): {max_err:.2e}")
+    for name, err in errors.items():
+        print(f"\n{name} vs dense max |diff| (out and grads, B=2, L=256): {err:.2e}")
     print(f"Total time: {elapsed:.1f}s")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "max_abs_diff_bucketed_vs_dense": max_err,
+        "device": where,
+        "max_abs_diff_vs_dense": errors,
         "results": rows,
         "elapsed_s": elapsed,
         "load_average_at_start": load,
@@ -277,25 +297,27 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for name, marker in (("dense", "o"), ("bucketed", "s")):
+    for name, marker in zip(all_names, "os^vD"):
         pts = [(r["seq_len"], r[name]["fwd_bwd_s"]) for r in rows if r[name]]
         ax.plot(*zip(*pts), marker=marker, label=f"{name} fwd+bwd")
-    pts = [(r["seq_len"], r["bucketed"]["prepare_s"]) for r in rows]
-    ax.plot(*zip(*pts), marker=".", linestyle=":", label="bucketed prepare")
+    if bucketed:
+        pts = [(r["seq_len"], r["bucketed"]["prepare_s"]) for r in rows]
+        ax.plot(*zip(*pts), marker=".", linestyle=":", label="bucketed prepare")
     # reference slopes anchored at the largest L each backend ran
+    xs = [r["seq_len"] for r in rows]
     dense_pts = [(r["seq_len"], r["dense"]["fwd_bwd_s"]) for r in rows if r["dense"]]
     if dense_pts:
         l0, t0 = dense_pts[-1]
-        xs = [r["seq_len"] for r in rows]
         ax.plot(xs, [t0 * (x / l0) ** 2 for x in xs], color="gray", linestyle="--", linewidth=0.8, label="∝ L²")
-        l1, t1 = rows[-1]["seq_len"], rows[-1]["bucketed"]["fwd_bwd_s"]
+    if fast:
+        l1, t1 = rows[-1]["seq_len"], rows[-1][fast[0]]["fwd_bwd_s"]
         ax.plot(xs, [t1 * x / l1 for x in xs], color="gray", linestyle="-.", linewidth=0.8, label="∝ L")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length L (tokens)")
     ax.set_ylabel("time per call (s)")
     ax.set_title(
-        f"Attention fwd+bwd, CPU {args.threads} threads, H={args.heads} D={args.head_dim}, "
+        f"Attention fwd+bwd, {where}, {args.dtype}, H={args.heads} D={args.head_dim}, "
         f"images U[{args.min_tokens},{args.max_tokens}]",
         fontsize=9,
     )

@@ -957,7 +957,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="default 2 (quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="training repeats (default 7, quick 3)")
     p.add_argument("--infer-repeats", type=int, default=None, help="inference repeats (default 9, quick 3)")
-    p.add_argument("--lsweep-lens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--lsweep-lens", type=int, nargs="+", default=[256, 1024, 2048, 4096])
     p.add_argument("--lsweep-tokens", type=int, default=4096, help="tokens per batch in the L sweep (B = tokens / L)")
     p.add_argument("--lsweep-mix", choices=list(MIXES), default="native")
     p.add_argument("--lsweep-repeats", type=int, default=3)

@@ -3,6 +3,7 @@
     python benchmarks/run_all.py            # full suite (~10-15 min on 2 cores)
     python benchmarks/run_all.py --quick    # ~3-4 min
     /opt/peers-venv/bin/python benchmarks/run_all.py   # with the peers installed (timm, vit-pytorch)
+    python benchmarks/run_all.py --device cuda --precision bf16   # on a GPU -> results/cuda-bf16/
 
 Each benchmark runs as its own subprocess of the same interpreter, one after the other (never in
 parallel: they time CPU work). Their Markdown output is collected into SUMMARY.md together with
@@ -25,20 +26,23 @@ sys.path.insert(0, str(HERE))
 from bench_common import RESULTS_DIR, load_average, stall_probe, stall_warning  # noqa: E402
 
 
-def benchmarks(quick: bool, threads: int) -> list[tuple[str, list[str], Path | None]]:
+def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
     """(name, argv after the interpreter, Markdown file it writes itself or None for stdout)."""
-    py = [str(HERE / "packing_padding.py")]
-    if quick:
+    py = [str(HERE / "packing_padding.py"), "--out", str(out / "packing_padding.json")]
+    if args.quick:
         py += ["--num-images", "20000"]
-    att = [str(HERE / "attention_scaling.py"), "--threads", str(threads)]
-    if quick:
+    att = [str(HERE / "attention_scaling.py"), "--threads", str(args.threads), "--device", args.device,
+           "--dtype", args.precision, "--out", str(out / "attention_scaling.json")]
+    if args.quick:
         att += ["--seq-lens", "256", "1024", "4096", "--repeats", "5"]
-    peers = [str(HERE / "peers.py"), "--threads", str(threads)] + (["--quick"] if quick else [])
+    peers = [str(HERE / "peers.py"), "--threads", str(args.threads), "--device", args.device,
+             "--precision", args.precision, "--out", str(out / "peers.json")]
+    peers += (["--quick"] if args.quick else []) + (["--compile"] if args.device == "cuda" else [])
     # Timing-sensitive benchmarks first (a quiet machine may not stay quiet); packing_padding
     # only counts tokens, so load does not change its results.
     return [
         ("attention_scaling", att, None),
-        ("peers", peers, RESULTS_DIR / "peers.md"),
+        ("peers", peers, out / "peers.md"),
         ("packing_padding", py, None),
     ]
 
@@ -49,8 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads for the timed benchmarks")
     p.add_argument("--only", nargs="+", choices=["packing_padding", "attention_scaling", "peers"],
                    help="run only these benchmarks")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda also adds a torch.compile row to the peers tables")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = p.parse_args(argv)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    # The CPU fp32 results live in results/; any other setting in its own folder beside them.
+    default = args.device == "cpu" and args.precision == "fp32"
+    out = RESULTS_DIR if default else RESULTS_DIR / f"{args.device}-{args.precision}"
+    out.mkdir(parents=True, exist_ok=True)
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_all = time.perf_counter()
@@ -59,20 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     load0 = load_average()
     sections = []
     failed = 0
-    for name, cmd, md_file in benchmarks(args.quick, args.threads):
+    for name, cmd, md_file in benchmarks(args, out):
         if args.only and name not in args.only:
             continue
         full = [sys.executable, *cmd]
         shown = " ".join(["python", *[os.path.relpath(c) if c.startswith(str(HERE)) else c for c in cmd]])
         print(f"=== {name}: {shown}", flush=True)
         t0 = time.perf_counter()
-        log_path = RESULTS_DIR / f"{name}.log"
+        log_path = out / f"{name}.log"
         with open(log_path, "w") as log:
             proc = subprocess.run(full, stdout=subprocess.PIPE, stderr=log, text=True)
         elapsed = time.perf_counter() - t0
         stdout = proc.stdout
         if md_file is None:
-            (RESULTS_DIR / f"{name}.md").write_text(stdout)
+            (out / f"{name}.md").write_text(stdout)
             body = stdout
         else:
             body = md_file.read_text() if md_file.exists() and proc.returncode == 0 else stdout
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Benchmark summary",
         "",
         f"Started {started}; total {total / 60:.1f} min; `{Path(sys.executable)}` (torch {torch.__version__}), "
-        f"{os.cpu_count()} cores, threads {args.threads}, load average at start "
+        f"{os.cpu_count()} cores, threads {args.threads}, device {args.device}, {args.precision}, load average at start "
         f"{'—' if load0 is None else f'{load0:.2f}'}{', quick mode' if args.quick else ''}.",
         "",
     ]
@@ -104,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         # Demote the benchmark's own headings by one level so the summary keeps one H1 per section.
         lines += [("#" + line) if line.startswith("#") else line for line in body.splitlines()]
         lines.append("")
-    out = RESULTS_DIR / "SUMMARY.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out} ({total / 60:.1f} min)")
+    summary = out / "SUMMARY.md"
+    summary.write_text("\n".join(lines) + "\n")
+    print(f"wrote {summary} ({total / 60:.1f} min)")
     return 1 if failed else 0
 
 
