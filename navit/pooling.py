@@ -36,6 +36,12 @@ class MAPPool(nn.Module):
 
     A learned probe queries the tokens of every slot; the softmax runs over that image's tokens
     only (a segment softmax), followed by a residual MLP.
+
+    With a single query the key and value projections never need to touch every token: a score
+    is q·(W_k x + b_k) = (W_kᵀ q)·x + const, and the pooled value Σ pᵢ (W_v xᵢ + b_v) =
+    W_v (Σ pᵢ xᵢ) + b_v (Σ pᵢ = 1). So each head pools the raw tokens and projects once per slot,
+    which costs O(N·D·H) instead of the O(N·D²) of projecting all N tokens, with the same
+    parameters and the same result.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6) -> None:
@@ -53,8 +59,12 @@ class MAPPool(nn.Module):
         b, length, dim = tokens.shape
         heads, head_dim = self.num_heads, self.head_dim
         query = self.q(self.probe).view(heads, head_dim)
-        key, value = self.kv(tokens).view(b, length, 2, heads, head_dim).unbind(2)
-        scores = (key * query).sum(-1) * head_dim**-0.5  # [B, L, H]
+        w_key, w_value = self.kv.weight.view(2, heads, head_dim, dim).unbind(0)
+        b_key, b_value = self.kv.bias.view(2, heads, head_dim).unbind(0)
+        # Scores against the raw tokens; the key bias adds a per-head constant the softmax drops,
+        # kept so the logits match the textbook form.
+        probe_in = torch.einsum("hd,hdD->hD", query, w_key) * head_dim**-0.5  # [H, D]
+        scores = tokens @ probe_in.T.to(tokens.dtype) + (query * b_key).sum(-1).to(tokens.dtype) * head_dim**-0.5
         index = slot_index(segment_ids, num_slots)
         index_h = index[..., None].expand(-1, -1, heads)
         # Segment softmax; the per-slot max only stabilises exp() and needs no gradient.
@@ -62,9 +72,13 @@ class MAPPool(nn.Module):
         slot_max = slot_max.scatter_reduce(1, index_h, scores.detach(), reduce="amax")
         weights = torch.exp(scores - torch.gather(slot_max, 1, index_h))
         denom = weights.new_zeros(b, num_slots + 1, heads).scatter_add(1, index_h, weights)
-        weights = weights / torch.gather(denom, 1, index_h)
-        pooled = value.new_zeros(b, num_slots + 1, heads, head_dim).scatter_add(
-            1, index_h[..., None].expand(-1, -1, -1, head_dim), weights[..., None] * value
-        )
-        x = self.proj(pooled[:, :num_slots].reshape(b, num_slots, dim))
-        return x + self.mlp(self.norm(x))
+        weights = weights / torch.gather(denom, 1, index_h)  # [B, L, H]
+        # Rows of one flat index_add: its backward is a plain row gather.
+        rows = (index + torch.arange(b, device=index.device)[:, None] * (num_slots + 1)).reshape(-1)
+        weighted = (weights[..., None] * tokens[:, :, None, :]).reshape(b * length, heads * dim)
+        pooled_tokens = tokens.new_zeros(b * (num_slots + 1), heads * dim).index_add(0, rows, weighted)
+        pooled_tokens = pooled_tokens.view(b, num_slots + 1, heads, dim)[:, :num_slots]
+        values = torch.einsum("bshD,hdD->bshd", pooled_tokens, w_value.to(tokens.dtype)) + b_value.to(tokens.dtype)
+        x = self.proj(values.reshape(b, num_slots, dim))
+        filled = (denom[:, :num_slots, :1] > 0).to(x.dtype)  # empty slots come out as zeros
+        return (x + self.mlp(self.norm(x))) * filled

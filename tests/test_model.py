@@ -16,7 +16,7 @@ from navit.attention import BACKENDS
 from navit.config import ATTN_BACKENDS
 from navit.model import drop_path
 from navit.patchify import image_to_tokens
-from navit.pooling import slot_index
+from navit.pooling import MAPPool, slot_index
 
 SIZES = [(16, 24), (24, 24), (8, 32), (32, 16), (16, 16), (24, 8)]
 
@@ -281,3 +281,40 @@ def test_absolute_positions_beyond_the_table_fail_clearly():
     model = tiny_model(pos_mode="absolute", pos_max_len=4)
     with pytest.raises(ValueError, match="raise pos_max_len or use pos_mode='fractional'"):
         model(pack_images(random_images([(8, 40)]), PATCH, 8))
+
+
+def textbook_map_pool(pool, tokens, segment_ids, num_slots):
+    """MAP pooling as usually written: project every token to keys and values, then softmax over
+    each image's tokens, one image at a time."""
+    b, _, dim = tokens.shape
+    heads, head_dim = pool.num_heads, pool.head_dim
+    query = pool.q(pool.probe).view(heads, head_dim)
+    out = tokens.new_zeros(b, num_slots, dim)
+    for s in range(b):
+        for slot in range(num_slots):
+            mine = tokens[s, segment_ids[s] == slot]
+            if len(mine) == 0:
+                continue
+            key, value = pool.kv(mine).view(-1, 2, heads, head_dim).unbind(1)
+            weights = ((key * query).sum(-1) * head_dim**-0.5).softmax(0)  # [n, H]
+            x = pool.proj((weights[..., None] * value).sum(0).reshape(dim))
+            out[s, slot] = x + pool.mlp(pool.norm(x))
+    return out
+
+
+def test_map_pool_equals_the_textbook_form_with_gradients():
+    torch.manual_seed(0)
+    pool = MAPPool(24, num_heads=3)
+    with torch.no_grad():  # non-trivial biases, so the key and value bias terms are exercised
+        for module in (pool.q, pool.kv, pool.proj):
+            module.bias.normal_()
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 1, 1, 1, 1, 1, 1, -1]])
+    tokens = torch.randn(2, 8, 24, requires_grad=True)
+    fast = pool(tokens, segment_ids, num_slots=4)
+    fast_grads = torch.autograd.grad((fast * torch.arange(96.0).view(4, 24)).sum(), [tokens, *pool.parameters()])
+    slow = textbook_map_pool(pool, tokens, segment_ids, num_slots=4)
+    slow_grads = torch.autograd.grad((slow * torch.arange(96.0).view(4, 24)).sum(), [tokens, *pool.parameters()])
+    assert_rel_close(fast, slow, 1e-5, "MAP pool output")
+    assert (fast[0, 3] == 0).all() and (fast[1, 2:] == 0).all(), "empty slots must be zero"
+    for (name, _), a, b in zip([("tokens", None), *pool.named_parameters()], fast_grads, slow_grads):
+        assert_rel_close(a, b, 1e-5, f"gradient of {name}")

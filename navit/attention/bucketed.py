@@ -3,7 +3,7 @@
 Images of similar length are gathered into a few dense buckets [G, H, m, D], padded to the
 bucket's longest image with a key mask, and attended with ``scaled_dot_product_attention`` (which
 has a CPU backward, unlike FlexAttention). Bucket plans are made once per batch and reused by
-every layer. Padding tokens are never computed; their outputs are zero.
+every layer. Padding tokens are never computed; their outputs are copies of some real row.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from navit.packing import PAD
 class Bucket:
     size: tuple[int, int]  # (G, m): G images padded to m tokens
     key_mask: torch.Tensor | None  # [G, 1, 1, m] True at real keys; None if no slot is padding
-    valid: torch.Tensor | None  # [G·m] True at slots holding a real token; None if all do
 
 
 @dataclass
 class BucketPlan:
     buckets: list[Bucket]
     index: torch.Tensor  # flat token index of every slot of every bucket, buckets concatenated
-    positions: torch.Tensor  # flat token index of each output row, buckets concatenated
+    source: torch.Tensor  # per flat token, its row among the buckets' slots (padding: any row)
     dense_mask: torch.Tensor | None = None  # set when one dense [L, L] mask is cheaper
 
 
@@ -73,7 +72,7 @@ class BucketedBackend:
         if self.dense_above is not None and bucket_cost > self.dense_above * dense_cost:
             empty = starts.new_zeros(0)
             return BucketPlan([], empty, empty, DenseBackend().prepare(segment_ids))
-        buckets, indices, positions = [], [], []
+        buckets, indices, valids = [], [], []
         for group in groups:
             rows = torch.tensor(group, device=starts.device)
             g_len, g_start = lengths[rows], starts[rows]
@@ -84,17 +83,16 @@ class BucketedBackend:
             # queries) and keeps the gather free of a sentinel row.
             index = g_start[:, None] + torch.minimum(offset[None, :], g_len[:, None] - 1)
             ragged = bool(length_list[group[-1]] < m)
-            buckets.append(
-                Bucket(
-                    size=(len(group), m),
-                    key_mask=valid[:, None, None, :] if ragged else None,
-                    valid=valid.reshape(-1) if ragged else None,
-                )
-            )
+            buckets.append(Bucket(size=(len(group), m), key_mask=valid[:, None, None, :] if ragged else None))
             indices.append(index.reshape(-1))
-            positions.append(index[valid])
-        empty = [starts.new_zeros(0)]
-        return BucketPlan(buckets, torch.cat(indices or empty), torch.cat(positions or empty))
+            valids.append(valid.reshape(-1))
+        index = torch.cat(indices or [starts.new_zeros(0)])
+        # Each real token reads its output from its own (unpadded) slot: one gather for the whole
+        # layer's output, whose backward is one scatter.
+        rows = torch.nonzero(torch.cat(valids or [index.new_zeros(0, dtype=torch.bool)])).squeeze(1)
+        source = index.new_zeros(segment_ids.numel())
+        source[index[rows]] = rows
+        return BucketPlan(buckets, index, source)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BucketPlan) -> torch.Tensor:
         if plan.dense_mask is not None:
@@ -110,9 +108,7 @@ class BucketedBackend:
             g, m = bucket.size
             qg, kg, vg = (t.view(g, m, heads, dim).transpose(1, 2) for t in (qg, kg, vg))
             out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bucket.key_mask)
-            out = out.transpose(1, 2).reshape(g * m, heads, dim)
-            pieces.append(out if bucket.valid is None else out[bucket.valid])
-        result = q.new_zeros(b * length, heads, dim)
-        if pieces:
-            result = result.index_copy(0, plan.positions, torch.cat(pieces))
-        return result.view(b, length, heads, dim)
+            pieces.append(out.transpose(1, 2).reshape(g * m, heads, dim))
+        if not pieces:  # nothing but padding
+            return torch.zeros_like(q)
+        return torch.cat(pieces).index_select(0, plan.source).view(b, length, heads, dim)
