@@ -59,12 +59,12 @@ class MAPPool(nn.Module):
         b, length, dim = tokens.shape
         heads, head_dim = self.num_heads, self.head_dim
         query = self.q(self.probe).view(heads, head_dim)
-        w_key, w_value = self.kv.weight.view(2, heads, head_dim, dim).unbind(0)
-        b_key, b_value = self.kv.bias.view(2, heads, head_dim).unbind(0)
-        # Scores against the raw tokens; the key bias adds a per-head constant the softmax drops,
-        # kept so the logits match the textbook form.
-        probe_in = torch.einsum("hd,hdD->hD", query, w_key) * head_dim**-0.5  # [H, D]
-        scores = tokens @ probe_in.T.to(tokens.dtype) + (query * b_key).sum(-1).to(tokens.dtype) * head_dim**-0.5
+        w_key, w_value = (w.to(tokens.dtype) for w in self.kv.weight.view(2, heads, head_dim, dim))
+        b_key, b_value = (b.to(tokens.dtype) for b in self.kv.bias.view(2, heads, head_dim))
+        query = query.to(tokens.dtype) * head_dim**-0.5
+        # Scores against the raw tokens [B, L, H]; the key bias adds a per-head constant that the
+        # softmax drops, kept so the logits match the textbook form.
+        scores = tokens @ torch.einsum("hd,hdD->Dh", query, w_key) + (query * b_key).sum(-1)
         index = slot_index(segment_ids, num_slots)
         index_h = index[..., None].expand(-1, -1, heads)
         # Segment softmax; the per-slot max only stabilises exp() and needs no gradient.
@@ -78,7 +78,7 @@ class MAPPool(nn.Module):
         weighted = (weights[..., None] * tokens[:, :, None, :]).reshape(b * length, heads * dim)
         pooled_tokens = tokens.new_zeros(b * (num_slots + 1), heads * dim).index_add(0, rows, weighted)
         pooled_tokens = pooled_tokens.view(b, num_slots + 1, heads, dim)[:, :num_slots]
-        values = torch.einsum("bshD,hdD->bshd", pooled_tokens, w_value.to(tokens.dtype)) + b_value.to(tokens.dtype)
+        values = torch.einsum("bshD,hdD->bshd", pooled_tokens, w_value) + b_value
         x = self.proj(values.reshape(b, num_slots, dim))
         filled = (denom[:, :num_slots, :1] > 0).to(x.dtype)  # empty slots come out as zeros
         return (x + self.mlp(self.norm(x))) * filled
