@@ -1,0 +1,50 @@
+"""Smoke runs of the benchmark scripts at toy sizes, so the suite cannot rot between the long runs.
+
+They check that the scripts run end to end and report what they promise (every requested
+implementation, ratios, the device and precision they were asked for), not any timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> None:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
+
+
+def test_peers_runs_train_and_inference_in_bf16(tmp_path):
+    out = tmp_path / "peers.json"
+    run_script(
+        "peers.py", "--quick", "--sections", "train", "infer", "--mixes", "paper",
+        "--impls", "navit", "navit-dense", "ceiling", "--depth", "1", "--seq-len", "256",
+        "--num-seqs", "2", "--max-images-per-seq", "8", "--repeats", "1", "--infer-repeats", "1",
+        "--warmup", "0", "--precision", "bf16", "--out", str(out),
+    )
+    result = json.loads(out.read_text())
+    assert result["args"]["precision"] == "bf16" and result["args"]["device"] == "cpu"
+    for mode in ("train", "infer"):
+        table = result["mixes"]["paper"][mode]
+        assert set(table["rows"]) == {"navit", "navit-dense", "ceiling"}
+        assert set(table["ratios"]) == {"navit-dense", "ceiling"}
+        assert all(row["real_tokens_per_s"] > 0 for row in table["rows"].values())
+    assert "(CPU, bf16)" in out.with_suffix(".md").read_text()
+
+
+def test_attention_scaling_times_every_cpu_backend(tmp_path):
+    out = tmp_path / "attention.json"
+    run_script("attention_scaling.py", "--seq-lens", "128", "256", "--repeats", "1", "--warmup", "0",
+               "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["max_abs_diff_vs_dense"]) == {"bucketed"}
+    assert result["max_abs_diff_vs_dense"]["bucketed"] < 1e-4
+    assert [row["seq_len"] for row in result["results"]] == [128, 256]
+    assert all(row["bucketed"]["fwd_bwd_s"] > 0 and row["dense"]["fwd_bwd_s"] > 0 for row in result["results"])
+    assert out.with_suffix(".png").exists()
