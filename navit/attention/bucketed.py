@@ -54,11 +54,14 @@ def group_lengths(lengths: list[int], ratio: float, slack: int) -> list[list[int
 class BucketedBackend:
     """``dense_above``: when the buckets would cost more than this fraction of the dense B·L²
     scores (few, long images per sequence), one dense masked call beats gathering, so the plan
-    switches to it. ``None`` (the default for the named backend) always uses buckets."""
+    switches to it. ``None`` (the default for the named backend) always uses buckets.
+
+    ``ratio`` 0.9 beat 0.75 by 2-10% in attention forward + backward on every mix measured: less
+    padding outweighs the extra kernel calls of a few more buckets."""
 
     name = "bucketed"
 
-    def __init__(self, ratio: float = 0.75, slack: int = 8, dense_above: float | None = None) -> None:
+    def __init__(self, ratio: float = 0.9, slack: int = 8, dense_above: float | None = None) -> None:
         self.ratio, self.slack, self.dense_above = ratio, slack, dense_above
 
     def prepare(self, segment_ids: torch.Tensor) -> BucketPlan:
