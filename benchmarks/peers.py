@@ -523,7 +523,7 @@ def memory_worker(args) -> None:
         plan_kind = type(state).__name__
     print(json.dumps({
         "seq_len": length, "backend": backend, "images": e, "real_tokens": batch.num_real_tokens,
-        "rss_before_mb": before / 1024, "peak_mb": peak / 1024, "extra_mb": (peak - before) / 1024,
+        "before_mb": before / 1024, "peak_mb": peak / 1024, "extra_mb": (peak - before) / 1024,
         "hwm_reset": reset, "step_s": elapsed, "plan": plan_kind,
     }))
 
