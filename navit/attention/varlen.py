@@ -37,12 +37,9 @@ class VarlenBackend:
             raise RuntimeError("the varlen backend needs torch>=2.9 (torch.nn.attention.varlen)")
         if segment_ids.device.type != "cuda":
             raise RuntimeError("the varlen backend runs on CUDA only; use 'bucketed' on CPU")
-        starts, _, _ = segment_runs(segment_ids)
+        starts, lengths, _ = segment_runs(segment_ids)
         cu = torch.cat([starts, starts.new_tensor([segment_ids.numel()])]).to(torch.int32)
-        # The sequence length bounds every run; the kernel skips tiles past each run's end. A
-        # fixed bound, unlike the batch's true longest run, needs no device-to-host sync and
-        # never makes torch.compile specialize on (and recompile for) a new value.
-        return VarlenState(cu_seqlens=cu, max_len=segment_ids.shape[1])
+        return VarlenState(cu_seqlens=cu, max_len=int(lengths.max()))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: VarlenState) -> torch.Tensor:
         b, length, heads, dim = q.shape
