@@ -13,6 +13,15 @@ POOL_KINDS = ("map", "mean")
 ATTN_BACKENDS = ("auto", "dense", "bucketed", "varlen", "flex")  # see navit.attention.BACKENDS
 
 
+def reject_unknown_fields(cls: type, values: Any, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` naming every key of ``values`` that is not a field of dataclass ``cls``
+    (config files and overrides: a typo must fail, not be ignored)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise error(f"unknown {what} {unknown}; known: {sorted(known)}")
+
+
 @dataclass
 class NaViTConfig:
     """Everything needed to build a :class:`navit.NaViT`.
@@ -82,10 +91,7 @@ class NaViTConfig:
         return self.patch_size * self.patch_size * self.in_chans
 
     def replace(self, **overrides: Any) -> "NaViTConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown NaViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(type(self), overrides, "NaViTConfig field(s)", TypeError)
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:

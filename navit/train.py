@@ -29,7 +29,7 @@ from navit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from navit.config import resolve_config
+from navit.config import reject_unknown_fields, resolve_config
 from navit.data.loader import DropSchedule, LoaderBatch, PackedLoader
 from navit.data.sources import open_source, shard, split_holdout
 from navit.data.transforms import ImagePipeline, ResolutionSampler
@@ -141,10 +141,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, values, "training option(s)", ValueError)
         return cls(**values)
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from navit.config import NaViTConfig, resolve_config
+from navit.config import NaViTConfig, reject_unknown_fields, resolve_config
 from navit.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
 from navit.model import NaViT
 from navit.packing import PackedBatch
@@ -92,10 +92,7 @@ class ImageTextConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ImageTextConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TypeError(f"unknown ImageTextConfig field(s) {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(cls, values, "ImageTextConfig field(s)", TypeError)
         values = dict(values)
         if isinstance(values.get("image"), dict):
             values["image"] = NaViTConfig.from_dict(values["image"])
