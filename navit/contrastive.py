@@ -156,6 +156,21 @@ def _prepare(
     return valid.to(torch.uint8), scale, bias
 
 
+def _ring_inputs(
+    img: torch.Tensor, txt: torch.Tensor, valid: torch.Tensor, group: dist.ProcessGroup | None
+) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor, _Ring]:
+    """Accumulation dtype, bool mask, embeddings with empty slots zeroed, and the ring."""
+    keep = valid.bool()
+    x, y = img.masked_fill(~keep[:, None], 0), txt.masked_fill(~keep[:, None], 0)
+    return torch.promote_types(img.dtype, torch.float32), keep, x, y, _Ring(group, x.shape[0], x.device)
+
+
+def _global_sum_and_count(ring: _Ring, total: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss sum and the number of real pairs over all ranks (count at least 1)."""
+    stats = ring.all_reduce(torch.stack([total, keep.sum().to(total.dtype)]))
+    return stats[0], stats[1].clamp(min=1)
+
+
 class _SoftmaxRing(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -167,10 +182,7 @@ class _SoftmaxRing(torch.autograd.Function):
         chunk_size: int | None,
         group: dist.ProcessGroup | None,
     ) -> torch.Tensor:
-        acc = torch.promote_types(img.dtype, torch.float32)
-        keep = valid.bool()
-        x, y = img.masked_fill(~keep[:, None], 0), txt.masked_fill(~keep[:, None], 0)
-        ring = _Ring(group, x.shape[0], x.device)
+        acc, keep, x, y, ring = _ring_inputs(img, txt, valid, group)
         t = scale.detach().to(acc)
         lse_img = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
 
@@ -190,11 +202,10 @@ class _SoftmaxRing(torch.autograd.Function):
         lse_img, lse_txt = lse_img.masked_fill(~keep, 0), lse_txt.masked_fill(~keep, 0)
         positive = t * (x * y).sum(-1).to(acc)
         total = torch.where(keep, lse_img + lse_txt - 2 * positive, 0).sum()
-        stats = ring.all_reduce(torch.stack([total, keep.sum().to(acc)]))
-        count = stats[1].clamp(min=1)
+        total, count = _global_sum_and_count(ring, total, keep)
         ctx.save_for_backward(x, y, valid, scale, lse_img, lse_txt)
         ctx.chunk_size, ctx.ring, ctx.count = chunk_size, ring, count
-        return stats[0] / (2 * count)
+        return total / (2 * count)
 
     @staticmethod
     @once_differentiable
@@ -249,10 +260,7 @@ class _SigmoidRing(torch.autograd.Function):
         chunk_size: int | None,
         group: dist.ProcessGroup | None,
     ) -> torch.Tensor:
-        acc = torch.promote_types(img.dtype, torch.float32)
-        keep = valid.bool()
-        x, y = img.masked_fill(~keep[:, None], 0), txt.masked_fill(~keep[:, None], 0)
-        ring = _Ring(group, x.shape[0], x.device)
+        acc, keep, x, y, ring = _ring_inputs(img, txt, valid, group)
         t, b = scale.detach().to(acc), bias.detach().to(acc)
         total = torch.zeros((), dtype=acc, device=x.device)
 
@@ -267,11 +275,10 @@ class _SigmoidRing(torch.autograd.Function):
                 total = total + torch.where(keep[:, None] & v_blk[None, c0:c1], loss, 0).sum()
 
         ring.run([y, valid], None, visit)
-        stats = ring.all_reduce(torch.stack([total, keep.sum().to(acc)]))
-        count = stats[1].clamp(min=1)
+        total, count = _global_sum_and_count(ring, total, keep)
         ctx.save_for_backward(x, y, valid, scale, bias)
         ctx.chunk_size, ctx.ring, ctx.count = chunk_size, ring, count
-        return stats[0] / count
+        return total / count
 
     @staticmethod
     @once_differentiable
