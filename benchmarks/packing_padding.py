@@ -20,6 +20,13 @@ Scenarios, for each sequence length L, strategy and image-per-sequence limit E_m
 * ``loader``: the rule of ``navit.data.loader.PackedLoader``: pack into ``--loader-num-seqs``
   sequences whenever the buffer holds ``--loader-buffer`` images (defaults 8 and 256, the loader's).
 
+For comparison, the peers' layouts of the same images (see ``peers.py``):
+
+* ``next fit``: lucidrains' ``group_images_by_max_seq_len``: images in stream order, a new
+  sequence whenever the next image does not fit the open one.
+* ``per-image``: timm NaFlexViT's layout: every image padded to the longest image of its batch
+  (batches of ``--loader-buffer`` images).
+
 Padding fraction = 1 − real tokens / (sequences · L).
 """
 
@@ -96,6 +103,14 @@ def seq_stats(lengths: np.ndarray, assign: list[int], num_seqs: int | None, seq_
     }
 
 
+def check_enough_batches(measured: int, total: int, seq_len: int, warmup: int) -> None:
+    if measured <= 0:
+        raise SystemExit(
+            f"only {total} batches at L={seq_len}, none after --warmup-batches {warmup}: "
+            "raise --num-images or lower --num-seqs / --warmup-batches"
+        )
+
+
 def run_offline(lengths, seq_len, strategy, e_max) -> dict:
     t0 = time.perf_counter()
     assign = assign_first_fit(lengths.tolist(), seq_len, max_images_per_seq=e_max, strategy=strategy)
@@ -117,6 +132,7 @@ def run_per_batch(lengths, seq_len, strategy, e_max, num_seqs, warmup) -> dict:
         st = seq_stats(chunk, assign, None, seq_len)
         pads.append(st["padding"])
         seqs.append(st["seqs"])
+    check_enough_batches(len(pads) - warmup, len(pads), seq_len, warmup)
     pads, seqs = np.array(pads[warmup:]), np.array(seqs[warmup:])
     # token-weighted mean: total padding over total slots
     weighted = float(np.sum(pads * seqs) / np.sum(seqs))
@@ -173,6 +189,7 @@ def run_stream(lengths, seq_len, strategy, e_max, num_seqs, factor, warmup, buff
         buffer = keep
         buffered_tokens = int(lengths[[i for i, _ in buffer]].sum()) if buffer else 0
         batch += 1
+    check_enough_batches(len(pads), batch, seq_len, warmup)
     pads = np.array(pads)
     waits = np.array(waits)
     return {
@@ -188,6 +205,23 @@ def run_stream(lengths, seq_len, strategy, e_max, num_seqs, factor, warmup, buff
         "wait_batches_mean": float(waits.mean()),
         "wait_batches_max": int(max(waits.max(), max_wait)),
     }
+
+
+def next_fit_padding(lengths: np.ndarray, seq_len: int) -> float:
+    """Padding of lucidrains' grouping rule: close the open sequence when the next image overflows it."""
+    seqs, used = 1, 0
+    for n in lengths.tolist():
+        if used + n > seq_len:
+            seqs, used = seqs + 1, 0
+        used += n
+    return 1.0 - float(lengths.sum()) / (seqs * seq_len)
+
+
+def per_image_padding(lengths: np.ndarray, batch_images: int) -> float:
+    """Padding when each image is padded to the longest of its batch (timm NaFlexViT's layout)."""
+    full = len(lengths) // batch_images * batch_images
+    batches = lengths[:full].reshape(-1, batch_images)
+    return 1.0 - float(batches.sum()) / float(batches.max(axis=1).sum() * batch_images)
 
 
 def pct(x: float) -> str:
@@ -226,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     dists = {}
+    peer_layouts = {}
     for seq_len, e_real in zip(args.seq_lens, args.e_max):
         lengths = token_counts(sizes, args.patch, seq_len)
         dists[seq_len] = {
@@ -239,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                     for h, w in sizes.tolist()
                 )
             ),
+        }
+        peer_layouts[seq_len] = {
+            "next_fit": next_fit_padding(lengths, seq_len),
+            "per_image": per_image_padding(lengths, args.loader_buffer),
         }
         for strategy in STRATEGIES:
             for e_max in (None, e_real):
@@ -312,6 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("| " + " | ".join(cells) + " |")
 
+    print(f"\nThe peers' layouts of the same images (offline; per-image: batches of {args.loader_buffer}):\n")
+    print("| L | navit first fit | lucidrains next fit | timm per-image padding |")
+    print("|---|---:|---:|---:|")
+    for seq_len, peer in peer_layouts.items():
+        ff = next(r for r in results if r["seq_len"] == seq_len and r["strategy"] == "first_fit"
+                  and r["max_images_per_seq"] is None)
+        print(f"| {seq_len} | {pct(ff['offline']['padding'])} | {pct(peer['next_fit'])} | "
+              f"{pct(peer['per_image'])} |")
+
     print("\nStreaming details (mean / p95 padding per batch, mean carried images, max wait in batches):\n")
     header2 = ["L", "strategy", "E_max", *fcols, lcol]
     print("| " + " | ".join(header2) + " |")
@@ -352,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "aspect_mix": {f"{w}:{h}": wt for (w, h), wt in ASPECT_MIX.items()},
         "token_distribution": {str(k): v for k, v in dists.items()},
         "results": results,
+        "peer_layouts": {str(k): v for k, v in peer_layouts.items()},
         "e_max_sweep": sweep,
         "python": platform.python_version(),
         "numpy": np.__version__,

@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -48,3 +51,23 @@ def test_attention_scaling_times_every_cpu_backend(tmp_path):
     assert [row["seq_len"] for row in result["results"]] == [128, 256]
     assert all(row["bucketed"]["fwd_bwd_s"] > 0 and row["dense"]["fwd_bwd_s"] > 0 for row in result["results"])
     assert out.with_suffix(".png").exists()
+
+
+def test_packing_padding_reports_the_peers_layouts(tmp_path):
+    out = tmp_path / "padding.json"
+    run_script("packing_padding.py", "--num-images", "3000", "--num-seqs", "4", "--warmup-batches", "2",
+               "--sweep-multiples", "1.5", "--out", str(out))
+    layouts = json.loads(out.read_text())["peer_layouts"]
+    assert set(layouts) == {"256", "1024"}
+    assert all(0.0 <= v < 1.0 for peer in layouts.values() for v in peer.values())
+
+
+def test_peer_layout_rules_count_their_padding(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from packing_padding import next_fit_padding, per_image_padding
+
+    # Next fit opens a sequence for each image here (first fit would put the last beside the first).
+    assert next_fit_padding(np.array([500, 600, 500]), 1024) == pytest.approx(1 - 1600 / (3 * 1024))
+    assert next_fit_padding(np.array([500, 500, 600]), 1024) == pytest.approx(1 - 1600 / (2 * 1024))
+    # Batches [10, 30] and [20, 20] padded to 30 and 20; the incomplete last batch is left out.
+    assert per_image_padding(np.array([10, 30, 20, 20, 5]), 2) == pytest.approx(1 - 80 / 100)
