@@ -16,6 +16,9 @@ navit-lean     ``qk_norm=False, pool="mean"``: what navit costs without its two 
 lucidrains     ``vit_pytorch.na_vit.NaViT`` (dense [B, 1, n, n] mask over each group padded to
                its longest group); fed the same groups navit packed, ``token_dropout_prob=None``.
                Its patchify and mask building run inside ``forward`` and are timed with it.
+lucidrains-own the same model fed the step's images as one list, grouped by its own
+               ``group_images=True`` (next fit up to L tokens per group, inside ``forward``):
+               how a user runs it; more groups and padding than navit's first fit.
 timm-naflex    ``timm.models.naflexvit.NaFlexVit`` (per-image padding: every image is its own
                row, padded to the batch's longest image) with qk-norm, MAP pooling and factorized
                learned position embeddings, like navit; inputs from timm's own ``Patchify`` and
@@ -124,13 +127,16 @@ def navit_impl(key: str, label: str, **overrides: Any) -> Impl:
 # --------------------------------------------------------------------------------------------
 # lucidrains vit-pytorch NaViT
 # --------------------------------------------------------------------------------------------
-def lucidrains_impl() -> Impl:
+def lucidrains_impls() -> list[Impl]:
+    """lucidrains' NaViT on navit's groups, and on its own grouping of the same images."""
     try:
         import vit_pytorch
         from vit_pytorch.na_vit import NaViT as LucidNaViT
+        from vit_pytorch.na_vit import group_images_by_max_seq_len
     except Exception as error:  # ImportError, or a broken install
-        return Impl("lucidrains", "lucidrains NaViT", None, None, None,
-                    missing=f"vit-pytorch not importable ({type(error).__name__}: {error})")
+        missing = f"vit-pytorch not importable ({type(error).__name__}: {error})"
+        return [Impl("lucidrains", "lucidrains NaViT", None, None, None, missing=missing),
+                Impl("lucidrains-own", "lucidrains NaViT, own grouping", None, None, None, missing=missing)]
     version = getattr(vit_pytorch, "__version__", None)
     if version is None:
         try:
@@ -161,8 +167,21 @@ def lucidrains_impl() -> Impl:
             note="patchify + mask inside forward",
         )
 
-    return Impl("lucidrains", "lucidrains NaViT", build, prepare, lambda m, x: m(x),
-                detail=f"vit_pytorch.na_vit.NaViT (vit-pytorch {version})")
+    def prepare_own(step: StepImages) -> Prepared:
+        # Its forward groups the list itself (timed); grouping here only counts its padding.
+        groups = group_images_by_max_seq_len(step.pixels, PATCH, max_seq_len=step.seq_len)
+        longest = max(sum(img.shape[-2] * img.shape[-1] // PATCH**2 for img in g) for g in groups)
+        return Prepared((step.pixels, step.seq_len), step.labels, step.real_tokens,
+                        len(groups) * longest, note=f"its own next fit: {len(groups)} groups")
+
+    detail = f"vit_pytorch.na_vit.NaViT (vit-pytorch {version})"
+    return [
+        Impl("lucidrains", "lucidrains NaViT", build, prepare, lambda m, x: m(x),
+             detail=detail + " on navit's groups"),
+        Impl("lucidrains-own", "lucidrains NaViT, own grouping", build, prepare_own,
+             lambda m, x: m(x[0], group_images=True, group_max_seq_len=x[1]),
+             detail=detail + ", group_images=True: its own next-fit grouping of the same images"),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +303,7 @@ def all_impls(diagnostics: bool = True, compiled: bool = False) -> list[Impl]:
         impls.append(impl)
     if diagnostics:
         impls.append(navit_impl("navit-lean", "navit (no qk-norm, mean pool)", qk_norm=False, pool="mean"))
-    impls += [lucidrains_impl(), timm_impl(), ceiling_impl()]
+    impls += [*lucidrains_impls(), timm_impl(), ceiling_impl()]
     if diagnostics:
         impls.append(navit_squares_impl())
     return impls

@@ -78,6 +78,7 @@ MAX_TOKENS = 256  # per image
 PATCH = 16
 TARGETS = {  # (mode, peer) -> minimum navit / peer ratio on real tokens/s
     ("train", "lucidrains"): 3.0,
+    ("train", "lucidrains-own"): 3.0,
     ("train", "timm-naflex"): 1.5,
     ("train", "ceiling"): 0.9,
     ("infer", "timm-naflex"): 1.5,
@@ -942,7 +943,8 @@ def parse_args(argv):
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
     p.add_argument("--impls", nargs="+", default=None,
-                   help="subset of: navit navit-dense navit-lean lucidrains timm-naflex ceiling navit-squares")
+                   help="subset of: navit navit-dense navit-lean lucidrains lucidrains-own timm-naflex ceiling "
+                   "navit-squares")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
