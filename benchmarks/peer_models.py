@@ -30,6 +30,9 @@ navit-compiled navit (auto) under ``torch.compile`` (``--compile``).
 navit-squares  navit (auto) fed the ceiling's square images, packed (diagnostic: navit's own
                overhead at exactly the ceiling's attention work, without the Σnᵢ² > N·mean²
                effect of varied sizes).
+linear-only    only the step's linear layers (patch embedding, qkv, proj, fc1, fc2 per block,
+               head) chained on navit's B·L tokens: no attention, norm, activation or residual
+               (diagnostic: the least time any implementation of this model can take here).
 """
 
 from __future__ import annotations
@@ -291,6 +294,40 @@ def navit_squares_impl() -> Impl:
     return impl
 
 
+class LinearLayersOnly(nn.Module):
+    """The model's linear layers and nothing else, so a step costs exactly their GEMMs."""
+
+    def __init__(self, num_classes: int, depth: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Linear(PATCH * PATCH * 3, EMBED_DIM)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Linear(EMBED_DIM, 3 * EMBED_DIM), nn.Linear(EMBED_DIM, EMBED_DIM),
+                           nn.Linear(EMBED_DIM, MLP_DIM), nn.Linear(MLP_DIM, EMBED_DIM)])
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(EMBED_DIM, num_classes)
+
+    def forward(self, inputs: tuple[torch.Tensor, int]) -> torch.Tensor:
+        patches, num_images = inputs
+        x = self.patch_embed(patches)
+        for qkv, proj, fc1, fc2 in self.blocks:
+            x = proj(qkv(x).unflatten(-1, (3, EMBED_DIM)).sum(-2))  # q, k and v all feed proj
+            x = fc2(fc1(x))
+        return self.head(x.mean(0)).expand(num_images, -1)
+
+
+def linear_only_impl() -> Impl:
+    def prepare(step: StepImages) -> Prepared:
+        tokens = step.num_seqs * step.seq_len  # what navit computes on, padding included
+        patches = torch.rand(tokens, PATCH * PATCH * 3, generator=torch.Generator().manual_seed(1234))
+        return Prepared((patches, step.num_images), step.labels, step.real_tokens, tokens,
+                        note="navit's B·L tokens through the linear layers only")
+
+    return Impl("linear-only", "linear layers only", LinearLayersOnly, prepare, lambda m, x: m(x),
+                detail="the model's linear layers alone on navit's B·L tokens (diagnostic: a floor "
+                "for every implementation's step)")
+
+
 def all_impls(diagnostics: bool = True, compiled: bool = False) -> list[Impl]:
     impls = [
         navit_impl("navit", "navit (auto)"),
@@ -305,7 +342,7 @@ def all_impls(diagnostics: bool = True, compiled: bool = False) -> list[Impl]:
         impls.append(navit_impl("navit-lean", "navit (no qk-norm, mean pool)", qk_norm=False, pool="mean"))
     impls += [*lucidrains_impls(), timm_impl(), ceiling_impl()]
     if diagnostics:
-        impls.append(navit_squares_impl())
+        impls += [navit_squares_impl(), linear_only_impl()]
     return impls
 
 

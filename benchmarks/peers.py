@@ -326,7 +326,9 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
                 c = paired_ratios(times, "ceiling", other, prepared["ceiling"].real_tokens, prepared[other].real_tokens)
                 ratios[other]["ceiling_over_peer"] = statistics.median(c)
     diag = {}
-    for a_, b_ in (("navit-squares", "ceiling"), ("navit-lean", "ceiling"), ("navit", "navit-squares")):
+    pairs = [("navit-squares", "ceiling"), ("navit-lean", "ceiling"), ("navit", "navit-squares"),
+             ("linear-only", "lucidrains"), ("linear-only", "lucidrains-own")]
+    for a_, b_ in pairs:
         if a_ in times and b_ in times:
             r = paired_ratios(times, a_, b_, prepared[a_].real_tokens, prepared[b_].real_tokens)
             diag[f"{a_} / {b_}"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -892,7 +894,7 @@ def make_plots(res: dict, out_dir: Path) -> list[str]:
                     continue
                 keys = list(r["rows"])
                 vals = [r["rows"][k]["real_tokens_per_s"] for k in keys]
-                colors = ["tab:blue" if k.startswith("navit") else "tab:gray" if k == "ceiling" else "tab:orange"
+                colors = ["tab:blue" if k.startswith("navit") else "tab:gray" if k in ("ceiling", "linear-only") else "tab:orange"
                           for k in keys]
                 ax.barh(keys, vals, color=colors)
                 ax.invert_yaxis()
@@ -944,7 +946,7 @@ def parse_args(argv):
     p.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
     p.add_argument("--impls", nargs="+", default=None,
                    help="subset of: navit navit-dense navit-lean lucidrains lucidrains-own timm-naflex ceiling "
-                   "navit-squares")
+                   "navit-squares linear-only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
