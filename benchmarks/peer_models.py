@@ -316,6 +316,17 @@ class LinearLayersOnly(nn.Module):
         return self.head(x.mean(0)).expand(num_images, -1)
 
 
+def linear_only_flops(tokens: int, depth: int, train: bool) -> float:
+    """GEMM FLOPs of one LinearLayersOnly call on ``tokens`` tokens (head on one row: ignored).
+
+    Training adds two GEMMs per layer for the input and weight gradients, except the patch
+    embedding, whose input needs no gradient.
+    """
+    block = EMBED_DIM * 3 * EMBED_DIM + EMBED_DIM * EMBED_DIM + 2 * EMBED_DIM * MLP_DIM
+    patch = PATCH * PATCH * 3 * EMBED_DIM
+    return 2.0 * tokens * ((3 if train else 1) * depth * block + (2 if train else 1) * patch)
+
+
 def linear_only_impl() -> Impl:
     def prepare(step: StepImages) -> Prepared:
         tokens = step.num_seqs * step.seq_len  # what navit computes on, padding included
@@ -362,5 +373,5 @@ def check_real_tokens_match(prepared: dict[str, Prepared], step: StepImages) -> 
 
 __all__ = [
     "Impl", "Prepared", "StepImages", "PlainViT", "all_impls", "build_model",
-    "check_real_tokens_match", "ceiling_side", "navit_squares_impl",
+    "check_real_tokens_match", "ceiling_side", "linear_only_flops", "navit_squares_impl",
 ]

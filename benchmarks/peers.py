@@ -67,7 +67,7 @@ from navit.packing import PAD, assign_first_fit  # noqa: E402
 from navit.patchify import fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
 from packing_padding import sample_sizes  # noqa: E402
 from peer_models import (  # noqa: E402
-    Impl, Prepared, StepImages, all_impls, build_model, ceiling_side, check_real_tokens_match,
+    Impl, Prepared, StepImages, all_impls, build_model, ceiling_side, check_real_tokens_match, linear_only_flops,
 )
 
 MIXES = {  # name -> (long side lo, hi) in pixels; aspect mix of packing_padding.ASPECT_MIX
@@ -238,6 +238,21 @@ def make_infer_fn(impl: Impl, model, prepared: Prepared, args):
     return step
 
 
+def matmul_peak_gflops(args) -> float:
+    """GFLOP/s of one large square matmul in the step's precision: what GEMMs can reach here."""
+    n = 2048 if args.device.type == "cpu" else 8192
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(6):
+        synchronize(args.device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(args.device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:]) / 1e9
+
+
 def paired_ratios(times: dict[str, list[float]], a: str, b: str, work_a: float, work_b: float) -> list[float]:
     """Per-repeat (work_a / t_a) / (work_b / t_b): both ran within the same repeat."""
     return [(work_a / ta) / (work_b / tb) for ta, tb in zip(times[a], times[b])]
@@ -305,6 +320,8 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
             computed_tokens=p.computed_tokens,
             note=p.note,
         )
+        if k == "linear-only":
+            s["gemm_gflops"] = linear_only_flops(p.computed_tokens, args.depth, mode == "train") / s["median_s"] / 1e9
         rows[k] = s
     ratios = {}
     if "navit" in times:
@@ -761,6 +778,10 @@ def render_markdown(res: dict) -> str:
                 lines.append(md_table(["ratio (real tok/s)", "median", "range", "of mins",
                                        "ceiling / peer (bound)", "target", ""], rows, "lrrrrrl"))
                 lines.append("")
+            lin = r["rows"].get("linear-only")
+            if lin and res.get("matmul_peak_gflops"):
+                lines += [f"`linear-only` runs its GEMMs at {lin['gemm_gflops']:.0f} GFLOP/s; one large square "
+                          f"matmul on this device: {res['matmul_peak_gflops']:.0f} GFLOP/s.", ""]
             extra = []
             if r.get("noisy"):
                 lines += [f"**Unreliable table**: other processes used {100 * (r.get('other_cpu_fraction') or 0):.0f}% "
@@ -1039,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixes": {},
         "warnings": warnings_,
         "stall_probe_start": probe,
+        "matmul_peak_gflops": matmul_peak_gflops(args),
     }
     model_sections = [s for s in ("train", "infer", "profile") if s in args.sections]
     for mix in args.mixes if model_sections else []:

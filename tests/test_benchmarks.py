@@ -71,3 +71,21 @@ def test_peer_layout_rules_count_their_padding(monkeypatch):
     assert next_fit_padding(np.array([500, 500, 600]), 1024) == pytest.approx(1 - 1600 / (2 * 1024))
     # Batches [10, 30] and [20, 20] padded to 30 and 20; the incomplete last batch is left out.
     assert per_image_padding(np.array([10, 30, 20, 20, 5]), 2) == pytest.approx(1 - 80 / 100)
+
+
+def test_linear_only_flops_match_torch_flop_counter(monkeypatch):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from peer_models import LinearLayersOnly, linear_only_flops
+
+    model = LinearLayersOnly(num_classes=10, depth=2)
+    patches = torch.rand(64, 16 * 16 * 3)
+    with FlopCounterMode(display=False) as train:
+        model((patches, 3)).sum().backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as infer:
+        model((patches, 3))
+    # The head works on one pooled row, which the count leaves out.
+    assert linear_only_flops(64, 2, train=True) == pytest.approx(train.get_total_flops(), rel=1e-3)
+    assert linear_only_flops(64, 2, train=False) == pytest.approx(infer.get_total_flops(), rel=1e-3)
