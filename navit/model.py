@@ -128,8 +128,9 @@ class NaViT(nn.Module):
         name = self.config.attn_backend
         if name != "auto":
             return get_backend(name)
-        half = self.patch_embed.weight.dtype in (torch.float16, torch.bfloat16) or (
-            device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        lower = (torch.float16, torch.bfloat16)
+        half = self.patch_embed.weight.dtype in lower or (
+            torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in lower
         )
         return auto_backend(device, half)
 

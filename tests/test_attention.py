@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from navit import pack, pack_images
 from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
-from navit.attention.bucketed import BucketedBackend
+import navit.attention.bucketed as bucketed
+from navit.attention.bucketed import BucketedBackend, matmul_attention
 from navit.packing import PAD
 
 CPU_BACKENDS = available_backends("cpu")
@@ -83,11 +84,60 @@ def test_backend_matches_per_image_attention(backend, lengths, max_images, seed)
     assert torch.isfinite(out).all(), "padding must not produce NaNs"
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_matmul_attention_is_exact_softmax_attention(masked):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 4, 2, 9, 8, generator=generator, dtype=torch.float64)
+    key_mask = torch.rand(4, 1, 1, 9, generator=generator) < 0.6 if masked else None
+    if masked:
+        key_mask[..., 0] = True  # every row keeps a real key, as in a bucket
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    torch.testing.assert_close(matmul_attention(q, k, v, key_mask), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bucketed_half_precision_uses_matmul_attention_within_half_precision_error(dtype, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bucketed, "matmul_attention", lambda *a: calls.append(a[0].shape) or matmul_attention(*a))
+    batch = pack([labelled_image(i, n) for i, n in enumerate([17, 5, 12, 30, 3, 9, 24])], 32).batch
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.randn(3, *batch.segment_ids.shape, 2, 16, generator=generator, dtype=torch.float64)
+    q, k, v = (t.to(dtype).requires_grad_() for t in exact)
+    attention = BucketedBackend()
+    out = attention.attend(q, k, v, attention.prepare(batch.segment_ids))
+    assert out.dtype == dtype and calls, "half precision on CPU takes the matmul path"
+    real = batch.token_mask
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64) * real[..., None, None]
+    out.backward(grad_out.to(dtype))
+    # The reference sees the same rounded inputs, in float64, image by image.
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*ref_inputs, batch.segment_ids)
+    expected.backward(grad_out)
+    for name, got, want in [("out", out, expected), *zip("qkv", (q.grad, k.grad, v.grad), (t.grad for t in ref_inputs))]:
+        error = (got[real].double() - want[real]).norm() / want[real].norm()
+        assert error < 2e-2, f"{dtype} {name}: relative error {error:.3g}"
+    assert torch.isfinite(out).all()
+
+
+def test_bucketed_keeps_the_flash_kernel_in_fp32_and_for_long_buckets(monkeypatch):
+    monkeypatch.setattr(bucketed, "matmul_attention", lambda *a: pytest.fail("matmul path taken"))
+    batch = pack([labelled_image(i, n) for i, n in enumerate([20, 7])], 32).batch
+    q = torch.randn(*batch.segment_ids.shape, 2, 8)
+    BucketedBackend().attend(q, q, q, BucketedBackend().prepare(batch.segment_ids))
+    short = BucketedBackend(matmul_max_len=8)  # the 20-token bucket is longer
+    half = q.bfloat16()
+    with pytest.raises(pytest.fail.Exception):
+        short.attend(half, half, half, short.prepare(batch.segment_ids))  # the 7-token bucket is not
+
+
 def test_backend_registry_on_cpu():
     assert CPU_BACKENDS[:2] == ["dense", "bucketed"]
     if not CUDA:
         assert CPU_BACKENDS == ["dense", "bucketed"]
     assert isinstance(auto_backend(torch.device("cpu"), half_precision=False), BucketedBackend)
+    # In fp32 the bucketed plan may switch to one dense call; in half precision buckets always won.
+    assert auto_backend(torch.device("cpu"), half_precision=False).dense_above is not None
+    assert auto_backend(torch.device("cpu"), half_precision=True).dense_above is None
     assert set(BACKENDS) == {"dense", "bucketed", "varlen", "flex"}
     with pytest.raises(ValueError, match="unknown attention backend 'sparse'"):
         get_backend("sparse")
@@ -136,6 +186,22 @@ def check_isolation(model, device="cpu", rtol=1e-5):
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "auto"])
 def test_an_image_is_unaffected_by_the_images_packed_with_it(backend, config):
     check_isolation(tiny_model(attn_backend=backend, **config))
+
+
+@pytest.mark.parametrize("config", ISOLATION_CONFIGS[:4], ids=config_id)
+def test_isolation_in_bf16_on_cpu_against_dense_fp32(config):
+    dense = tiny_model(attn_backend="dense", **config)
+    auto = with_backend(dense, "auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        backend = auto.attention_backend(torch.device("cpu"))
+    assert isinstance(backend, BucketedBackend) and backend.dense_above is None, "CPU autocast counts as half"
+    # Packed with others in bf16 (matmul attention per bucket) vs alone through dense fp32.
+    packed, packed_grad, alone, alone_grad, _ = isolation_results(
+        auto, autocast_dtype=torch.bfloat16, alone_model=dense
+    )
+    assert_rel_close(packed, alone, 5e-2, "bf16 bucketed logits")
+    cosine = torch.nn.functional.cosine_similarity(packed_grad.flatten(), alone_grad.flatten(), dim=0)
+    assert cosine > 0.98, f"bf16 bucketed pixel gradients: cosine {cosine:.4f}"
 
 
 def test_isolation_also_holds_for_pixels_of_the_other_images():

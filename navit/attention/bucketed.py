@@ -4,6 +4,9 @@ Images of similar length are gathered into a few dense buckets [G, H, m, D], pad
 bucket's longest image with a key mask, and attended with ``scaled_dot_product_attention`` (which
 has a CPU backward, unlike FlexAttention). Bucket plans are made once per batch and reused by
 every layer. Padding tokens are never computed; their outputs are copies of some real row.
+
+In bf16 / fp16 on CPU, short buckets use plain matmul + softmax attention instead: there the
+flash kernel's backward is slow and the half-precision GEMMs are fast.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch.nn.functional as F
 from navit.attention.base import segment_runs
 from navit.attention.dense import DenseBackend
 from navit.packing import PAD
+
+HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -51,18 +56,38 @@ def group_lengths(lengths: list[int], ratio: float, slack: int) -> list[list[int
     return groups
 
 
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention as two matmuls and a softmax, in the inputs' dtype: [G, H, m, D] -> [G, H, m, D].
+
+    Keeps the [G, H, m, m] probabilities for backward, so it is for short buckets only. In bf16
+    the scores are rounded to bf16 before the softmax: about 1% relative error against exact
+    attention, where the flash kernel, which accumulates in fp32, has about 0.3%.
+    """
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))  # every row keeps a real key
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 class BucketedBackend:
     """``dense_above``: when the buckets would cost more than this fraction of the dense B·L²
     scores (few, long images per sequence), one dense masked call beats gathering, so the plan
     switches to it. ``None`` (the default for the named backend) always uses buckets.
+
+    ``matmul_max_len``: in bf16 / fp16 on CPU, buckets of at most this many tokens use
+    :func:`matmul_attention`; a training step of the default model ran 1.17-1.28× faster with it
+    on every mix measured (images up to 1000 tokens). 512 bounds the probabilities it keeps to
+    H·m·2 bytes per token.
 
     ``ratio`` 0.9 beat 0.75 by 2-10% in attention forward + backward on every mix measured: less
     padding outweighs the extra kernel calls of a few more buckets."""
 
     name = "bucketed"
 
-    def __init__(self, ratio: float = 0.9, slack: int = 8, dense_above: float | None = None) -> None:
+    def __init__(self, ratio: float = 0.9, slack: int = 8, dense_above: float | None = None,
+                 matmul_max_len: int = 512) -> None:
         self.ratio, self.slack, self.dense_above = ratio, slack, dense_above
+        self.matmul_max_len = matmul_max_len
 
     def prepare(self, segment_ids: torch.Tensor) -> BucketPlan:
         starts, lengths, ids = segment_runs(segment_ids)
@@ -106,11 +131,15 @@ class BucketedBackend:
         gathered = [
             t.reshape(b * length, heads, dim).index_select(0, plan.index).split(sizes) for t in (q, k, v)
         ]
+        matmul_max = self.matmul_max_len if q.dtype in HALF and q.device.type == "cpu" else 0
         pieces = []
         for bucket, qg, kg, vg in zip(plan.buckets, *gathered):
             g, m = bucket.size
             qg, kg, vg = (t.view(g, m, heads, dim).transpose(1, 2) for t in (qg, kg, vg))
-            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bucket.key_mask)
+            if m <= matmul_max:
+                out = matmul_attention(qg, kg, vg, bucket.key_mask)
+            else:
+                out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bucket.key_mask)
             pieces.append(out.transpose(1, 2).reshape(g * m, heads, dim))
         if not pieces:  # nothing but padding
             return torch.zeros_like(q)
