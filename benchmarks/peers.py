@@ -321,7 +321,8 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
             note=p.note,
         )
         if k == "linear-only":
-            s["gemm_gflops"] = linear_only_flops(p.computed_tokens, args.depth, mode == "train") / s["median_s"] / 1e9
+            flops = linear_only_flops(p.computed_tokens, args.depth, mode == "train")
+            s["gemm_gflops"] = flops / s["median_s"] / 1e9
         rows[k] = s
     ratios = {}
     if "navit" in times:
@@ -915,8 +916,8 @@ def make_plots(res: dict, out_dir: Path) -> list[str]:
                     continue
                 keys = list(r["rows"])
                 vals = [r["rows"][k]["real_tokens_per_s"] for k in keys]
-                colors = ["tab:blue" if k.startswith("navit") else "tab:gray" if k in ("ceiling", "linear-only") else "tab:orange"
-                          for k in keys]
+                colors = ["tab:blue" if k.startswith("navit") else "tab:gray" if k in ("ceiling", "linear-only")
+                          else "tab:orange" for k in keys]
                 ax.barh(keys, vals, color=colors)
                 ax.invert_yaxis()
                 ax.set_xlabel("real tokens / s (median)")

@@ -15,9 +15,9 @@ from conftest import PATCH, assert_rel_close, labelled_image, random_images, tin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import navit.attention.bucketed as bucketed
 from navit import pack, pack_images
 from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
-import navit.attention.bucketed as bucketed
 from navit.attention.bucketed import BucketedBackend, matmul_attention
 from navit.packing import PAD
 
@@ -95,10 +95,21 @@ def test_matmul_attention_is_exact_softmax_attention(masked):
     torch.testing.assert_close(matmul_attention(q, k, v, key_mask), expected, rtol=1e-12, atol=1e-12)
 
 
+def spy_on_matmul_attention(monkeypatch) -> list[int]:
+    """The lengths of the buckets that take the matmul path, as they come."""
+    lengths = []
+
+    def spy(q, *rest):
+        lengths.append(q.shape[-2])
+        return matmul_attention(q, *rest)
+
+    monkeypatch.setattr(bucketed, "matmul_attention", spy)
+    return lengths
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_bucketed_half_precision_uses_matmul_attention_within_half_precision_error(dtype, monkeypatch):
-    calls = []
-    monkeypatch.setattr(bucketed, "matmul_attention", lambda *a: calls.append(a[0].shape) or matmul_attention(*a))
+    calls = spy_on_matmul_attention(monkeypatch)
     batch = pack([labelled_image(i, n) for i, n in enumerate([17, 5, 12, 30, 3, 9, 24])], 32).batch
     generator = torch.Generator().manual_seed(0)
     exact = torch.randn(3, *batch.segment_ids.shape, 2, 16, generator=generator, dtype=torch.float64)
@@ -113,21 +124,23 @@ def test_bucketed_half_precision_uses_matmul_attention_within_half_precision_err
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     expected = reference_attention(*ref_inputs, batch.segment_ids)
     expected.backward(grad_out)
-    for name, got, want in [("out", out, expected), *zip("qkv", (q.grad, k.grad, v.grad), (t.grad for t in ref_inputs))]:
+    pairs = [("out", out, expected), *zip("qkv", (q.grad, k.grad, v.grad), (t.grad for t in ref_inputs))]
+    for name, got, want in pairs:
         error = (got[real].double() - want[real]).norm() / want[real].norm()
         assert error < 2e-2, f"{dtype} {name}: relative error {error:.3g}"
     assert torch.isfinite(out).all()
 
 
-def test_bucketed_keeps_the_flash_kernel_in_fp32_and_for_long_buckets(monkeypatch):
-    monkeypatch.setattr(bucketed, "matmul_attention", lambda *a: pytest.fail("matmul path taken"))
-    batch = pack([labelled_image(i, n) for i, n in enumerate([20, 7])], 32).batch
+def test_bucketed_takes_the_matmul_path_only_for_short_half_precision_buckets(monkeypatch):
+    lengths = spy_on_matmul_attention(monkeypatch)
+    batch = pack([labelled_image(i, n) for i, n in enumerate([20, 7])], 32).batch  # two buckets
+    attention = BucketedBackend(matmul_max_len=8)
     q = torch.randn(*batch.segment_ids.shape, 2, 8)
-    BucketedBackend().attend(q, q, q, BucketedBackend().prepare(batch.segment_ids))
-    short = BucketedBackend(matmul_max_len=8)  # the 20-token bucket is longer
+    attention.attend(q, q, q, attention.prepare(batch.segment_ids))
+    assert lengths == [], "fp32 keeps the flash kernel"
     half = q.bfloat16()
-    with pytest.raises(pytest.fail.Exception):
-        short.attend(half, half, half, short.prepare(batch.segment_ids))  # the 7-token bucket is not
+    attention.attend(half, half, half, attention.prepare(batch.segment_ids))
+    assert lengths == [7], "only the bucket within matmul_max_len"
 
 
 def test_backend_registry_on_cpu():
