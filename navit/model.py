@@ -129,8 +129,9 @@ class NaViT(nn.Module):
         if name != "auto":
             return get_backend(name)
         lower = (torch.float16, torch.bfloat16)
+        autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
         half = self.patch_embed.weight.dtype in lower or (
-            torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) in lower
+            autocast and torch.get_autocast_dtype(device.type) in lower
         )
         return auto_backend(device, half)
 
