@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_common import cpu_busy_seconds, own_cpu_seconds  # benchmarks/ is on sys.path
+from bench_common import cpu_busy_seconds, interleaved, own_cpu_seconds, synchronize  # benchmarks/ is on sys.path
 from navit.attention import available_backends, get_backend
 from navit.packing import PAD, assign_first_fit
 
@@ -55,26 +55,6 @@ def build_segment_ids(
         fill[s] += n
         per_seq[s].append(n)
     return seg, per_seq
-
-
-def interleaved(fn, names: list[str], warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of ``fn(name)`` for each name, backends alternating within every repeat
-    so that a burst of machine noise hits all of them alike."""
-    def call(name: str) -> None:
-        fn(name)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        for name in names:
-            call(name)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name in names:
-            t0 = time.perf_counter()
-            call(name)
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def check_agreement(names: list[str], seg: torch.Tensor, heads: int, dim: int, dtype: torch.dtype,
@@ -175,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             backends[n].attend(q, k, v, states[n]).backward(grad_out)
 
         timings = {
-            what: interleaved(fn, names, args.warmup, args.repeats, device)
+            what: interleaved({n: (lambda n=n, fn=fn: (fn(n), synchronize(device))) for n in names},
+                              args.warmup, args.repeats)
             for what, fn in (("prepare", prepare), ("forward", forward), ("fwd_bwd", fwd_bwd))
         }
         for name in all_names:

@@ -112,6 +112,14 @@ def interleaved(
     return times
 
 
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so a timed call ends when its kernels do."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def summarize(times: Sequence[float]) -> dict[str, float]:
     return {
         "median_s": statistics.median(times),

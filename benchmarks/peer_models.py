@@ -373,5 +373,5 @@ def check_real_tokens_match(prepared: dict[str, Prepared], step: StepImages) -> 
 
 __all__ = [
     "Impl", "Prepared", "StepImages", "PlainViT", "all_impls", "build_model",
-    "check_real_tokens_match", "ceiling_side", "linear_only_flops", "navit_squares_impl",
+    "PATCH", "check_real_tokens_match", "ceiling_side", "linear_only_flops", "navit_prepare", "navit_squares_impl",
 ]

@@ -61,13 +61,14 @@ import torch.nn.functional as F  # noqa: E402
 import navit  # noqa: E402
 from bench_common import (  # noqa: E402
     NOISY_OTHER_CPU, RESULTS_DIR, NoiseMonitor, fmt, interleaved, load_average, machine_info, md_table, stall_probe,
-    stall_warning, summarize,
+    stall_warning, summarize, synchronize,
 )
 from navit.packing import PAD, assign_first_fit  # noqa: E402
 from navit.patchify import fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
 from packing_padding import sample_sizes  # noqa: E402
 from peer_models import (  # noqa: E402
-    Impl, Prepared, StepImages, all_impls, build_model, ceiling_side, check_real_tokens_match, linear_only_flops,
+    PATCH, Impl, Prepared, StepImages, all_impls, build_model, ceiling_side, check_real_tokens_match,
+    linear_only_flops, navit_prepare,
 )
 
 MIXES = {  # name -> (long side lo, hi) in pixels; aspect mix of packing_padding.ASPECT_MIX
@@ -75,7 +76,6 @@ MIXES = {  # name -> (long side lo, hi) in pixels; aspect mix of packing_padding
     "paper": (64, 256),
 }
 MAX_TOKENS = 256  # per image
-PATCH = 16
 TARGETS = {  # (mode, peer) -> minimum navit / peer ratio on real tokens/s
     ("train", "lucidrains"): 3.0,
     ("train", "lucidrains-own"): 3.0,
@@ -109,12 +109,6 @@ def build_on(impl: Impl, args, step: StepImages) -> torch.nn.Module:
     return torch.compile(model) if impl.extra.get("compile") else model
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timed call ends when its kernels do."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
@@ -145,15 +139,14 @@ def make_step(mix: str, args, seed_offset: int = 0) -> tuple[StepImages, list[to
     return step, originals
 
 
-def step_stats(step: StepImages) -> dict:
+def step_stats(step: StepImages, args) -> dict:
     from navit.attention import auto_backend
 
     counts = [t.num_tokens for t in step.tokens]
     aspects = [p.shape[2] / p.shape[1] for p in step.pixels]
     side = ceiling_side(step)
-    batch = navit.pack(step.tokens, step.seq_len, max_images_per_seq=step.max_images_per_seq,
-                       num_seqs=step.num_seqs).batch
-    plan = auto_backend(torch.device("cpu"), False).prepare(batch.segment_ids)
+    batch = navit_prepare(step).inputs
+    plan = auto_backend(torch.device("cpu"), args.precision == "bf16").prepare(batch.segment_ids)
     buckets = [b.size for b in plan.buckets]
     # Attention work in scores per head: navit's images (sum n^2), its padded buckets, the
     # ceiling's equal squares, and the dense masks of lucidrains / navit-dense.
@@ -185,7 +178,7 @@ def step_stats(step: StepImages) -> dict:
 # --------------------------------------------------------------------------------------------
 def time_prep(step: StepImages, originals: list[torch.Tensor], impls: dict[str, Impl], repeats: int) -> dict:
     fns = {}
-    fns["navit: patchify (resized pixels)"] = lambda: [patchify(p, 16) for p in step.pixels]
+    fns["navit: patchify (resized pixels)"] = lambda: [patchify(p, PATCH) for p in step.pixels]
     fns["navit: pack (pre-patchified)"] = lambda: impls["navit"].prepare(step)
     fns["navit: pack_images (native pixels: resize+patchify+pack)"] = lambda: navit.pack_images(
         originals, 16, step.seq_len, max_images_per_seq=step.max_images_per_seq
@@ -537,7 +530,8 @@ def memory_worker(args) -> None:
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) // 1024 if device.type == "cuda" else _hwm_kb()
     plan_kind = None
-    state = model.attention_backend(device).prepare(batch.segment_ids)
+    with autocast(args):  # the plan the measured step used
+        state = model.attention_backend(device).prepare(batch.segment_ids)
     if hasattr(state, "buckets"):
         plan_kind = "dense" if state.dense_mask is not None else f"{len(state.buckets)} buckets"
     elif backend == "auto":
@@ -1066,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     model_sections = [s for s in ("train", "infer", "profile") if s in args.sections]
     for mix in args.mixes if model_sections else []:
         step, originals = make_step(mix, args)
-        stats = step_stats(step)
+        stats = step_stats(step, args)
         print(f"[{mix}] {stats['images']} images, {stats['real_tokens']} real tokens "
               f"(mean {stats['mean_tokens']:.0f}/image), navit padding {100 * stats['navit_padding']:.1f}%",
               flush=True)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from navit.attention import AttentionBackend, auto_backend, get_backend
+from navit.attention.base import HALF_DTYPES
 from navit.config import NaViTConfig, resolve_config
 from navit.packing import PackedBatch
 from navit.pooling import MAPPool, MeanPool, slot_index
@@ -128,10 +129,9 @@ class NaViT(nn.Module):
         name = self.config.attn_backend
         if name != "auto":
             return get_backend(name)
-        lower = (torch.float16, torch.bfloat16)
         autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
-        half = self.patch_embed.weight.dtype in lower or (
-            autocast and torch.get_autocast_dtype(device.type) in lower
+        half = self.patch_embed.weight.dtype in HALF_DTYPES or (
+            autocast and torch.get_autocast_dtype(device.type) in HALF_DTYPES
         )
         return auto_backend(device, half)
 

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # half precision, whether weights or autocast
+
 
 class AttentionBackend(Protocol):
     name: str

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from navit.attention.base import segment_runs
+from navit.attention.base import HALF_DTYPES, segment_runs
 from navit.attention.dense import DenseBackend
 from navit.packing import PAD
-
-HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -131,7 +129,7 @@ class BucketedBackend:
         gathered = [
             t.reshape(b * length, heads, dim).index_select(0, plan.index).split(sizes) for t in (q, k, v)
         ]
-        matmul_max = self.matmul_max_len if q.dtype in HALF and q.device.type == "cpu" else 0
+        matmul_max = self.matmul_max_len if q.dtype in HALF_DTYPES and q.device.type == "cpu" else 0
         pieces = []
         for bucket, qg, kg, vg in zip(plan.buckets, *gathered):
             g, m = bucket.size

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from navit.attention.base import segment_runs
+from navit.attention.base import HALF_DTYPES, segment_runs
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -43,7 +43,7 @@ class VarlenBackend:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: VarlenState) -> torch.Tensor:
         b, length, heads, dim = q.shape
-        if q.dtype not in (torch.float16, torch.bfloat16):
+        if q.dtype not in HALF_DTYPES:
             raise RuntimeError(
                 f"the varlen backend needs fp16/bf16 inputs, got {q.dtype}; run under "
                 "torch.autocast('cuda', dtype=torch.bfloat16) or use attn_backend='flex'"
