@@ -7,6 +7,7 @@ Data (``navit.data``), model (``navit.model``), checkpoints (``navit.checkpoint`
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -287,6 +288,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     info = D.init_distributed(device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
+    try:
+        return _train(cfg, device, info)
+    finally:
+        # The DDP wrapper (in _train's frame) must be freed before the group: a Reducer that drops
+        # the last reference to a gloo group does so holding the GIL, and can deadlock with a
+        # gloo worker thread that needs the GIL to free its last finished collective.
+        gc.collect()
+        D.shutdown()
+
+
+def _train(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + info.rank)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - cfg.workers))
     source = open_source(cfg.data)
@@ -488,7 +500,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         write_budget_report(results, folder, title=f"{cfg.baseline} ({folder.name})")
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics.close()
-    D.shutdown()
     return summary
 
 
