@@ -6,10 +6,12 @@ Every model built here is small (depth 2, embed_dim 32) so the suite runs in sec
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from navit import NaViTConfig, create_model
 from navit.packing import PAD, PackedBatch
@@ -110,3 +112,16 @@ TINY_TRAIN = [
     "--max-tokens", "16", "--seq-len", "64", "--seqs-per-batch", "2", "--buffer-size", "8",
     "--eval-budgets", "4", "16", "--log-every", "1", "--warmup-steps", "2", "--workers", "0",
 ]  # fmt: skip
+
+
+def run_ranks(worker: Callable, world: int, args: tuple, deadline_s: float = 120.0) -> None:
+    """Runs ``worker(rank, *args)`` in ``world`` spawned processes; a hang fails the test, naming
+    the ranks still running, instead of stalling the suite. A worker's exception is re-raised."""
+    ranks = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            alive = [rank for rank, process in enumerate(ranks.processes) if process.is_alive()]
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"ranks {alive} of {world} still running after {deadline_s:.0f} s")

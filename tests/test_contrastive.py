@@ -7,7 +7,6 @@ Empty pooling slots are filled with NaN, so any leak of them into the loss shows
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -15,10 +14,10 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from conftest import run_ranks
 
 from navit.contrastive import (
     reference_sigmoid_contrastive_loss,
@@ -197,15 +196,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def _spawn(world: int, tmp: Path) -> list[dict]:
     """Runs every scenario for ``world`` real gloo processes; returns each rank's results."""
-    ctx = mp.start_processes(
-        _worker, args=(world, str(tmp / "rendezvous"), str(tmp)), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):  # re-raises a worker's exception
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"{world} distributed workers hung")
+    run_ranks(_worker, world, (world, str(tmp / "rendezvous"), str(tmp)))
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 

@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import TINY_TRAIN, random_images, tiny_model
+from conftest import TINY_TRAIN, random_images, run_ranks, tiny_model
 
 from navit import distributed as D
 from navit import pack_images
@@ -24,7 +22,6 @@ CFG = TrainConfig(label_smoothing=0.1)
 # Rank 0 holds 2 images, rank 1 holds 5: uneven, as packing makes them.
 SIZES = [(16, 24), (24, 24), (8, 32), (16, 16), (32, 16), (24, 8), (16, 40)]
 SPLIT = 2
-RANKS_DEADLINE_S = 120
 
 
 def _data():
@@ -58,16 +55,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def test_ddp_gradients_match_single_process_for_uneven_ranks(tmp_path):
-    ranks = mp.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + RANKS_DEADLINE_S
-    while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            alive = [rank for rank, process in enumerate(ranks.processes) if process.is_alive()]
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail(f"ranks {alive} of 2 still running after {RANKS_DEADLINE_S} s (hang in gloo?)")
+    run_ranks(_ddp_worker, 2, (2, str(tmp_path / "init"), str(tmp_path)))
     model = tiny_model(seed=0).train()
     images, labels = _data()
     loss, _, count = global_loss(model(pack_images(images, 8, 32)), labels, CFG, D.DistInfo(), torch.device("cpu"))
