@@ -8,7 +8,7 @@ the blocks only do tensor math.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,6 +31,18 @@ class ForwardContext:
     slot_index: torch.Tensor  # [B, L] slot per token, padding -> E
     num_slots: int
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.backend.traceable:
+            return self.backend.attend(q, k, v, self.attn_state)
+        return outside_compile(self.backend.attend, q, k, v, self.attn_state)
+
+
+@torch.compiler.disable
+def outside_compile(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` run eagerly even inside ``torch.compile``: attention plans that depend on the
+    data would otherwise be traced into the graph and force a recompile for every new batch."""
+    return fn(*args)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: NaViTConfig) -> None:
@@ -47,7 +59,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        out = ctx.backend.attend(q, k, v, ctx.attn_state)  # [B, L, H, D]
+        out = ctx.attend(q, k, v)  # [B, L, H, D]
         return self.proj(out.reshape(b, length, dim))
 
 
@@ -160,7 +172,7 @@ class NaViT(nn.Module):
             x = x + self.pos_embed(batch.coords, grid).to(x.dtype)
         ctx = ForwardContext(
             backend=backend,
-            attn_state=backend.prepare(segment_ids),
+            attn_state=backend.prepare(segment_ids) if backend.traceable else outside_compile(backend.prepare, segment_ids),
             rope=self.rope(batch.coords, grid) if self.rope is not None else None,
             slot_index=slot_index(segment_ids, batch.max_images_per_seq),
             num_slots=batch.max_images_per_seq,

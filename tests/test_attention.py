@@ -7,6 +7,7 @@ the dense reference.
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -20,6 +21,7 @@ from navit import pack, pack_images
 from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
 from navit.attention.bucketed import BucketedBackend, matmul_attention
 from navit.packing import PAD
+from navit.patchify import image_to_tokens
 
 CPU_BACKENDS = available_backends("cpu")
 CUDA = torch.cuda.is_available()
@@ -286,6 +288,40 @@ def test_flex_backend_forward_matches_dense_on_cpu():
         expected = dense.forward_features(batch)
     real = batch.token_mask
     assert_rel_close(out[real], expected[real], 1e-5, "flex features")
+
+
+# Image layouts of one packed shape (3 sequences of 32 tokens, at most 4 images each).
+COMPILE_LAYOUTS = [
+    [(24, 24), (16, 24), (8, 32), (16, 16), (32, 32)],
+    [(32, 32), (32, 32), (24, 24), (8, 16)],
+    [(8, 8), (16, 32), (24, 16), (40, 8), (32, 24)],
+    [(16, 8), (8, 24), (24, 32), (16, 40), (8, 8)],
+]
+
+
+@pytest.mark.skipif(not has_cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("backend", ["bucketed", "dense"])
+def test_compiled_model_matches_eager_and_compiles_once_per_packed_shape(backend):
+    # A data-dependent plan (bucketed) runs eagerly between compiled graphs; traced into them, it
+    # made every new layout recompile. The first two layouts may compile (the second has another
+    # image count, which makes it dynamic); after that a recompile is an error.
+    torch._dynamo.reset()
+    eager = tiny_model(attn_backend=backend, pool="map", rope=True).train()
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin)
+    for i, sizes in enumerate(COMPILE_LAYOUTS):
+        tokens = [image_to_tokens(image, PATCH, 32, index=j) for j, image in enumerate(random_images(sizes, seed=i))]
+        result = pack(tokens, 32, max_images_per_seq=4, num_seqs=3)
+        assert not result.leftover
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            got = [compiled(result.batch)]
+        want = [eager(result.batch)]
+        for out, model in ((got, twin), (want, eager)):
+            out[0].square().sum().backward()
+            out.append({n: p.grad for n, p in model.named_parameters()})
+            model.zero_grad(set_to_none=True)
+        assert_rel_close(got[0], want[0], 1e-5, f"logits, layout {i}")
+        assert_param_grads_close(got[1], want[1], 1e-4)
 
 
 def test_flex_backend_refuses_to_train_on_cpu():

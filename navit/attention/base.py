@@ -16,6 +16,10 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)  # half precision, whether weights
 
 class AttentionBackend(Protocol):
     name: str
+    # Whether torch.compile may trace prepare/attend into its graph. Backends whose plans depend on
+    # the data (bucket sizes, run lengths) say False: under compile they run eagerly between
+    # graphs, so one compiled graph serves every batch of the same packed shape.
+    traceable: bool
 
     def prepare(self, segment_ids: torch.Tensor) -> Any:
         """Per-batch state from segment ids [B, L] (PAD = -1 at padding)."""

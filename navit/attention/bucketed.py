@@ -88,6 +88,7 @@ class BucketedBackend:
     padding outweighs the extra kernel calls of a few more buckets."""
 
     name = "bucketed"
+    traceable = False
 
     def __init__(self, ratio: float = 0.9, slack: int = 8, dense_above: float | None = None,
                  matmul_max_len: int = 512) -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 class DenseBackend:
     name = "dense"
+    traceable = True
 
     def prepare(self, segment_ids: torch.Tensor) -> torch.Tensor:
         # Padding (-1) matches padding, so no row is fully masked and nothing becomes NaN.

@@ -27,6 +27,7 @@ def _compiled_flex():
 
 class FlexBackend:
     name = "flex"
+    traceable = True
 
     def prepare(self, segment_ids: torch.Tensor):
         if flex_attention is None:

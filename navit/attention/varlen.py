@@ -31,6 +31,7 @@ class VarlenState:
 
 class VarlenBackend:
     name = "varlen"
+    traceable = False
 
     def prepare(self, segment_ids: torch.Tensor) -> VarlenState:
         if varlen_attn is None:
