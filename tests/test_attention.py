@@ -276,8 +276,13 @@ def has_cpu_compiler() -> bool:
     return any(shutil.which(cc) for cc in ("g++", "c++", "clang++", "cl"))
 
 
-@pytest.mark.skipif(not has_cpu_compiler(), reason="FlexAttention on CPU needs torch.compile and a C++ compiler")
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside compile
+needs_cpu_compiler = pytest.mark.skipif(not has_cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+# torch's own deprecation notice, raised inside compile.
+inside_compile_warnings = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@needs_cpu_compiler
+@inside_compile_warnings
 def test_flex_backend_forward_matches_dense_on_cpu():
     # FlexAttention on CPU is inference only and compiles on first use (~15 s cold, once).
     dense = tiny_model(attn_backend="dense")
@@ -299,7 +304,8 @@ COMPILE_LAYOUTS = [
 ]
 
 
-@pytest.mark.skipif(not has_cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+@needs_cpu_compiler
+@inside_compile_warnings
 @pytest.mark.parametrize("backend", ["bucketed", "dense"])
 def test_compiled_model_matches_eager_and_compiles_once_per_packed_shape(backend):
     # A data-dependent plan (bucketed) runs eagerly between compiled graphs; traced into them, it
@@ -314,14 +320,29 @@ def test_compiled_model_matches_eager_and_compiles_once_per_packed_shape(backend
         result = pack(tokens, 32, max_images_per_seq=4, num_seqs=3)
         assert not result.leftover
         with torch._dynamo.config.patch(error_on_recompile=i >= 2):
-            got = [compiled(result.batch)]
-        want = [eager(result.batch)]
-        for out, model in ((got, twin), (want, eager)):
-            out[0].square().sum().backward()
-            out.append({n: p.grad for n, p in model.named_parameters()})
-            model.zero_grad(set_to_none=True)
-        assert_rel_close(got[0], want[0], 1e-5, f"logits, layout {i}")
-        assert_param_grads_close(got[1], want[1], 1e-4)
+            logits, grads = logits_and_grads(compiled, twin, result.batch)
+        want_logits, want_grads = logits_and_grads(eager, eager, result.batch)
+        assert_rel_close(logits, want_logits, 1e-5, f"logits, layout {i}")
+        assert_param_grads_close(grads, want_grads, 1e-4)
+
+
+def logits_and_grads(forward, model, batch) -> tuple[torch.Tensor, dict]:
+    logits = forward(batch)
+    logits.square().sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+@needs_cpu_compiler
+@inside_compile_warnings
+def test_flex_backend_inside_a_compiled_model_matches_dense_on_cpu():
+    # Traced into the model's graph, flex once read qk-norm outputs in the wrong layout.
+    dense = tiny_model(attn_backend="dense", qk_norm=True)
+    flex = torch.compile(with_backend(dense, "flex"))
+    batch = pack_images(random_images(SIZES, seed=4), PATCH, PACKED_LEN)
+    with torch.no_grad():
+        assert_rel_close(flex(batch), dense(batch), 1e-5, "compiled flex logits")
 
 
 def test_flex_backend_refuses_to_train_on_cpu():

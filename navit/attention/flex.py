@@ -46,5 +46,10 @@ class FlexBackend:
                 "FlexAttention has no CPU backward in PyTorch; train on CPU with "
                 "attn_backend='bucketed'"
             )
-        out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
-        return out.transpose(1, 2)
+        # Contiguous [B, H, L, D] inputs: inside a compiled model, inductor may lay out a producer
+        # of q or k (qk-norm's LayerNorm) in a way the flex kernel then misreads (CPU, torch 2.13:
+        # features off by up to 0.26 against dense). Under compile the copies fuse into the producer.
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        # Inside a compiled model the outer graph compiles flex; eagerly it needs its own compile.
+        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+        return attend(q, k, v, block_mask=block_mask).transpose(1, 2)
