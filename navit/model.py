@@ -32,15 +32,18 @@ class ForwardContext:
     num_slots: int
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.backend.traceable:
-            return self.backend.attend(q, k, v, self.attn_state)
-        return outside_compile(self.backend.attend, q, k, v, self.attn_state)
+        return run_backend(self.backend, self.backend.attend, q, k, v, self.attn_state)
+
+
+def run_backend(backend: AttentionBackend, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` for a method of ``backend``; eagerly, even inside ``torch.compile``, unless the
+    backend is traceable: a plan that depends on the data, traced into the graph, would force a
+    recompile for every new batch."""
+    return fn(*args) if backend.traceable else _eagerly(fn, *args)
 
 
 @torch.compiler.disable
-def outside_compile(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` run eagerly even inside ``torch.compile``: attention plans that depend on the
-    data would otherwise be traced into the graph and force a recompile for every new batch."""
+def _eagerly(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
@@ -172,7 +175,7 @@ class NaViT(nn.Module):
             x = x + self.pos_embed(batch.coords, grid).to(x.dtype)
         ctx = ForwardContext(
             backend=backend,
-            attn_state=backend.prepare(segment_ids) if backend.traceable else outside_compile(backend.prepare, segment_ids),
+            attn_state=run_backend(backend, backend.prepare, segment_ids),
             rope=self.rope(batch.coords, grid) if self.rope is not None else None,
             slot_index=slot_index(segment_ids, batch.max_images_per_seq),
             num_slots=batch.max_images_per_seq,
