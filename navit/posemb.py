@@ -18,14 +18,19 @@ from torch import nn
 def axis_positions(coords: torch.Tensor, grid: torch.Tensor, mode: str, max_len: int) -> torch.Tensor:
     """Continuous positions in [0, max_len) for integer ``coords`` [..., A] in grids ``grid``."""
     if mode == "absolute":
-        largest = int(coords.max()) if coords.numel() else 0
-        if largest >= max_len:
-            raise ValueError(
-                f"a patch grid has {largest + 1} patches along a side, beyond the absolute "
-                f"position table of {max_len}; raise pos_max_len or use pos_mode='fractional'"
-            )
+        check_absolute_range(coords, max_len)
         return coords.float()
     return coords.float() / grid.float() * max_len
+
+
+@torch.compiler.disable  # reads a value: under torch.compile, a quiet break between graphs
+def check_absolute_range(coords: torch.Tensor, max_len: int) -> None:
+    largest = int(coords.max()) if coords.numel() else 0
+    if largest >= max_len:
+        raise ValueError(
+            f"a patch grid has {largest + 1} patches along a side, beyond the absolute "
+            f"position table of {max_len}; raise pos_max_len or use pos_mode='fractional'"
+        )
 
 
 def sincos_frequencies(num: int, axis: int, base: float = 10_000.0) -> torch.Tensor:
