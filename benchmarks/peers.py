@@ -181,7 +181,7 @@ def time_prep(step: StepImages, originals: list[torch.Tensor], impls: dict[str, 
     fns["navit: patchify (resized pixels)"] = lambda: [patchify(p, PATCH) for p in step.pixels]
     fns["navit: pack (pre-patchified)"] = lambda: impls["navit"].prepare(step)
     fns["navit: pack_images (native pixels: resize+patchify+pack)"] = lambda: navit.pack_images(
-        originals, 16, step.seq_len, max_images_per_seq=step.max_images_per_seq
+        originals, PATCH, step.seq_len, max_images_per_seq=step.max_images_per_seq
     )
     if "timm-naflex" in impls:
         fns["timm: Patchify + NaFlexCollator"] = lambda: impls["timm-naflex"].prepare(step)
