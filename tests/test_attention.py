@@ -17,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import navit.attention.bucketed as bucketed
+import navit.attention.varlen as varlen
 from navit import pack, pack_images
 from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
 from navit.attention.bucketed import BucketedBackend, matmul_attention
+from navit.attention.varlen import VarlenBackend
 from navit.packing import PAD
 from navit.patchify import image_to_tokens
 
@@ -353,6 +355,78 @@ def test_flex_backend_refuses_to_train_on_cpu():
 
 
 # --------------------------------------------------------------------------------------------
+# The varlen backend's own code (run boundaries, layouts, dtype rules) checked on CPU: torch's
+# flash kernel is CUDA-only, so a reference kernel with the same contract stands in for it.
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k):
+    """``varlen_attn`` on CPU: checks the arguments the CUDA kernel requires, then attends run by
+    run in fp32 (with autograd) and returns the input dtype, as the kernel does."""
+    total, heads, dim = q.shape
+    assert k.shape == v.shape == q.shape and q.dtype in (torch.float16, torch.bfloat16)
+    assert cu_seq_q.dtype == torch.int32 and cu_seq_q.device == q.device and torch.equal(cu_seq_q, cu_seq_k)
+    bounds = cu_seq_q.tolist()
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == total and min(lengths) > 0
+    assert max_q == max_k == max(lengths) and isinstance(max_q, int)
+    runs = [
+        torch.nn.functional.scaled_dot_product_attention(*(t[start:end].transpose(0, 1).float() for t in (q, k, v)))
+        for start, end in zip(bounds, bounds[1:])
+    ]
+    return torch.cat([run.transpose(0, 1) for run in runs]).to(q.dtype)
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch):
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+    monkeypatch.setattr(varlen, "KERNEL_DEVICES", ("cuda", "cpu"))
+
+
+def test_varlen_backend_cuts_runs_at_images_and_sequences(varlen_on_cpu):
+    # One image fills sequence 0 and the next starts sequence 1 with the same slot id: the run
+    # must still end at the sequence boundary.
+    lengths = [16, 5, 9, 3, 12, 1]
+    batch = pack([labelled_image(i, n) for i, n in enumerate(lengths)], 16).batch
+    assert batch.token_mask[0].all() and batch.segment_ids[0, -1] == batch.segment_ids[1, 0]
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.randn(3, *batch.segment_ids.shape, 2, 8, generator=generator, dtype=torch.float64)
+    q, k, v = (t.bfloat16() for t in exact)
+    attention = VarlenBackend()
+    out = attention.attend(q, k, v, attention.prepare(batch.segment_ids))
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    real = batch.token_mask
+    expected = reference_attention(*(t.double() for t in (q, k, v)), batch.segment_ids)
+    torch.testing.assert_close(out[real].double(), expected[real], rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(out).all(), "padding runs attend among themselves"
+    with pytest.raises(RuntimeError, match="needs fp16/bf16 inputs.*autocast"):
+        attention.attend(*exact.float(), attention.prepare(batch.segment_ids))
+
+
+@pytest.mark.parametrize("config", [dict(pool="map", rope=True), dict(pool="mean", rope=False)], ids=config_id)
+@pytest.mark.parametrize("backend", ["bucketed", "varlen"])
+def test_half_precision_backend_matches_dense_under_the_same_bf16_autocast(backend, config, varlen_on_cpu):
+    # Same autocast on both sides, so the bf16 rounding of the linear layers is shared and the
+    # tolerances can be tight: a varlen layout bug (heads and positions swapped) is off by 4e-2
+    # on features and by more than 1 on gradients; correct code is within 1.2e-3 and 1.8e-2.
+    dense = tiny_model(attn_backend="dense", **config)
+    other = with_backend(dense, backend)
+    batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24, max_images_per_seq=4)
+    weights = torch.randn(batch.num_images, dense.config.num_classes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_features, ref_logits, ref_grads = features_logits_grads(dense, batch, weights)
+        features, logits, grads = features_logits_grads(other, batch, weights)
+    real = batch.token_mask
+    assert_rel_close(features[real].float(), ref_features[real].float(), 1e-2, f"bf16 {backend} features")
+    assert_rel_close(logits.float(), ref_logits.float(), 1e-2, f"bf16 {backend} logits")
+    assert_param_grads_close(grads, ref_grads, 5e-2)
+
+
+def test_varlen_backend_refuses_cpu_with_a_pointer_to_bucketed():
+    with pytest.raises(RuntimeError, match="CUDA only; use 'bucketed'|needs torch>=2.9"):
+        VarlenBackend().prepare(torch.zeros(1, 4, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA: isolation for every backend the device offers, and agreement with dense.
 
 
@@ -378,10 +452,10 @@ class TestCuda:
         if "varlen" not in available_backends(self.DEVICE):
             pytest.skip("torch.nn.attention.varlen is not available in this PyTorch build")
         dense = tiny_model(attn_backend="dense", **config).to(self.DEVICE)
-        varlen = with_backend(dense, "varlen")
+        varlen_model = with_backend(dense, "varlen")
         # Packed with others in bf16 flash attention vs alone through the dense fp32 reference.
         packed, packed_grad, alone, alone_grad, _ = isolation_results(
-            varlen, self.DEVICE, autocast_dtype=torch.bfloat16, alone_model=dense
+            varlen_model, self.DEVICE, autocast_dtype=torch.bfloat16, alone_model=dense
         )
         assert_rel_close(packed, alone, 5e-2, "bf16 varlen logits")
         cosine = torch.nn.functional.cosine_similarity(packed_grad.flatten(), alone_grad.flatten(), dim=0)

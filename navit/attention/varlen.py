@@ -18,6 +18,8 @@ try:
 except ImportError:  # torch < 2.9
     varlen_attn = None
 
+KERNEL_DEVICES = ("cuda",)  # where torch ships the varlen flash kernel
+
 
 def available() -> bool:
     return varlen_attn is not None and torch.cuda.is_available()
@@ -36,7 +38,7 @@ class VarlenBackend:
     def prepare(self, segment_ids: torch.Tensor) -> VarlenState:
         if varlen_attn is None:
             raise RuntimeError("the varlen backend needs torch>=2.9 (torch.nn.attention.varlen)")
-        if segment_ids.device.type != "cuda":
+        if segment_ids.device.type not in KERNEL_DEVICES:
             raise RuntimeError("the varlen backend runs on CUDA only; use 'bucketed' on CPU")
         starts, lengths, _ = segment_runs(segment_ids)
         cu = torch.cat([starts, starts.new_tensor([segment_ids.numel()])]).to(torch.int32)
