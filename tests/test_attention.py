@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import navit.attention.bucketed as bucketed
+import navit.attention.flex as flex
 import navit.attention.varlen as varlen
 from navit import pack, pack_images
 from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
@@ -158,6 +159,19 @@ def test_backend_registry_on_cpu():
     assert set(BACKENDS) == {"dense", "bucketed", "varlen", "flex"}
     with pytest.raises(ValueError, match="unknown attention backend 'sparse'"):
         get_backend("sparse")
+
+
+@pytest.mark.parametrize("has_varlen", [True, False])
+@pytest.mark.parametrize("has_flex", [True, False])
+@pytest.mark.parametrize("half", [True, False])
+def test_auto_routing_on_cuda(half, has_flex, has_varlen, monkeypatch):
+    # The decision alone (no kernel runs): varlen needs half precision, flex serves fp32 and any
+    # build without varlen, dense is the last resort.
+    monkeypatch.setattr(varlen, "available", lambda: has_varlen)
+    monkeypatch.setattr(flex, "available", lambda: has_flex)
+    chosen = auto_backend(torch.device("cuda"), half_precision=half).name
+    expected = "varlen" if half and has_varlen else "flex" if has_flex else "dense"
+    assert chosen == expected
 
 
 # --------------------------------------------------------------------------------------------
