@@ -376,8 +376,8 @@ def test_flex_backend_refuses_to_train_on_cpu():
 def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k):
     """``varlen_attn`` on CPU: checks the arguments the CUDA kernel requires, then attends run by
     run in fp32 (with autograd) and returns the input dtype, as the kernel does."""
-    total, heads, dim = q.shape
-    assert k.shape == v.shape == q.shape and q.dtype in (torch.float16, torch.bfloat16)
+    assert q.dim() == 3 and k.shape == v.shape == q.shape and q.dtype in (torch.float16, torch.bfloat16)
+    total = q.shape[0]
     assert cu_seq_q.dtype == torch.int32 and cu_seq_q.device == q.device and torch.equal(cu_seq_q, cu_seq_k)
     bounds = cu_seq_q.tolist()
     lengths = [end - start for start, end in zip(bounds, bounds[1:])]
