@@ -21,6 +21,7 @@ import navit.attention.flex as flex
 import navit.attention.varlen as varlen
 from navit import pack, pack_images
 from navit.attention import BACKENDS, auto_backend, available_backends, get_backend
+from navit.attention.base import HALF_DTYPES
 from navit.attention.bucketed import BucketedBackend, matmul_attention
 from navit.attention.varlen import VarlenBackend
 from navit.packing import PAD
@@ -355,10 +356,10 @@ def logits_and_grads(forward, model, batch) -> tuple[torch.Tensor, dict]:
 def test_flex_backend_inside_a_compiled_model_matches_dense_on_cpu():
     # Traced into the model's graph, flex once read qk-norm outputs in the wrong layout.
     dense = tiny_model(attn_backend="dense", qk_norm=True)
-    flex = torch.compile(with_backend(dense, "flex"))
+    compiled_flex = torch.compile(with_backend(dense, "flex"))
     batch = pack_images(random_images(SIZES, seed=4), PATCH, PACKED_LEN)
     with torch.no_grad():
-        assert_rel_close(flex(batch), dense(batch), 1e-5, "compiled flex logits")
+        assert_rel_close(compiled_flex(batch), dense(batch), 1e-5, "compiled flex logits")
 
 
 def test_flex_backend_refuses_to_train_on_cpu():
@@ -376,7 +377,7 @@ def test_flex_backend_refuses_to_train_on_cpu():
 def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k):
     """``varlen_attn`` on CPU: checks the arguments the CUDA kernel requires, then attends run by
     run in fp32 (with autograd) and returns the input dtype, as the kernel does."""
-    assert q.dim() == 3 and k.shape == v.shape == q.shape and q.dtype in (torch.float16, torch.bfloat16)
+    assert q.dim() == 3 and k.shape == v.shape == q.shape and q.dtype in HALF_DTYPES
     total = q.shape[0]
     assert cu_seq_q.dtype == torch.int32 and cu_seq_q.device == q.device and torch.equal(cu_seq_q, cu_seq_k)
     bounds = cu_seq_q.tolist()
