@@ -113,7 +113,7 @@ def check_enough_batches(measured: int, total: int, seq_len: int, warmup: int) -
 
 def run_offline(lengths, seq_len, strategy, e_max) -> dict:
     t0 = time.perf_counter()
-    assign = assign_first_fit(lengths.tolist(), seq_len, max_images_per_seq=e_max, strategy=strategy)
+    assign = assign_first_fit(lengths.tolist(), seq_len, max_examples_per_seq=e_max, strategy=strategy)
     stats = seq_stats(lengths, assign, None, seq_len)
     stats["seconds"] = time.perf_counter() - t0
     return stats
@@ -128,7 +128,7 @@ def run_per_batch(lengths, seq_len, strategy, e_max, num_seqs, warmup) -> dict:
     pads, seqs = [], []
     for k in range(int(chunk_of[-1])):  # drop the last (incomplete) chunk
         chunk = lengths[chunk_of == k]
-        assign = assign_first_fit(chunk.tolist(), seq_len, max_images_per_seq=e_max, strategy=strategy)
+        assign = assign_first_fit(chunk.tolist(), seq_len, max_examples_per_seq=e_max, strategy=strategy)
         st = seq_stats(chunk, assign, None, seq_len)
         pads.append(st["padding"])
         seqs.append(st["seqs"])
@@ -172,7 +172,7 @@ def run_stream(lengths, seq_len, strategy, e_max, num_seqs, factor, warmup, buff
                 break
         lens = lengths[[i for i, _ in buffer]]
         assign = assign_first_fit(
-            lens.tolist(), seq_len, max_images_per_seq=e_max, num_seqs=num_seqs, strategy=strategy
+            lens.tolist(), seq_len, max_examples_per_seq=e_max, num_seqs=num_seqs, strategy=strategy
         )
         st = seq_stats(lens, assign, num_seqs, seq_len)
         keep = []
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="which side s ~ U(min, max) sets (default: the longer one)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--e-max", type=int, nargs="+", default=[8, 32],
-                   help="max_images_per_seq per entry of --seq-lens (also run with None)")
+                   help="max_examples_per_seq per entry of --seq-lens (also run with None)")
     p.add_argument("--num-seqs", type=int, default=32, help="sequences per batch (per-batch, stream)")
     p.add_argument("--buffer-factors", type=float, nargs="+", default=[1.0, 1.25, 2.0])
     p.add_argument("--warmup-batches", type=int, default=10)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for strategy in STRATEGIES:
             for e_max in (None, e_real):
-                row = {"seq_len": seq_len, "strategy": strategy, "max_images_per_seq": e_max}
+                row = {"seq_len": seq_len, "strategy": strategy, "max_examples_per_seq": e_max}
                 row["offline"] = run_offline(lengths, seq_len, strategy, e_max)
                 row["per_batch"] = run_per_batch(
                     lengths, seq_len, strategy, e_max, args.num_seqs, args.warmup_batches
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         per_seq = seq_len / lengths.mean()
         e_values = sorted({math.ceil(k * per_seq) for k in args.sweep_multiples})
         for e_max in e_values:
-            row = {"seq_len": seq_len, "max_images_per_seq": e_max, "images_per_seq_mean": per_seq}
+            row = {"seq_len": seq_len, "max_examples_per_seq": e_max, "images_per_seq_mean": per_seq}
             for strategy in STRATEGIES:
                 row[strategy] = {
                     "offline": run_offline(lengths, seq_len, strategy, e_max)["padding"],
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [
             str(r["seq_len"]),
             r["strategy"],
-            str(r["max_images_per_seq"]),
+            str(r["max_examples_per_seq"]),
             pct(r["offline"]["padding"]),
             pct(r["per_batch"]["padding"]),
             *(pct(s["padding"]) for s in r["stream"]),
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     for seq_len, peer in peer_layouts.items():
         ff = next(r for r in results if r["seq_len"] == seq_len and r["strategy"] == "first_fit"
-                  and r["max_images_per_seq"] is None)
+                  and r["max_examples_per_seq"] is None)
         print(f"| {seq_len} | {pct(ff['offline']['padding'])} | {pct(peer['next_fit'])} | "
               f"{pct(peer['per_image'])} |")
 
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join(header2) + " |")
     print("|" + "|".join(["---"] * 3 + ["---:"] * (len(fcols) + 1)) + "|")
     for r in results:
-        cells = [str(r["seq_len"]), r["strategy"], str(r["max_images_per_seq"])]
+        cells = [str(r["seq_len"]), r["strategy"], str(r["max_examples_per_seq"])]
         for s in [*r["stream"], r["loader"]]:
             cells.append(
                 f"{pct(s['padding'])} / {pct(s['padding_batch_p95'])}, "
@@ -384,10 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| L | E_max | k | FF offline | FF {sf} | FFD offline | FFD {sf} |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in sweep:
-        k = r["max_images_per_seq"] / r["images_per_seq_mean"]
+        k = r["max_examples_per_seq"] / r["images_per_seq_mean"]
         ff, ffd = r["first_fit"], r["first_fit_decreasing"]
         print(
-            f"| {r['seq_len']} | {r['max_images_per_seq']} | {k:.2f} | {pct(ff['offline'])} | "
+            f"| {r['seq_len']} | {r['max_examples_per_seq']} | {k:.2f} | {pct(ff['offline'])} | "
             f"{pct(ff['stream'])} | {pct(ffd['offline'])} | {pct(ffd['stream'])} |"
         )
 

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 import navit
-from navit.patchify import PatchedImage
+from navit.patchify import Example
 
 EMBED_DIM, NUM_HEADS, MLP_DIM, PATCH = 192, 3, 768, 16
 
@@ -60,12 +60,12 @@ class StepImages:
     """
 
     pixels: list[torch.Tensor]
-    tokens: list[PatchedImage]
+    tokens: list[Example]
     seq_of: list[int]
     labels: torch.Tensor  # [N] long
     seq_len: int
     num_seqs: int
-    max_images_per_seq: int
+    max_examples_per_seq: int
 
     @property
     def num_images(self) -> int:
@@ -110,7 +110,7 @@ def navit_prepare(step: StepImages) -> Prepared:
     result = navit.pack(
         step.tokens,
         step.seq_len,
-        max_images_per_seq=step.max_images_per_seq,
+        max_examples_per_seq=step.max_examples_per_seq,
         num_seqs=step.num_seqs,
     )
     if result.leftover:
@@ -278,13 +278,13 @@ def navit_squares_impl() -> Impl:
         side = ceiling_side(step)
         g = torch.Generator().manual_seed(1234)
         coords = navit.patchify.grid_coords(side, side)
-        tokens = [PatchedImage(torch.rand(side * side, PATCH * PATCH * 3, generator=g), coords, (side, side))
+        tokens = [Example(torch.rand(side * side, PATCH * PATCH * 3, generator=g), coords, (side, side))
                   for _ in range(step.num_images)]
         # Sequences just long enough for an equal share of squares, so padding stays as small as
         # the ceiling's (none) and both do the same work: ceil(N / B) squares per sequence.
         per_seq = math.ceil(step.num_images / step.num_seqs)
         batch = navit.pack(tokens, per_seq * side * side, num_seqs=step.num_seqs,
-                           max_images_per_seq=max(per_seq, step.max_images_per_seq)).batch
+                           max_examples_per_seq=max(per_seq, step.max_examples_per_seq)).batch
         return Prepared(batch, step.labels, batch.num_real_tokens, batch.segment_ids.numel(),
                         note=f"{side}x{side} squares, {batch.num_seqs}×{batch.seq_len}")
 

@@ -21,7 +21,7 @@ Image mixes (``--mixes``): ``native`` (long side ~ U(64, 512) px, aspect ratios 
 4:3 / 3:4 / 16:9 / 9:16 / 1:1 / 3:1 / 1:3 / 4:1 / 1:4 mix, fitted to <= 256 tokens) and
 ``paper`` (long side ~ U(64, 256): many small images). Pixels are seeded random numbers.
 One step = the images a streaming first-fit packer puts into ``--num-seqs`` sequences of
-``--seq-len`` tokens (``--max-images-per-seq`` slots), like ``PackedLoader`` does.
+``--seq-len`` tokens (``--max-examples-per-seq`` slots), like ``PackedLoader`` does.
 
 Device and precision (``--device cpu|cuda``, ``--precision fp32|bf16``) apply to every
 implementation alike; bf16 is ``torch.autocast``. On CUDA navit's ``auto`` backend is varlen flash
@@ -64,7 +64,7 @@ from bench_common import (  # noqa: E402
     stall_warning, summarize, synchronize,
 )
 from navit.packing import PAD, assign_first_fit  # noqa: E402
-from navit.patchify import fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
+from navit.patchify import Example, fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
 from packing_padding import sample_sizes  # noqa: E402
 from peer_models import (  # noqa: E402
     PATCH, Impl, Prepared, StepImages, all_impls, build_model, ceiling_side, check_real_tokens_match,
@@ -121,7 +121,7 @@ def make_step(mix: str, args, seed_offset: int = 0) -> tuple[StepImages, list[to
     sizes = sample_sizes(int(2.5 * budget / est_mean) + 16, rng, "long", lo, hi)
     grids = [fit_grid(int(h), int(w), PATCH, MAX_TOKENS) for h, w in sizes]
     lengths = [r * c for r, c in grids]
-    seq_of = assign_first_fit(lengths, args.seq_len, max_images_per_seq=args.max_images_per_seq,
+    seq_of = assign_first_fit(lengths, args.seq_len, max_examples_per_seq=args.max_examples_per_seq,
                               num_seqs=args.num_seqs)
     packed = [i for i, s in enumerate(seq_of) if s != PAD]
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -132,10 +132,11 @@ def make_step(mix: str, args, seed_offset: int = 0) -> tuple[StepImages, list[to
         resized = resize_to_grid(image, grids[i], PATCH)
         originals.append(image)
         pixels.append(resized.contiguous())
-        tokens.append(patchify(resized, PATCH))
+        patches, grid = patchify(resized, (PATCH, PATCH))
+        tokens.append(Example(patches, grid_coords(*grid), grid))
     labels = torch.randint(0, args.num_classes, (len(packed),), generator=g)
     step = StepImages(pixels, tokens, [seq_of[i] for i in packed], labels,
-                      args.seq_len, args.num_seqs, args.max_images_per_seq)
+                      args.seq_len, args.num_seqs, args.max_examples_per_seq)
     return step, originals
 
 
@@ -178,10 +179,10 @@ def step_stats(step: StepImages, args) -> dict:
 # --------------------------------------------------------------------------------------------
 def time_prep(step: StepImages, originals: list[torch.Tensor], impls: dict[str, Impl], repeats: int) -> dict:
     fns = {}
-    fns["navit: patchify (resized pixels)"] = lambda: [patchify(p, PATCH) for p in step.pixels]
+    fns["navit: patchify (resized pixels)"] = lambda: [patchify(p, (PATCH, PATCH)) for p in step.pixels]
     fns["navit: pack (pre-patchified)"] = lambda: impls["navit"].prepare(step)
     fns["navit: pack_images (native pixels: resize+patchify+pack)"] = lambda: navit.pack_images(
-        originals, PATCH, step.seq_len, max_images_per_seq=step.max_images_per_seq
+        originals, PATCH, step.seq_len, max_examples_per_seq=step.max_examples_per_seq
     )
     if "timm-naflex" in impls:
         fns["timm: Patchify + NaFlexCollator"] = lambda: impls["timm-naflex"].prepare(step)
@@ -361,7 +362,7 @@ def run_lsweep(args, impls: dict[str, Impl], monitor: NoiseMonitor) -> dict:
         sub = copy.copy(args)
         sub.seq_len = length
         sub.num_seqs = max(1, args.lsweep_tokens // length)
-        sub.max_images_per_seq = max(args.max_images_per_seq, length // 64)
+        sub.max_examples_per_seq = max(args.max_examples_per_seq, length // 64)
         step, _ = make_step(args.lsweep_mix, sub, seed_offset=length)
         torch.manual_seed(args.seed)
         models = {k: build_on(impls[k], args, step) for k in keys}
@@ -394,7 +395,7 @@ def run_loader(args, monitor: NoiseMonitor) -> dict:
     from navit.data.loader import PackedLoader
     from navit.data.sources import ImageFolder
     from navit.data.synthetic import SyntheticShapes, write_image_folder
-    from navit.data.transforms import ImagePipeline
+    from navit.data.transforms import ExampleTransform
 
     tmp = Path(tempfile.mkdtemp(prefix="navit_peers_loader_"))
     try:
@@ -407,10 +408,10 @@ def run_loader(args, monitor: NoiseMonitor) -> dict:
         for workers in args.loader_workers:
             loader = PackedLoader(
                 source=folder,
-                pipeline=ImagePipeline(patch_size=16, max_tokens=MAX_TOKENS),
+                transform=ExampleTransform(navit.Processor(patch_size=16, max_tokens=MAX_TOKENS)),
                 seq_len=args.seq_len,
                 num_seqs=args.num_seqs,
-                max_images_per_seq=args.max_images_per_seq,
+                max_examples_per_seq=args.max_examples_per_seq,
                 buffer_size=args.loader_buffer,
                 num_workers=workers,
                 seed=args.seed,
@@ -421,10 +422,11 @@ def run_loader(args, monitor: NoiseMonitor) -> dict:
             t_start = time.perf_counter()
             # Stop while the stream still loads: the final flush of the buffer packs without
             # decoding anything and would overstate the rate.
-            limit = max(2, int((args.loader_images - args.loader_buffer) / max(1, loader.images_per_batch_estimate()) * 0.9))
+            per_batch = args.num_seqs * min(args.max_examples_per_seq, args.seq_len / (MAX_TOKENS / 2))
+            limit = max(2, int((args.loader_images - args.loader_buffer) / max(1, per_batch) * 0.9))
             for i, out in enumerate(loader):
                 stamps.append(time.perf_counter())
-                images.append(out.batch.num_images)
+                images.append(out.batch.num_examples)
                 tokens.append(out.batch.num_real_tokens)
                 padding.append(out.batch.padding_fraction)
                 if i + 1 >= limit:
@@ -488,12 +490,12 @@ def memory_worker(args) -> None:
     seq_of = assign_first_fit([r * c for r, c in grids], length, num_seqs=1)
     g = torch.Generator().manual_seed(0)
     tokens = [
-        navit.PatchedImage(torch.rand(r * c, 768, generator=g), grid_coords(r, c), (r, c))
+        navit.Example(torch.rand(r * c, 768, generator=g), grid_coords(r, c), (r, c))
         for (r, c), s in zip(grids, seq_of)
         if s != PAD
     ]
     e = len(tokens)
-    batch = navit.pack(tokens, length, max_images_per_seq=e, num_seqs=1).batch.to(device)
+    batch = navit.pack(tokens, length, max_examples_per_seq=e, num_seqs=1).batch.to(device)
     labels = torch.randint(0, args.num_classes, (e,), generator=g).to(device)
     model = navit.create_model("navit_ti16", num_classes=args.num_classes, depth=args.depth,
                                attn_backend=backend).to(device)
@@ -713,7 +715,7 @@ def render_markdown(res: dict) -> str:
         f"load average at start {fmt(m['load_average_start'], 2)}; total {res['elapsed_s']:.0f} s.",
         "",
         f"Model: width 192, 3 heads, MLP 768, patch 16, depth {a['depth']}, {a['num_classes']} classes. "
-        f"Batch: {a['num_seqs']} sequences × L={a['seq_len']} (max {a['max_images_per_seq']} images per "
+        f"Batch: {a['num_seqs']} sequences × L={a['seq_len']} (max {a['max_examples_per_seq']} images per "
         f"sequence), first-fit packed; timings: {a['warmup']} warm-up + median of {a['repeats']} (train) / "
         f"{a['infer_repeats']} (infer) interleaved repeats. Ratios are medians of per-repeat paired ratios "
         "(navit and the peer timed within the same repeat) on **real tokens/s**.",
@@ -834,7 +836,7 @@ def render_markdown(res: dict) -> str:
         ld = res["loader"]
         lines += ["## Data loader: `PackedLoader` on PNG files vs the training step it feeds", "",
                   f"{ld['num_files']} SyntheticShapes PNGs (sides 64..512, aspect 1:4..4:1) written in "
-                  f"{ld['write_s']:.1f} s, read by `ImageFolder`, `ImagePipeline(max_tokens=256)`, "
+                  f"{ld['write_s']:.1f} s, read by `ImageFolder`, `Processor(max_tokens=256)`, "
                   f"{a['num_seqs']}×{a['seq_len']} batches, buffer {a['loader_buffer']} images. Steady state "
                   "excludes the first batch and the end-of-epoch flush.", ""]
         rows = []
@@ -973,7 +975,7 @@ def parse_args(argv):
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--num-seqs", type=int, default=4)
-    p.add_argument("--max-images-per-seq", type=int, default=32)
+    p.add_argument("--max-examples-per-seq", type=int, default=32)
     p.add_argument("--warmup", type=int, default=None, help="default 2 (quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="training repeats (default 7, quick 3)")
     p.add_argument("--infer-repeats", type=int, default=None, help="inference repeats (default 9, quick 3)")

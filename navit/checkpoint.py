@@ -38,20 +38,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(
-    folder: str | Path,
-    name: str,
+def write_checkpoint(
+    final: str | Path,
     weights: dict[str, torch.Tensor],
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
-    *,
-    keep: int | None = 3,
 ) -> Path:
-    """Write checkpoint ``folder/name`` atomically and point ``folder/latest`` at it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / name
-    tmp = folder / f".{name}.partial"
+    """Write one checkpoint folder ``final`` atomically (a temporary folder renamed into place)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
@@ -63,7 +59,22 @@ def save_checkpoint(
             os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    _fsync_dir(final.parent)
+    return final
+
+
+def save_checkpoint(
+    folder: str | Path,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+    *,
+    keep: int | None = 3,
+) -> Path:
+    """Write checkpoint ``folder/name`` atomically and point ``folder/latest`` at it."""
+    folder = Path(folder)
+    final = write_checkpoint(folder / name, weights, meta, train_state)
     _write_atomic(folder / LATEST, name + "\n")
     if keep is not None:
         _prune(folder, keep, protect=name)
@@ -79,10 +90,14 @@ def _prune(folder: Path, keep: int, protect: str) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a checkpoints folder with ``latest``, or a run folder."""
+    """Accept a checkpoint folder or a file in it, a checkpoints folder with ``latest``, or a run folder."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if path.is_file():
+        if path.name not in (WEIGHTS, META):
+            raise FileNotFoundError(f"{path} is not a checkpoint file: expected {WEIGHTS} or {META} in a checkpoint folder")
+        path = path.parent
     for candidate in (path, path / "checkpoints"):
         if (candidate / WEIGHTS).exists():
             return candidate

@@ -1,13 +1,14 @@
 """The ``navit`` command: train | eval | predict | data synth.
 
-Training options come from :class:`navit.train.TrainConfig`: defaults, then a YAML file
-(``--config``), then command-line flags, each overriding the one before.
+Training options come from :class:`navit.train_config.TrainConfig`: defaults, then a YAML file
+(``--config``), then command-line flags, each overriding the one before. ``--resume`` starts from
+the resumed run's own config instead of the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import sys
 import typing
@@ -24,7 +25,7 @@ def _flag_type(hint: Any) -> dict[str, Any]:
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
     if origin is list:
-        return {"nargs": "+", "type": typing.get_args(hint)[0]}
+        return {"nargs": "*", "type": typing.get_args(hint)[0], "metavar": "N"}
     if origin is dict:
         return {"nargs": "+", "type": _key_value, "metavar": "KEY=VALUE"}
     if args and origin is not None:  # Optional[X]
@@ -40,18 +41,33 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from navit.train import TrainConfig
+    """One flag per option of every config section and every task, with its help and choices."""
+    from navit.tasks import TASKS
+    from navit.train_config import SECTIONS, TrainConfig, flat_options
 
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=argparse.SUPPRESS,
-            help=f"(default: {getattr(defaults, f.name)!r})",
-            **_flag_type(hints[f.name]),
-        )
+    defaults = TrainConfig().flat()
+    order = ["model", "task", *(name for name in SECTIONS if name != "model")]
+    groups = {name: parser.add_argument_group(f"{name} options") for name in order}
+    for flat, (section, f) in flat_options().items():
+        if section == "task" and f.name != "name":  # an option of one or more tasks: each says its own
+            owners = [cls for cls in TASKS.values() if f.name in cls.Options.__dataclass_fields__]
+            fields = [cls.Options.__dataclass_fields__[f.name] for cls in owners]
+            defaults_of = [getattr(cls.Options(), f.name) for cls in owners]
+            text = "; ".join(f"task {cls.name}: {g.metadata['help']}" + ("" if "default" in g.metadata["help"] else f" (default: {d!r})")
+                             for cls, g, d in zip(owners, fields, defaults_of))  # fmt: skip
+            hint = typing.get_type_hints(owners[0].Options)[f.name]
+            choices = sorted({c for g in fields for c in g.metadata.get("choices") or ()}) or None
+        else:
+            hint = str if section == "task" else typing.get_type_hints(SECTIONS[section])[f.name]
+            text = f.metadata.get("help", "")
+            text += "" if "default" in text else f" (default: {defaults[flat]!r})"
+            choices = f.metadata.get("choices")
+        kwargs = _flag_type(hint)
+        if choices:
+            kwargs["choices"] = choices
+        text = text.replace("%", "%%")
+        groups[section].add_argument("--" + flat.replace("_", "-"), dest=flat, default=argparse.SUPPRESS,
+                                     help=text, **kwargs)  # fmt: skip
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:
@@ -64,77 +80,105 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     return values
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from navit.train import TrainConfig, train
+def resumed_config(path: str):
+    """The config a run was trained with, from its checkpoint (or its ``config.yaml``)."""
+    from navit.checkpoint import load_meta, resolve_checkpoint
+    from navit.train import run_folder_of
+    from navit.train_config import TrainConfig
 
-    values = load_yaml_config(args.config) if args.config else {}
+    meta = load_meta(resolve_checkpoint(path))
+    if "config" in meta:
+        return TrainConfig.from_dict(meta["config"])
+    return TrainConfig.from_dict(load_yaml_config(str(run_folder_of(path) / "config.yaml")))
+
+
+def training_config(args: argparse.Namespace):
+    from navit.train_config import TrainConfig
+
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     if "model_args" in flags:
-        flags["model_args"] = {**values.get("model_args", TrainConfig().model_args), **dict(flags["model_args"])}
-    values.update(flags)
+        flags["model_args"] = dict(flags["model_args"])
+    file_values = load_yaml_config(args.config) if args.config else {}
+    if "resume" not in flags:
+        return TrainConfig().with_options(file_values).with_options(flags)
+    base = resumed_config(flags["resume"])
+    cfg = base.with_options(file_values).with_options(flags)
+    before, after = base.flat(), cfg.flat()
+    for name in after:
+        if name != "resume" and after[name] != before[name]:
+            print(f"resume: {name} {before[name]!r} -> {after[name]!r}")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from navit.train import train
+
     try:
-        cfg = TrainConfig.from_dict(values)
-    except (ValueError, TypeError) as error:
+        cfg = training_config(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
         raise SystemExit(f"navit train: {error}") from error
     try:
         summary = train(cfg)
     except (ValueError, FileNotFoundError) as error:  # bad data or options: say what, no traceback
         raise SystemExit(f"navit train: {error}") from error
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"\nvalidation accuracy (native resolution): {100 * summary['val_accuracy']:.2f}%")
+        metric = next(k for k in summary if k.startswith("val_"))
+        print(f"\nvalidation {metric[4:]} (native resolution): {100 * summary[metric]:.2f}%")
         print(f"run folder: {summary['run_folder']}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from navit.data.sources import open_source, split_holdout
+    from navit.data.sources import open_source, with_class_names
     from navit.evaluate import evaluate_budgets, write_budget_report
-    from navit.inference import load_model
-    from navit.train import TrainConfig, pick_device
+    from navit.inference import load_checkpoint
+    from navit.train import open_data, pick_device, run_folder_of
+    from navit.train_config import TrainConfig
 
-    device = pick_device(args.device)
-    model, meta = load_model(args.checkpoint, device)
-    run = Path(args.checkpoint)
-    cfg_path = run / "config.yaml"
-    train_cfg = TrainConfig.from_dict(load_yaml_config(str(cfg_path))) if cfg_path.exists() else TrainConfig()
-    if args.data:
-        source = open_source(args.data)
-    else:  # the run's own validation split
-        data = train_cfg.val_data or train_cfg.data
-        source = open_source(data)
-        if not train_cfg.val_data:
-            source = split_holdout(source, train_cfg.val_fraction, train_cfg.seed)[1]
-    budgets = args.budgets or train_cfg.eval_budgets
-    results = evaluate_budgets(
-        model,
-        source,
-        patch_size=meta["patch_size"],
-        max_tokens=meta["max_tokens"],
-        budgets=budgets,
-        square=bool(meta.get("square_tokens")),
-        native_square_tokens=meta.get("square_tokens"),
-        seq_len=max([train_cfg.seq_len, *budgets]),
-        device=device,
-        workers=args.workers,
-    )
-    out = Path(args.out) if args.out else (run if run.is_dir() else Path("."))
+    try:
+        device = pick_device(args.device)
+        model, task, meta = load_checkpoint(args.checkpoint, device)
+        cfg = TrainConfig.from_dict(meta["config"]) if "config" in meta else None
+        if args.data:
+            source = with_class_names(open_source(args.data), task.class_names, f"--data {args.data}")
+        elif cfg is not None:  # the run's own validation split
+            source = open_data(cfg)[1]
+        else:
+            raise ValueError(f"{args.checkpoint} holds no training config to find its validation data; pass --data")
+        budgets = args.budgets if args.budgets is not None else (cfg.eval.budgets if cfg else [])
+        seq_len = cfg.packing.seq_len if cfg else model.processor.max_tokens
+        results = evaluate_budgets(
+            task.inference_model(model), task, source, model.processor, budgets=budgets, seq_len=seq_len,
+            device=device, workers=args.workers,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise SystemExit(f"navit eval: {error}") from error
+    out = Path(args.out) if args.out else run_folder_of(args.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    write_budget_report(results, out, title=str(args.checkpoint))
+    write_budget_report(results, out, title=str(args.checkpoint), metric=task.metric)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from navit.inference import load_model, predict_files
+    from navit.inference import expand_inputs, load_checkpoint, predict_files
 
-    model, meta = load_model(args.checkpoint, args.device)
+    try:
+        model, task, _ = load_checkpoint(args.checkpoint, args.device)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise SystemExit(f"navit predict: {error}") from error
+    inference = task.inference_model(model)
     failures = 0
-    for result in predict_files(model, meta, args.images, topk=args.topk, budget=args.budget):
-        if result.error:
-            failures += 1
-            print(f"{result.path}: ERROR {result.error}", file=sys.stderr)
-            continue
-        labels = ", ".join(f"{name} {100 * p:.1f}%" for name, p in result.labels)
-        print(f"{result.path} ({result.tokens} tokens): {labels}")
+    results = predict_files(inference, task, expand_inputs(args.inputs), topk=args.topk, budget=args.budget,
+                            batch_size=args.batch_size)  # fmt: skip
+    for result in results:
+        failures += result["error"] is not None
+        if args.json:
+            print(json.dumps(result), flush=True)
+        elif result["error"]:
+            print(f"{result['path']}: ERROR {result['error']}", file=sys.stderr)
+        else:
+            labels = ", ".join(f"{x['label']} {100 * x['score']:.1f}%" for x in result["labels"])
+            print(f"{result['path']} ({result['tokens']} tokens): {labels}")
     return 1 if failures else 0
 
 
@@ -151,34 +195,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="navit", description="NaViT: ViTs at native resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model (defaults: small NaViT on built-in data)")
-    train.add_argument("--config", help="YAML file of training options (flags override it)")
+    train = sub.add_parser("train", help="train a model (defaults: small NaViT on built-in data)",
+                           description="Train, evaluate at several token budgets, write a run folder.")  # fmt: skip
+    train.add_argument("--config", help="YAML file of options, nested by section or flat (flags override it)")
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="accuracy at several token budgets, with a plot")
-    evaluate.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    evaluate.add_argument("--data", help="data to evaluate on (default: the run's validation split)")
-    evaluate.add_argument("--budgets", type=int, nargs="+", help="tokens per image to evaluate at")
+    evaluate = sub.add_parser("eval", help="the task's metric at several token budgets, with a plot")
+    evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
+    evaluate.add_argument("--data", help="data to evaluate on (classes matched to the model's by name; "
+                          "default: the run's own validation split)")  # fmt: skip
+    evaluate.add_argument("--budgets", type=int, nargs="*", metavar="N",
+                          help="tokens per example to evaluate at, besides native (default: the run's)")  # fmt: skip
     evaluate.add_argument("--out", help="folder for eval.json and the plot (default: the run folder)")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    evaluate.add_argument("--workers", type=int, default=2, help="data-loader worker processes (default: 2)")
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = sub.add_parser("predict", help="top-k labels for image files")
-    predict.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--topk", type=int, default=5)
-    predict.add_argument("--budget", type=int, help="tokens per image (default: native resolution)")
-    predict.add_argument("--device", default="cpu")
+    predict = sub.add_parser("predict", help="top-k labels for image files, folders or globs")
+    predict.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
+    predict.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
+    predict.add_argument("--topk", type=int, default=5, help="labels per input (default: 5)")
+    predict.add_argument("--budget", type=int, help="tokens per input (default: native resolution)")
+    predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
+    predict.add_argument("--json", action="store_true",
+                         help='one JSON object per input: {"path", "labels": [{"label", "score"}], "tokens", "error"}')  # fmt: skip
+    predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the built-in dataset as an image folder")
     synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--num-images", type=int, default=3000)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--num-images", type=int, default=3000, help="images to write (default: 3000)")
+    synth.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     synth.set_defaults(func=cmd_synth)
     return parser
 

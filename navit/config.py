@@ -6,11 +6,29 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from navit.posemb import rope_pairs_per_axis
+
 POS_EMBED_KINDS = ("learned", "sincos", "fourier", "none")
 POS_MODES = ("absolute", "fractional")
 POS_COMBINES = ("sum", "stack", "product")
 POOL_KINDS = ("map", "mean")
 ATTN_BACKENDS = ("auto", "dense", "bucketed", "varlen", "flex")  # see navit.attention.BACKENDS
+
+
+def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field with a help line (and its allowed values) for configs and the CLI."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_choices(instance: Any, where: str) -> None:
+    """Raise naming the field if a field declared with ``choices`` holds another value."""
+    for f in dataclasses.fields(instance):
+        allowed = f.metadata.get("choices")
+        if allowed is not None and getattr(instance, f.name) not in allowed:
+            raise ValueError(f"{where}{f.name}={getattr(instance, f.name)!r}; expected one of {allowed}")
 
 
 def reject_unknown_fields(cls: type, values: Any, what: str, error: type[Exception]) -> None:
@@ -26,13 +44,19 @@ def reject_unknown_fields(cls: type, values: Any, what: str, error: type[Excepti
 class NaViTConfig:
     """Everything needed to build a :class:`navit.NaViT`.
 
-    Positional embeddings are factorized (paper §2.1): one embedding for the row, one for the
-    column, combined by ``pos_combine``. ``pos_mode="fractional"`` uses position / side length, so
-    the same relative position gets the same embedding at every resolution; ``"absolute"`` uses
-    the patch index and a table of ``pos_max_len`` entries per axis.
+    An example has ``num_axes`` token axes: 2 for images (row, col), 3 for clips (time, row,
+    col). A token is a patch of ``temporal_patch_size`` × ``patch_size`` × ``patch_size`` pixels
+    (``temporal_patch_size`` > 1 needs the time axis).
+
+    Positional embeddings are factorized (paper §2.1): one embedding per axis, combined by
+    ``pos_combine``. ``pos_mode="fractional"`` uses position / side length, so the same relative
+    position gets the same embedding at every resolution; ``"absolute"`` uses the patch index and
+    a table of ``pos_max_len`` entries per axis.
     """
 
     patch_size: int = 16
+    temporal_patch_size: int = 1
+    num_axes: int = 2
     in_chans: int = 3
     embed_dim: int = 192
     depth: int = 12
@@ -67,7 +91,8 @@ class NaViTConfig:
         choice("pos_combine", POS_COMBINES)
         choice("pool", POOL_KINDS)
         choice("attn_backend", ATTN_BACKENDS)
-        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "pos_max_len"):
+        for name in ("patch_size", "temporal_patch_size", "num_axes", "in_chans", "embed_dim", "depth",
+                     "num_heads", "pos_max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NaViTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 0:
@@ -76,10 +101,19 @@ class NaViTConfig:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
-        if self.pos_combine == "stack" and self.embed_dim % 2:
-            raise ValueError(f"pos_combine='stack' needs an even embed_dim, got {self.embed_dim}")
-        if self.rope and self.head_dim % 4:
-            raise ValueError(f"rope=True needs head_dim divisible by 4, got {self.head_dim}")
+        if self.temporal_patch_size > 1 and self.num_axes != 3:
+            raise ValueError(
+                f"temporal_patch_size={self.temporal_patch_size} needs a time axis: num_axes=3, got {self.num_axes}"
+            )
+        if self.pos_combine == "stack" and self.embed_dim % self.num_axes:
+            raise ValueError(
+                f"pos_combine='stack' needs embed_dim divisible by num_axes={self.num_axes}, got {self.embed_dim}"
+            )
+        if self.rope and (self.head_dim % 2 or rope_pairs_per_axis(self.head_dim, self.num_axes) < 1):
+            raise ValueError(
+                f"rope=True over {self.num_axes} axes needs an even head_dim of at least "
+                f"{2 * self.num_axes}, got {self.head_dim}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -87,8 +121,8 @@ class NaViTConfig:
 
     @property
     def patch_dim(self) -> int:
-        """Length of one flattened patch: patch_size² · in_chans."""
-        return self.patch_size * self.patch_size * self.in_chans
+        """Length of one flattened patch: temporal_patch_size · patch_size² · in_chans."""
+        return self.temporal_patch_size * self.patch_size**2 * self.in_chans
 
     def replace(self, **overrides: Any) -> "NaViTConfig":
         reject_unknown_fields(type(self), overrides, "NaViTConfig field(s)", TypeError)
@@ -103,6 +137,8 @@ class NaViTConfig:
 
 
 _SIZES = {
+    # The quick-start model: small enough to train in minutes on two CPU cores.
+    "mini": dict(embed_dim=128, depth=4, num_heads=4, pos_mode="absolute"),
     "ti": dict(embed_dim=192, depth=12, num_heads=3),
     "s": dict(embed_dim=384, depth=12, num_heads=6),
     "b": dict(embed_dim=768, depth=12, num_heads=12),

@@ -74,7 +74,8 @@ def broadcast_object(value, info: DistInfo):
 
 
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str, device: torch.device) -> nn.Module:
-    """DDP (replicated weights, averaged gradients) or FSDP2 (``fully_shard`` per block)."""
+    """DDP (replicated weights, averaged gradients) or FSDP2 (``fully_shard`` on each of the
+    model's ``fsdp_units()``, its transformer blocks, then on the rest at the root)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed strategy {strategy!r}; expected one of {STRATEGIES}")
     if not info.enabled:
@@ -84,10 +85,8 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, device: torch.de
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    # One FSDP unit per transformer block (of every tower), then the rest at the root.
-    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
-        for block in blocks:
-            fully_shard(block)
+    for unit in model.fsdp_units():
+        fully_shard(unit)
     fully_shard(model)
     return model
 

@@ -1,106 +1,89 @@
 """Evaluation at several token budgets: the paper's "one model, any inference cost" curve.
 
-Each image is resized, aspect kept, to as close to the budget as integer patch grids allow
-(the square baseline instead squashes every image to the largest square grid within the budget).
+Each example is resized by the model's processor, aspect kept, to as close to the budget as
+integer patch grids allow (a square-baseline processor squashes every image to the largest
+square grid within the budget). The task computes the metric.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from navit.data.loader import PackedLoader
-from navit.data.transforms import ImagePipeline
-from navit.model import NaViT
-
-
-@torch.no_grad()
-def accuracy(model: NaViT, loader: PackedLoader, device: torch.device) -> dict[str, float]:
-    model.eval()
-    correct = images = tokens = 0
-    for item in loader:
-        item = item.to(device)
-        predictions = model(item.batch).argmax(-1)
-        correct += int((predictions == item.labels).sum())
-        images += item.labels.numel()
-        tokens += item.batch.num_real_tokens
-    return {"accuracy": correct / max(1, images), "tokens_per_image": tokens / max(1, images), "images": images}
+from navit.data.transforms import ExampleTransform
+from navit.processor import Processor
+from navit.tasks import Task
 
 
 def evaluate_budgets(
-    model: NaViT,
-    source,
+    model: nn.Module,
+    task: Task,
+    source: Any,
+    processor: Processor,
     *,
-    patch_size: int,
-    max_tokens: int,
     budgets: list[int],
-    square: bool = False,
-    native_square_tokens: int | None = None,
     seq_len: int = 256,
     device: torch.device | str = "cpu",
     workers: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy at native resolution (capped at ``max_tokens``) and at each token budget."""
+    """The task's metric at native resolution (capped at the processor's ``max_tokens``) and at
+    each token budget, keyed ``"native"`` and ``str(budget)``."""
     device = torch.device(device)
-    settings: dict[str, dict[str, Any]] = {"native": {"square_tokens": native_square_tokens}}
-    for budget in budgets:
-        if square:
-            settings[str(budget)] = {"square_tokens": math.isqrt(budget) ** 2}
-        else:
-            settings[str(budget)] = {"token_budget": budget}
     results = {}
-    for name, options in settings.items():
-        pipeline = ImagePipeline(patch_size=patch_size, max_tokens=max(max_tokens, *budgets), **options)
-        if name == "native" and not square:
-            pipeline = ImagePipeline(patch_size=patch_size, max_tokens=max_tokens)
+    for budget in [None, *budgets]:
+        transform = ExampleTransform(processor, budget=budget, dense_keys=task.dense_keys)
         loader = PackedLoader(
             source,
-            pipeline,
-            seq_len=max(seq_len, pipeline.max_tokens),
+            transform,
+            targets=task.eval_targets,
+            seq_len=max(seq_len, processor.max_tokens, budget or 0),
             num_seqs=8,
             buffer_size=64,
             train=False,
             num_workers=workers,
         )
-        results[name] = accuracy(model, loader, device)
+        results["native" if budget is None else str(budget)] = task.evaluate(model, loader, device)
     return results
 
 
-def format_budget_table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| budget | tokens/image | accuracy |", "|---|---|---|"]
+def format_budget_table(results: dict[str, dict[str, float]], metric: str = "accuracy") -> str:
+    lines = [f"| budget | tokens/example | {metric} |", "|---|---|---|"]
     for name, row in results.items():
-        lines.append(f"| {name} | {row['tokens_per_image']:.1f} | {100 * row['accuracy']:.2f}% |")
+        lines.append(f"| {name} | {row['tokens_per_example']:.1f} | {100 * row[metric]:.2f}% |")
     return "\n".join(lines)
 
 
-def write_budget_report(results: dict[str, dict[str, float]], folder: str | Path, *, title: str) -> None:
-    """Print the table and write ``eval.json`` and ``accuracy_vs_tokens.png`` to ``folder``."""
+def write_budget_report(
+    results: dict[str, dict[str, float]], folder: str | Path, *, title: str, metric: str = "accuracy"
+) -> None:
+    """Print the table and write ``eval.json`` and ``{metric}_vs_tokens.png`` to ``folder``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    print(f"\nValidation accuracy vs tokens per image, {title}:")
-    print(format_budget_table(results))
+    print(f"\nValidation {metric} vs tokens per example, {title}:")
+    print(format_budget_table(results, metric))
     (folder / "eval.json").write_text(json.dumps(results, indent=2))
-    budgets = [(row["tokens_per_image"], row["accuracy"]) for name, row in results.items() if name != "native"]
+    budgets = [(row["tokens_per_example"], row[metric]) for name, row in results.items() if name != "native"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if budgets:
         xs, ys = zip(*sorted(budgets))
         ax.plot(xs, [100 * y for y in ys], marker="o", label="token budget")
     native = results.get("native")
     if native:
-        ax.scatter([native["tokens_per_image"]], [100 * native["accuracy"]], color="red", zorder=3, label="native")
-    ax.set_xlabel("tokens per image")
-    ax.set_ylabel("validation accuracy (%)")
+        ax.scatter([native["tokens_per_example"]], [100 * native[metric]], color="red", zorder=3, label="native")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel(f"validation {metric} (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "accuracy_vs_tokens.png", dpi=120)
+    fig.savefig(folder / f"{metric}_vs_tokens.png", dpi=120)
     plt.close(fig)

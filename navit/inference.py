@@ -1,83 +1,134 @@
-"""Loading a trained model and predicting labels for image files."""
+"""Models saved and loaded together with their task, class names and preprocessing; prediction.
+
+A checkpoint's ``meta.json`` holds everything needed to rebuild and feed the model: the task and
+its options, the model config, the class names and the :class:`~navit.processor.Processor`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from navit.checkpoint import load_meta, load_weights, resolve_checkpoint
-from navit.config import NaViTConfig
-from navit.data.decode import load_rgb
-from navit.data.transforms import ImagePipeline
-from navit.model import NaViT
+from navit.checkpoint import load_meta, load_weights, resolve_checkpoint, write_checkpoint
+from navit.data.sources import IMAGE_EXTENSIONS
 from navit.packing import pack
-from navit.two_tower import ImageTextModel
-from navit.zeroshot import ZeroShotClassifier
+from navit.processor import Processor
+from navit.tasks import Task, get_task
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A classifier and its metadata from a checkpoint, checkpoints folder or run folder.
+def checkpoint_meta(task: Task, model: nn.Module, processor: Processor) -> dict[str, Any]:
+    """The part of ``meta.json`` that rebuilds the model and its preprocessing."""
+    return {
+        "task": task.name,
+        "task_options": task.options_dict(),
+        "model": task.model_to_dict(model),
+        "class_names": task.class_names,
+        "processor": processor.to_dict(),
+    }
 
-    An image-text checkpoint comes back as a zero-shot classifier over its class names.
-    """
+
+def save_model(model: nn.Module, folder: str | Path, *, class_names: list[str] | None = None) -> Path:
+    """Save ``model`` (a classifier :class:`navit.NaViT` or an image-text model), its processor
+    and its class names as a checkpoint folder that :func:`load_model` reads."""
+    from navit.two_tower import ImageTextModel
+
+    contrastive = isinstance(model, ImageTextModel)
+    classes = model.config.image.num_classes if contrastive else model.config.num_classes
+    names = list(class_names) if class_names is not None else [str(i) for i in range(classes)]
+    if not contrastive and len(names) != classes:
+        raise ValueError(f"the model has {classes} classes but {len(names)} class names were given")
+    task = get_task("contrastive" if contrastive else "classify", None, names)
+    return write_checkpoint(folder, model.state_dict(), checkpoint_meta(task, model, model.processor))
+
+
+def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before the processor was saved: derive it from the old fields."""
+    if "processor" in meta or "model_config" not in meta:
+        return meta
+    config = meta["model_config"]
+    image = config.get("image", config)
+    square = meta.get("square_tokens")
+    processor = Processor(patch_size=meta["patch_size"], channels=image.get("in_chans", 3),
+                          max_tokens=square or meta["max_tokens"], grid_rule="square" if square else "native")  # fmt: skip
+    return {**meta, "model": config, "task_options": {}, "processor": processor.to_dict()}
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Task, dict[str, Any]]:
+    """(trained model in eval mode, its task, the checkpoint's metadata) from a checkpoint
+    folder or file in it, a checkpoints folder or a run folder."""
     checkpoint = resolve_checkpoint(path)
-    meta = load_meta(checkpoint)
-    contrastive = meta.get("task") == "contrastive"
-    model = ImageTextModel.from_dict(meta["model_config"]) if contrastive else NaViT(
-        NaViTConfig.from_dict(meta["model_config"])
-    )
+    meta = _upgrade(load_meta(checkpoint))
+    missing = [key for key in ("task", "model", "class_names", "processor") if key not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata {checkpoint / 'meta.json'} lacks {missing}")
+    task = get_task(meta["task"], meta.get("task_options"), meta["class_names"])
+    model = task.model_from_dict(meta["model"], Processor.from_dict(meta["processor"]))
     try:
         model.load_state_dict(load_weights(checkpoint))
     except RuntimeError as error:
         raise ValueError(f"weights in {checkpoint} do not match its config: {error}") from error
-    if contrastive:
-        model = ZeroShotClassifier(model.eval(), model.tokenizer(), meta["class_names"])
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), task, meta
 
 
-def inference_pipeline(meta: dict[str, Any], budget: int | None) -> ImagePipeline:
-    """Native resolution (or a token budget), or the square baseline the model was trained with."""
-    max_tokens = max(meta["max_tokens"], budget or 0)
-    square = meta.get("square_tokens")
-    if square:
-        side = int((budget or square) ** 0.5)
-        return ImagePipeline(patch_size=meta["patch_size"], max_tokens=max_tokens, square_tokens=side * side)
-    return ImagePipeline(patch_size=meta["patch_size"], max_tokens=max_tokens, token_budget=budget)
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """A trained model, ready for inference, from a run folder, checkpoint folder or file.
+
+    ``model.processor`` turns files, PIL images and tensors into its batches exactly as in
+    training and evaluation; ``model(batch)`` gives logits over ``model.class_names``, one row per
+    input. An image-text model comes back as a zero-shot classifier over its class names.
+    """
+    model, task, _ = load_checkpoint(path, device)
+    inference = task.inference_model(model).to(device).eval()
+    inference.class_names = task.class_names
+    return inference
 
 
-@dataclass
-class Prediction:
-    path: str
-    labels: list[tuple[str, float]]  # (class name, probability), best first
-    tokens: int
-    error: str | None = None
+def expand_inputs(patterns: Iterable[str]) -> list[str]:
+    """Files, folders (their image files, recursively, sorted) and globs, in the order given.
+
+    A pattern that matches nothing stays in the list, so its error is reported in place.
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
+                     if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]  # fmt: skip
+            paths.extend(sorted(found))
+        elif glob.has_magic(pattern):
+            paths.extend(sorted(glob.glob(pattern, recursive=True)) or [pattern])
+        else:
+            paths.append(pattern)
+    return paths
 
 
 @torch.no_grad()
 def predict_files(
-    model: NaViT, meta: dict[str, Any], paths: list[str], *, topk: int = 5, budget: int | None = None
-) -> list[Prediction]:
-    """Top-k labels per file; a file that cannot be read gets an error and the rest go on."""
-    pipeline = inference_pipeline(meta, budget)
-    names = meta["class_names"]
-    tokens, ok, results = [], [], {}
-    for i, path in enumerate(paths):
-        try:
-            tokens.append(pipeline(load_rgb(path)))
-            ok.append(i)
-        except Exception as error:  # reported per file
-            results[i] = Prediction(str(path), [], 0, error=str(error))
-    if tokens:
-        device = next(model.parameters()).device
-        batch = pack(tokens, max(t.num_tokens for t in tokens) * 4, max_images_per_seq=16).batch
-        probs = model(batch.to(device)).float().softmax(-1).cpu()
-        k = min(topk, probs.shape[-1])
-        values, indices = probs.topk(k, dim=-1)
-        for row, i in enumerate(ok):
-            labels = [(names[j], float(p)) for p, j in zip(values[row].tolist(), indices[row].tolist())]
-            results[i] = Prediction(str(paths[i]), labels, tokens[row].num_tokens)
-    return [results[i] for i in range(len(paths))]
+    model: nn.Module, task: Task, paths: list[str], *, topk: int = 5, budget: int | None = None,
+    batch_size: int = 32,
+) -> Iterable[dict[str, Any]]:  # fmt: skip
+    """One result per path, in order and batch by batch: ``{"path", "labels", "tokens", "error"}``
+    (the task's outputs). A file that cannot be read gets an ``error`` and the rest go on."""
+    processor = model.processor
+    device = next(model.parameters()).device
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        results: list[dict[str, Any]] = []
+        examples, rows = [], []
+        for path in chunk:
+            try:
+                examples.append(processor.to_example(path, budget=budget, name=path))
+                rows.append(len(results))
+                results.append({"path": path, "labels": [], "tokens": examples[-1].num_tokens, "error": None})
+            except Exception as error:  # reported per file
+                results.append({"path": path, "labels": [], "tokens": 0, "error": str(error)})
+        if examples:
+            seq_len = max(processor.max_tokens, budget or 0)
+            batch = pack(examples, seq_len).batch.to(device)
+            for row, output in zip(rows, task.predict(model, batch, topk=topk)):
+                results[row].update(output)
+        yield from results

@@ -9,8 +9,14 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, folder: str | Path, *, resume: bool = False) -> None:
+    """Appends one record per call. ``resume_step``: continuing a run from a checkpoint at that
+    step, so records logged after it (before a crash) are dropped first: no step is repeated."""
+
+    def __init__(self, folder: str | Path, *, resume_step: int | None = None) -> None:
         self.folder = Path(folder)
+        resume = resume_step is not None
+        if resume:
+            self._truncate(resume_step)
         mode = "a" if resume else "w"
         self._jsonl = open(self.folder / "metrics.jsonl", mode)
         self._csv_file = open(self.folder / "metrics.csv", mode, newline="")
@@ -19,9 +25,23 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.folder / "tensorboard"))
+            self._tb = SummaryWriter(str(self.folder / "tensorboard"), purge_step=resume_step)
         except ImportError:  # tensorboard is optional
             self._tb = None
+
+    def _truncate(self, step: int) -> None:
+        jsonl, table = self.folder / "metrics.jsonl", self.folder / "metrics.csv"
+        if jsonl.exists():
+            lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
+            jsonl.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        if table.exists() and table.stat().st_size:
+            with open(table, newline="") as f:
+                reader = csv.DictReader(f)
+                header, rows = reader.fieldnames, [row for row in reader if int(row["step"]) <= step]
+            with open(table, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(rows)
 
     def log(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")

@@ -18,7 +18,8 @@ from navit.attention.base import HALF_DTYPES
 from navit.config import NaViTConfig, resolve_config
 from navit.packing import PackedBatch
 from navit.pooling import MAPPool, MeanPool, slot_index
-from navit.posemb import FactorizedPosEmbed, Rope2D, apply_rope
+from navit.posemb import FactorizedPosEmbed, Rope, apply_rope
+from navit.processor import Processor
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Mlp(nn.Sequential):
 
 
 def drop_path(x: torch.Tensor, rate: float, ctx: ForwardContext, training: bool) -> torch.Tensor:
-    """Stochastic depth per *image* (not per sequence): images packed together drop independently."""
+    """Stochastic depth per *example* (not per sequence): examples packed together drop independently."""
     if rate == 0.0 or not training:
         return x
     keep = torch.rand(x.shape[0], ctx.num_slots + 1, device=x.device) >= rate
@@ -102,17 +103,25 @@ class Block(nn.Module):
 
 
 class NaViT(nn.Module):
-    """Vision Transformer for packed images of any resolution and aspect ratio."""
+    """Vision Transformer for packed images and clips of any resolution, aspect ratio and length.
 
-    def __init__(self, config: NaViTConfig) -> None:
+    ``processor`` (a :class:`navit.Processor`) is the preprocessing that turns files and images
+    into this model's ``PackedBatch``; it is saved with the weights and restored by
+    :func:`navit.load_model`. Models of other than 2 or 3 axes take packed examples only and
+    have none.
+    """
+
+    def __init__(self, config: NaViTConfig, processor: Processor | None = None) -> None:
         super().__init__()
         self.config = cfg = config
+        self.processor = processor or (Processor.for_model(cfg) if cfg.num_axes in (2, 3) else None)
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim)
         self.pos_embed = (
             None
             if cfg.pos_embed == "none"
             else FactorizedPosEmbed(
                 cfg.embed_dim,
+                num_axes=cfg.num_axes,
                 kind=cfg.pos_embed,
                 mode=cfg.pos_mode,
                 combine=cfg.pos_combine,
@@ -121,7 +130,7 @@ class NaViT(nn.Module):
             )
         )
         self.rope = (
-            Rope2D(cfg.head_dim, mode=cfg.pos_mode, max_len=cfg.pos_max_len, theta=cfg.rope_theta)
+            Rope(cfg.head_dim, num_axes=cfg.num_axes, mode=cfg.pos_mode, max_len=cfg.pos_max_len, theta=cfg.rope_theta)
             if cfg.rope
             else None
         )
@@ -137,8 +146,44 @@ class NaViT(nn.Module):
         self.apply(_init_weights)
 
     @property
+    def processor(self) -> Processor | None:
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Processor | None) -> None:
+        if processor is not None:
+            processor.check_model(self.config)
+        self._processor = processor
+
+    @property
     def num_features(self) -> int:
         return self.config.embed_dim
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay: biases, norms, position tables, the MAP probe."""
+        return {n for n, p in self.named_parameters() if p.dim() < 2 or n.startswith("pos_embed.") or n.endswith("probe")}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (the rest is sharded with the root)."""
+        return list(self.blocks)
+
+    def flops(self, batch: PackedBatch, *, training: bool = False) -> int:
+        """FLOPs of a forward over ``batch`` (2 per multiply-add of every matmul; norms, softmax
+        and other elementwise work left out), or of a training step's forward and backward.
+
+        Linear layers run on every token of the batch, padding included; attention costs Σ nᵢ²
+        per layer, nᵢ an example's tokens; pooling runs per slot and the head per example. A
+        backward costs twice its forward, except that no gradient flows into the pixels.
+        """
+        cfg, dim = self.config, self.config.embed_dim
+        tokens = batch.segment_ids.numel()
+        hidden = int(dim * cfg.mlp_ratio)
+        square_sum = int((batch.example_lengths().double() ** 2).sum())
+        per_token = cfg.patch_dim * dim + cfg.depth * (4 * dim * dim + 2 * dim * hidden)
+        attention = cfg.depth * 2 * square_sum * dim
+        head = batch.num_examples * dim * cfg.num_classes
+        forward = 2 * (tokens * per_token + attention + head) + self.pool.flops(tokens, batch.slot_to_example.numel())
+        return 3 * forward - 2 * tokens * cfg.patch_dim * dim if training else forward
 
     def attention_backend(self, device: torch.device) -> AttentionBackend:
         name = self.config.attn_backend
@@ -151,16 +196,23 @@ class NaViT(nn.Module):
         return auto_backend(device, half)
 
     def _check_batch(self, batch: PackedBatch) -> None:
+        cfg = self.config
         if not isinstance(batch, PackedBatch):
             raise TypeError(
                 f"NaViT takes a navit.PackedBatch, got {type(batch).__name__}; "
-                "build one with navit.pack_images(images, ...)"
+                "build one with model.processor(images) or navit.pack_images(images, ...)"
             )
-        if batch.patches.shape[-1] != self.config.patch_dim:
+        if batch.patches.shape[-1] != cfg.patch_dim:
+            tubelet = f"{cfg.temporal_patch_size}x" if cfg.temporal_patch_size > 1 else ""
             raise ValueError(
                 f"batch patches have {batch.patches.shape[-1]} values each, but the model expects "
-                f"patch_size={self.config.patch_size} with {self.config.in_chans} channels "
-                f"({self.config.patch_dim} values)"
+                f"patch_size={cfg.patch_size} with {cfg.in_chans} channels "
+                f"({tubelet}{cfg.patch_size}x{cfg.patch_size}x{cfg.in_chans} = {cfg.patch_dim} values)"
+            )
+        if batch.num_axes != cfg.num_axes:
+            raise ValueError(
+                f"batch examples have {batch.num_axes} coordinate axes, but the model has num_axes={cfg.num_axes} "
+                "(2 for images, 3 for clips); build the batch with model.processor"
             )
 
     def forward_features(self, batch: PackedBatch) -> torch.Tensor:
@@ -177,8 +229,8 @@ class NaViT(nn.Module):
             backend=backend,
             attn_state=run_backend(backend, backend.prepare, segment_ids),
             rope=self.rope(batch.coords, grid) if self.rope is not None else None,
-            slot_index=slot_index(segment_ids, batch.max_images_per_seq),
-            num_slots=batch.max_images_per_seq,
+            slot_index=slot_index(segment_ids, batch.max_examples_per_seq),
+            num_slots=batch.max_examples_per_seq,
         )
         for block in self.blocks:
             x = block(x, ctx)
@@ -186,20 +238,20 @@ class NaViT(nn.Module):
 
     def pool_slots(self, tokens: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Pooled vectors per slot [B, E, D] (fixed shape; empty slots are zero)."""
-        return self.pool(tokens, batch.segment_ids, batch.max_images_per_seq)
+        return self.pool(tokens, batch.segment_ids, batch.max_examples_per_seq)
 
     def forward_head(self, tokens: torch.Tensor, batch: PackedBatch, *, pre_logits: bool = False) -> torch.Tensor:
-        """Pool per image and apply the head; rows follow the input image order."""
+        """Pool per example and apply the head; rows follow the input order."""
         slots = self.pool_slots(tokens, batch)
-        pooled = slots.flatten(0, 1)[batch.image_slots()]
+        pooled = slots.flatten(0, 1)[batch.example_slots()]
         return pooled if pre_logits else self.head(pooled)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
-        """One pooled vector per image [N, D], in input order."""
+        """One pooled vector per example [N, D], in input order."""
         return self.forward_head(self.forward_features(batch), batch, pre_logits=True)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Logits [N, num_classes], one row per image in input order."""
+        """Logits [N, num_classes], one row per example in input order."""
         return self.forward_head(self.forward_features(batch), batch)
 
 

@@ -1,19 +1,20 @@
 """Patch n' Pack: the ``PackedBatch`` contract and the greedy packer that builds it.
 
-Tokens of several images share one fixed-length sequence. Each image's tokens are contiguous in
-its sequence, sequences are filled from the front and padding sits at the end; the attention
-backends and pooling rely on exactly this layout.
+Tokens of several examples (images or clips) share one fixed-length sequence. Each example's
+tokens are contiguous in its sequence, sequences are filled from the front and padding sits at
+the end; the attention backends and pooling rely on exactly this layout. Nothing here depends on
+how many axes an example has beyond the width of its coordinates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from navit.patchify import PatchedImage, image_to_tokens
+from navit.patchify import Example, image_to_example
 from navit.token_drop import TokenDropper
 
 PAD = -1  # segment id of padding tokens and slot id of empty pooling slots
@@ -23,33 +24,39 @@ STRATEGIES = ("first_fit", "first_fit_decreasing")
 
 @dataclass
 class PackedBatch:
-    """Fixed-shape tensors for ``B`` sequences of ``L`` tokens with up to ``E`` images each.
+    """Fixed-shape tensors for ``B`` sequences of ``L`` tokens with up to ``E`` examples each.
 
-    ``segment_ids[b, t]`` is the pooling slot (0..E-1) of the image that token ``t`` of sequence
-    ``b`` belongs to, or ``PAD``. ``slot_to_image[b, e]`` is the index, in the caller's input
-    order, of the image in slot ``e`` of sequence ``b``, or ``PAD`` for an empty slot. Model
-    outputs are returned in input order by inverting this map.
+    ``segment_ids[b, t]`` is the pooling slot (0..E-1) of the example that token ``t`` of
+    sequence ``b`` belongs to, or ``PAD``. ``slot_to_example[b, e]`` is the index, in the
+    caller's input order, of the example in slot ``e`` of sequence ``b``, or ``PAD`` for an
+    empty slot. Model outputs are returned in input order by inverting this map. ``fields`` are
+    per-token tensors [B, L, ...] packed like the patches (zeros at padding).
     """
 
     patches: torch.Tensor  # [B, L, patch_dim]
-    coords: torch.Tensor  # [B, L, 2] long (row, col); zeros at padding
+    coords: torch.Tensor  # [B, L, A] long; zeros at padding
     segment_ids: torch.Tensor  # [B, L] long, PAD at padding
-    grid_sizes: torch.Tensor  # [B, E, 2] long (rows, cols) of each slot's full grid; 0 if empty
-    slot_to_image: torch.Tensor  # [B, E] long, PAD if empty
+    grid_sizes: torch.Tensor  # [B, E, A] long: each slot's full token grid; 0 if empty
+    slot_to_example: torch.Tensor  # [B, E] long, PAD if empty
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # each [B, L, ...]
 
     def __post_init__(self) -> None:
         b, length = self.segment_ids.shape
-        e = self.slot_to_image.shape[1]
+        e, axes = self.slot_to_example.shape[1], self.coords.shape[-1]
         expected = {
-            "patches": (b, length),
-            "coords": (b, length),
-            "grid_sizes": (b, e, 2),
-            "slot_to_image": (b, e),
+            "patches": (b, length, self.patches.shape[-1]),
+            "coords": (b, length, axes),
+            "grid_sizes": (b, e, axes),
+            "slot_to_example": (b, e),
         }
-        for name, prefix in expected.items():
-            shape = tuple(getattr(self, name).shape)
-            if shape[: len(prefix)] != prefix:
-                raise ValueError(f"PackedBatch.{name} has shape {shape}; expected {prefix}+...")
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"PackedBatch.{name} has shape {tuple(getattr(self, name).shape)}; expected {shape}")
+        for name, value in self.fields.items():
+            if tuple(value.shape[:2]) != (b, length):
+                raise ValueError(
+                    f"PackedBatch.fields[{name!r}] has shape {tuple(value.shape)}; expected ({b}, {length}, ...)"
+                )
 
     @property
     def num_seqs(self) -> int:
@@ -60,12 +67,16 @@ class PackedBatch:
         return self.segment_ids.shape[1]
 
     @property
-    def max_images_per_seq(self) -> int:
-        return self.slot_to_image.shape[1]
+    def max_examples_per_seq(self) -> int:
+        return self.slot_to_example.shape[1]
 
     @property
-    def num_images(self) -> int:
-        return int((self.slot_to_image != PAD).sum())
+    def num_axes(self) -> int:
+        return self.coords.shape[-1]
+
+    @property
+    def num_examples(self) -> int:
+        return int((self.slot_to_example != PAD).sum())
 
     @property
     def token_mask(self) -> torch.Tensor:
@@ -80,61 +91,97 @@ class PackedBatch:
     def padding_fraction(self) -> float:
         return 1.0 - self.num_real_tokens / self.segment_ids.numel()
 
-    def image_slots(self) -> torch.Tensor:
-        """[N] index into the flattened ``B·E`` slots of each image, in input order."""
-        flat = self.slot_to_image.reshape(-1)
+    def example_slots(self) -> torch.Tensor:
+        """[N] index into the flattened ``B·E`` slots of each example, in input order."""
+        flat = self.slot_to_example.reshape(-1)
         filled = torch.nonzero(flat != PAD).squeeze(1)
         slots = torch.empty_like(filled)
         slots[flat[filled]] = filled
         return slots
 
+    def token_example(self) -> torch.Tensor:
+        """[B, L] input-order index of each token's example, ``PAD`` at padding."""
+        example = torch.gather(self.slot_to_example, 1, self.segment_ids.clamp(min=0))
+        return torch.where(self.token_mask, example, torch.full_like(example, PAD))
+
+    def example_lengths(self) -> torch.Tensor:
+        """[N] tokens of each example in the batch (after any dropping), in input order."""
+        return torch.bincount(self.token_example()[self.token_mask], minlength=self.num_examples)
+
     def token_grid_sizes(self) -> torch.Tensor:
-        """[B, L, 2] full grid size of each token's image (ones at padding, never zero)."""
+        """[B, L, A] full grid size of each token's example (ones at padding, never zero)."""
         slot = self.segment_ids.clamp(min=0)
-        grid = torch.gather(self.grid_sizes, 1, slot[..., None].expand(-1, -1, 2))
+        grid = torch.gather(self.grid_sizes, 1, slot[..., None].expand(-1, -1, self.num_axes))
         return torch.where(self.token_mask[..., None], grid, torch.ones_like(grid))
 
+    def unpack(self, values: torch.Tensor, fill: float | int = 0) -> list[torch.Tensor]:
+        """Per-token ``values`` [B, L, ...] back on each example's own grid, in input order.
+
+        Example ``j`` gets a tensor [*grid_j, ...]; positions whose token is not in the batch
+        (dropped) hold ``fill``. One scatter for the whole batch, no loop over tokens.
+        """
+        if tuple(values.shape[:2]) != (self.num_seqs, self.seq_len):
+            raise ValueError(
+                f"unpack takes per-token values [B={self.num_seqs}, L={self.seq_len}, ...], "
+                f"got shape {tuple(values.shape)}"
+            )
+        mask = self.token_mask
+        grids = self.grid_sizes.flatten(0, 1)[self.example_slots()].to(values.device)  # [N, A]
+        sizes = grids.prod(-1)
+        starts = torch.cumsum(sizes, 0) - sizes
+        # Row-major offset of each real token inside its example's grid.
+        strides = torch.flip(torch.cumprod(torch.flip(grids, [1]), 1), [1])
+        strides = torch.cat([strides[:, 1:], torch.ones_like(strides[:, :1])], 1)
+        example = self.token_example()[mask].to(values.device)
+        offset = (self.coords[mask].to(values.device) * strides[example]).sum(-1)
+        flat = values.new_full((int(sizes.sum()), *values.shape[2:]), fill)
+        flat[starts[example] + offset] = values[mask]
+        pieces = flat.split(sizes.tolist())
+        return [p.view(*g.tolist(), *values.shape[2:]) for p, g in zip(pieces, grids)]
+
+    def _map(self, fn) -> "PackedBatch":
+        tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name != "fields"}
+        return PackedBatch(**tensors, fields={k: fn(v) for k, v in self.fields.items()})
+
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "PackedBatch":
-        return PackedBatch(
-            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
-        return PackedBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return self._map(torch.Tensor.pin_memory)
 
 
 def assign_first_fit(
     lengths: Sequence[int],
-    max_seq_len: int,
+    seq_len: int,
     *,
-    max_images_per_seq: int | None = None,
+    max_examples_per_seq: int | None = None,
     num_seqs: int | None = None,
     strategy: str = "first_fit",
 ) -> list[int]:
-    """Sequence index for each item (``PAD`` for items left for the next batch).
+    """Sequence index for each example (``PAD`` for examples left for the next batch).
 
-    First fit (the paper's packer): each item goes into the first sequence with room for it and
-    a free pooling slot. ``first_fit_decreasing`` visits long items first, which packs tighter.
-    With ``num_seqs`` the number of sequences is fixed and items that fit nowhere are left over;
-    without it, new sequences open as needed and nothing is left over.
+    First fit (the paper's packer): each example goes into the first sequence with room for it
+    and a free pooling slot. ``first_fit_decreasing`` visits long examples first, which packs
+    tighter. With ``num_seqs`` the number of sequences is fixed and examples that fit nowhere
+    are left over; without it, new sequences open as needed and nothing is left over.
     """
-    if max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    if max_images_per_seq is not None and max_images_per_seq < 1:
-        raise ValueError(f"max_images_per_seq must be >= 1, got {max_images_per_seq}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if max_examples_per_seq is not None and max_examples_per_seq < 1:
+        raise ValueError(f"max_examples_per_seq must be >= 1, got {max_examples_per_seq}")
     if num_seqs is not None and num_seqs < 1:
         raise ValueError(f"num_seqs must be >= 1, got {num_seqs}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown packing strategy {strategy!r}; expected one of {STRATEGIES}")
     sizes = np.asarray(lengths, dtype=np.int64)
     for i, n in enumerate(sizes.tolist()):
-        if not 1 <= n <= max_seq_len:
-            raise ValueError(f"image {i} has {n} tokens; it must have 1..max_seq_len={max_seq_len}")
+        if not 1 <= n <= seq_len:
+            raise ValueError(f"example {i} has {n} tokens; it must have 1..seq_len={seq_len}")
     order = np.argsort(-sizes, kind="stable") if strategy == "first_fit_decreasing" else range(len(sizes))
-    e_max = max_images_per_seq or len(sizes) or 1
+    e_max = max_examples_per_seq or len(sizes) or 1
 
     capacity = num_seqs if num_seqs is not None else max(1, len(sizes))
-    room = np.full(capacity, max_seq_len, dtype=np.int64)
+    room = np.full(capacity, seq_len, dtype=np.int64)
     count = np.zeros(capacity, dtype=np.int64)
     opened = capacity if num_seqs is not None else 0
     assignment = [PAD] * len(sizes)
@@ -155,39 +202,49 @@ def assign_first_fit(
 
 class PackResult(NamedTuple):
     batch: PackedBatch
-    packed: list[int]  # indices into the input of the images in ``batch``, in input order
-    leftover: list[int]  # indices of the images that did not fit, for the next batch
+    packed: list[int]  # indices into the input of the examples in ``batch``, in input order
+    leftover: list[int]  # indices of the examples that did not fit, for the next batch
+
+
+def _check_alike(examples: Sequence[Example]) -> None:
+    """Examples packed together need the same patch size, axes and fields (one clear error)."""
+    first = examples[0]
+    signature = (first.patches.shape[1:], first.num_axes, {k: v.shape[1:] for k, v in first.fields.items()})
+    for i, example in enumerate(examples):
+        other = (example.patches.shape[1:], example.num_axes, {k: v.shape[1:] for k, v in example.fields.items()})
+        if other != signature:
+            raise ValueError(
+                f"example {i} (patch values, axes, fields: {other}) differs from example 0 ({signature}); "
+                "examples packed together need the same patch size, number of axes and per-token fields"
+            )
 
 
 def pack(
-    images: Sequence[PatchedImage],
-    max_seq_len: int,
+    examples: Sequence[Example],
+    seq_len: int,
     *,
-    max_images_per_seq: int | None = None,
+    max_examples_per_seq: int | None = None,
     num_seqs: int | None = None,
     strategy: str = "first_fit",
 ) -> PackResult:
-    """Pack patchified images into sequences of ``max_seq_len`` tokens.
+    """Pack examples into sequences of ``seq_len`` tokens.
 
-    The batch numbers its images 0..N-1 in the order of ``packed`` (input order, leftovers
+    The batch numbers its examples 0..N-1 in the order of ``packed`` (input order, leftovers
     skipped), which is the row order of model outputs. With ``num_seqs`` and
-    ``max_images_per_seq`` both set, every batch has the same shapes (for ``torch.compile``).
+    ``max_examples_per_seq`` both set, every batch has the same shapes (for ``torch.compile``).
     """
-    if not images:
-        raise ValueError("cannot pack an empty list of images")
-    lengths = [image.num_tokens for image in images]
+    if not examples:
+        raise ValueError("cannot pack an empty list of examples")
+    _check_alike(examples)
+    lengths = [example.num_tokens for example in examples]
     seq_of = assign_first_fit(
-        lengths,
-        max_seq_len,
-        max_images_per_seq=max_images_per_seq,
-        num_seqs=num_seqs,
-        strategy=strategy,
+        lengths, seq_len, max_examples_per_seq=max_examples_per_seq, num_seqs=num_seqs, strategy=strategy
     )
     packed = [i for i, s in enumerate(seq_of) if s != PAD]
     leftover = [i for i, s in enumerate(seq_of) if s == PAD]
     if not packed:
-        raise ValueError("no image fits the requested sequences")
-    # Within a sequence, images keep input order; this fixes each image's slot and offset.
+        raise ValueError("no example fits the requested sequences")
+    # Within a sequence, examples keep input order; this fixes each example's slot and offset.
     packed.sort(key=lambda i: (seq_of[i], i))
     used_seqs = max(seq_of[i] for i in packed) + 1
     b = num_seqs if num_seqs is not None else used_seqs
@@ -201,39 +258,40 @@ def pack(
         offset_in_seq.append(fill[s])
         slots_used[s] += 1
         fill[s] += lengths[i]
-    e = max_images_per_seq or max(slots_used)
+    e = max_examples_per_seq or max(slots_used)
 
     seq_t = torch.tensor([seq_of[i] for i in packed])
     rank_t = torch.empty(len(packed), dtype=torch.long)
     rank_t[torch.tensor(packed).argsort()] = torch.arange(len(packed))
     slot_t = torch.tensor(slot_in_seq)
     n_t = torch.tensor([lengths[i] for i in packed])
-    start_t = seq_t * max_seq_len + torch.tensor(offset_in_seq)
-    # Flat position of every token: its image's start plus its rank within the image.
-    token_image = torch.repeat_interleave(torch.arange(len(packed)), n_t)
+    start_t = seq_t * seq_len + torch.tensor(offset_in_seq)
+    # Flat position of every token: its example's start plus its rank within the example.
+    token_example = torch.repeat_interleave(torch.arange(len(packed)), n_t)
     first_token = torch.cumsum(n_t, 0) - n_t
-    flat_pos = start_t[token_image] + torch.arange(int(n_t.sum())) - first_token[token_image]
+    flat_pos = start_t[token_example] + torch.arange(int(n_t.sum())) - first_token[token_example]
 
-    first = images[packed[0]]
-    patch_dim = first.patches.shape[1]
-    patches = first.patches.new_zeros(b * max_seq_len, patch_dim)
-    patches[flat_pos] = torch.cat([images[i].patches for i in packed])
-    coords = torch.zeros(b * max_seq_len, first.coords.shape[1], dtype=torch.long)
-    coords[flat_pos] = torch.cat([images[i].coords for i in packed]).long()
-    segment_ids = torch.full((b * max_seq_len,), PAD, dtype=torch.long)
-    segment_ids[flat_pos] = slot_t[token_image]
+    def scatter(parts: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        values = torch.cat(parts)
+        out = values.new_zeros((b * seq_len, *values.shape[1:]), dtype=dtype)
+        out[flat_pos] = values if dtype is None else values.to(dtype)
+        return out.view(b, seq_len, *values.shape[1:])
 
-    slot_to_image = torch.full((b, e), PAD, dtype=torch.long)
-    slot_to_image[seq_t, slot_t] = rank_t
-    grid_sizes = torch.zeros(b, e, 2, dtype=torch.long)
-    grid_sizes[seq_t, slot_t] = torch.tensor([images[i].grid for i in packed])
+    chosen = [examples[i] for i in packed]
+    segment_ids = torch.full((b * seq_len,), PAD, dtype=torch.long)
+    segment_ids[flat_pos] = slot_t[token_example]
+    slot_to_example = torch.full((b, e), PAD, dtype=torch.long)
+    slot_to_example[seq_t, slot_t] = rank_t
+    grid_sizes = torch.zeros(b, e, chosen[0].num_axes, dtype=torch.long)
+    grid_sizes[seq_t, slot_t] = torch.tensor([x.grid for x in chosen])
 
     batch = PackedBatch(
-        patches=patches.view(b, max_seq_len, patch_dim),
-        coords=coords.view(b, max_seq_len, -1),
-        segment_ids=segment_ids.view(b, max_seq_len),
+        patches=scatter([x.patches for x in chosen]),
+        coords=scatter([x.coords for x in chosen], torch.long),
+        segment_ids=segment_ids.view(b, seq_len),
         grid_sizes=grid_sizes,
-        slot_to_image=slot_to_image,
+        slot_to_example=slot_to_example,
+        fields={name: scatter([x.fields[name] for x in chosen]) for name in chosen[0].fields},
     )
     return PackResult(batch, sorted(packed), leftover)
 
@@ -241,31 +299,33 @@ def pack(
 def pack_images(
     images: Sequence[torch.Tensor],
     patch_size: int = 16,
-    max_seq_len: int = 1024,
+    seq_len: int = 1024,
     *,
-    max_images_per_seq: int | None = None,
+    max_examples_per_seq: int | None = None,
     token_dropper: TokenDropper | None = None,
     strategy: str = "first_fit",
 ) -> PackedBatch:
-    """Patchify float [C, H, W] images of any sizes at native resolution and pack them all.
+    """The raw, differentiable call: patchify float [C, H, W] images of any sizes and pack them.
 
-    Sides are resized to the nearest multiple of ``patch_size``; an image with more than
-    ``max_seq_len`` patches is downscaled (aspect kept) to fit. No image is dropped: sequences are
-    added until every image has a place. ``token_dropper`` (in training mode) drops tokens per
-    image before packing.
+    Pixel values are used as they are (no normalisation) and sides are resized with torch's
+    antialiased bilinear filter to the nearest multiple of ``patch_size``; an image with more
+    than ``seq_len`` patches is downscaled (aspect kept) to fit. No image is dropped: sequences
+    are added until every image has a place. ``token_dropper`` (in training mode) drops tokens
+    per image before packing. To run a model on files or images as it was trained, use its
+    processor instead: ``model.processor(images)`` (:class:`navit.Processor`).
     """
-    if max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     if isinstance(images, torch.Tensor) and images.dim() == 3:
         raise TypeError("pack_images takes a list of [C, H, W] images; wrap a single image in a list")
-    tokens = [image_to_tokens(image, patch_size, max_seq_len, index=i) for i, image in enumerate(images)]
+    examples = [image_to_example(image, patch_size, seq_len, index=i) for i, image in enumerate(images)]
     channels = {image.shape[0] for image in images}
     if len(channels) > 1:
         raise ValueError(f"images have different channel counts {sorted(channels)}")
     if token_dropper is not None:
-        tokens = token_dropper(tokens)
-    result = pack(tokens, max_seq_len, max_images_per_seq=max_images_per_seq, strategy=strategy)
-    assert not result.leftover, "packing without num_seqs never leaves images over"
+        examples = token_dropper(examples)
+    result = pack(examples, seq_len, max_examples_per_seq=max_examples_per_seq, strategy=strategy)
+    assert not result.leftover, "packing without num_seqs never leaves examples over"
     return result.batch

@@ -1,4 +1,4 @@
-"""Cut one image into patches at (a resized version of) its own resolution.
+"""Examples as tokens: the ``Example`` an image (or clip) becomes, patch grids and patchifying.
 
 Sides are resized to the nearest multiple of the patch size, never cropped; an image with more
 patches than a token budget is downscaled, aspect ratio preserved, until it fits.
@@ -7,28 +7,53 @@ patches than a token budget is downscaled, aspect ratio preserved, until it fits
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 
 @dataclass
-class PatchedImage:
-    """One image as a list of tokens, before packing.
+class Example:
+    """One image or clip as a list of tokens, before packing.
 
-    ``coords`` holds one integer coordinate per axis for each patch, (row, col) for images; a
-    time axis for video is a leading extra column. ``grid`` is the full patch grid, also after
-    token dropping, so fractional positions stay those of the whole image.
+    ``coords`` holds one integer coordinate per axis for each token: (row, col) for images,
+    (time, row, col) for clips. ``grid`` is the full token grid (one size per axis), also after
+    token dropping, so fractional positions stay those of the whole example. ``fields`` are
+    per-token tensors (a target class per patch, a mask patch, ...) that travel with the tokens
+    through token dropping and packing.
     """
 
     patches: torch.Tensor  # [n, patch_dim]
-    coords: torch.Tensor  # [n, 2] long: (row, col)
-    grid: tuple[int, int]  # (rows, cols) of the full patch grid
+    coords: torch.Tensor  # [n, A] long
+    grid: tuple[int, ...]  # A sizes of the full token grid
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # each [n, ...]
+
+    def __post_init__(self) -> None:
+        n = self.patches.shape[0]
+        if self.coords.shape != (n, len(self.grid)):
+            raise ValueError(
+                f"Example.coords has shape {tuple(self.coords.shape)}; expected ({n}, {len(self.grid)}) "
+                f"for {n} tokens on a {len(self.grid)}-axis grid {self.grid}"
+            )
+        for name, value in self.fields.items():
+            if value.shape[:1] != (n,):
+                raise ValueError(f"Example field {name!r} has shape {tuple(value.shape)}; expected ({n}, ...)")
 
     @property
     def num_tokens(self) -> int:
         return self.patches.shape[0]
+
+    @property
+    def num_axes(self) -> int:
+        return len(self.grid)
+
+    def select(self, index: torch.Tensor) -> "Example":
+        """The tokens at ``index`` (with their coordinates and fields); the grid stays whole."""
+        return Example(
+            self.patches[index], self.coords[index], self.grid, {k: v[index] for k, v in self.fields.items()}
+        )
 
 
 def fit_grid(
@@ -67,41 +92,41 @@ def fit_grid(
 
 
 def resize_to_grid(image: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """Resize ``image`` [C, H, W] so that it is exactly ``grid`` patches (antialiased)."""
+    """Resize ``image`` [C, H, W] so that it is exactly ``grid`` patches (antialiased bilinear)."""
     size = (grid[0] * patch_size, grid[1] * patch_size)
     if tuple(image.shape[-2:]) == size:
         return image
-    mode = "bilinear" if image.is_floating_point() else "nearest"
-    resized = F.interpolate(
-        image[None].float(), size=size, mode=mode, antialias=mode == "bilinear", align_corners=False
-    )
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     return resized[0].to(image.dtype)
 
 
-def patchify(image: torch.Tensor, patch_size: int) -> PatchedImage:
-    """Split ``image`` [C, H, W] (H, W multiples of ``patch_size``) into row-major patches.
+def patchify(pixels: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Cut ``pixels`` [C, S_1, ..., S_A] into patches of ``patch`` = (p_1, ..., p_A) pixels.
 
-    Each patch is flattened in (patch_row, patch_col, channel) order.
+    Returns the flattened patches [n, p_1·…·p_A·C] in row-major grid order and the grid. Each
+    patch is flattened in (axis 1, ..., axis A, channel) order: (row, col, channel) for images,
+    (time, row, col, channel) for clips. Works on any dtype (the processor cuts uint8 pixels).
     """
-    channels, height, width = image.shape
-    if height % patch_size or width % patch_size:
+    channels, *sizes = pixels.shape
+    if len(sizes) != len(patch):
+        raise ValueError(f"{len(sizes)}-axis pixels need {len(sizes)} patch sizes, got {tuple(patch)}")
+    if any(s % p for s, p in zip(sizes, patch)):
         raise ValueError(
-            f"image of size {height}x{width} is not a multiple of patch_size={patch_size}; "
-            "resize it with resize_to_grid first"
+            f"pixels of size {'x'.join(map(str, sizes))} are not a multiple of the patch "
+            f"{'x'.join(map(str, patch))}; resize them to the patch grid first"
         )
-    rows, cols = height // patch_size, width // patch_size
-    patches = (
-        image.reshape(channels, rows, patch_size, cols, patch_size)
-        .permute(1, 3, 2, 4, 0)  # [rows, cols, p, p, C]
-        .reshape(rows * cols, patch_size * patch_size * channels)
-    )
-    return PatchedImage(patches=patches, coords=grid_coords(rows, cols), grid=(rows, cols))
+    grid = tuple(s // p for s, p in zip(sizes, patch))
+    split = [channels] + [d for g, p in zip(grid, patch) for d in (g, p)]
+    axes = len(grid)
+    order = [1 + 2 * a for a in range(axes)] + [2 + 2 * a for a in range(axes)] + [0]
+    patches = pixels.reshape(split).permute(order).reshape(math.prod(grid), -1)
+    return patches, grid
 
 
-def grid_coords(rows: int, cols: int) -> torch.Tensor:
-    """[rows·cols, 2] (row, col) of every patch in row-major order."""
-    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=-1)
+def grid_coords(*sizes: int) -> torch.Tensor:
+    """[prod(sizes), A] integer coordinates of every cell of a grid, in row-major order."""
+    axes = torch.meshgrid(*(torch.arange(s) for s in sizes), indexing="ij")
+    return torch.stack([a.reshape(-1) for a in axes], dim=-1)
 
 
 def check_image(image: object, index: int) -> torch.Tensor:
@@ -119,10 +144,12 @@ def check_image(image: object, index: int) -> torch.Tensor:
     return image
 
 
-def image_to_tokens(
+def image_to_example(
     image: torch.Tensor, patch_size: int, max_tokens: int | None, *, index: int = 0
-) -> PatchedImage:
-    """Resize ``image`` to its native patch grid (within ``max_tokens``) and patchify it."""
+) -> Example:
+    """The raw, differentiable path: resize a float ``image`` [C, H, W] to its native patch grid
+    (within ``max_tokens``, torch bilinear) and patchify it, values as they are (no
+    normalisation). A model's own preprocessing is ``model.processor`` (:mod:`navit.processor`)."""
     image = check_image(image, index)
     _, height, width = image.shape
     if height < patch_size or width < patch_size:
@@ -131,4 +158,5 @@ def image_to_tokens(
             "upsample it or use a smaller patch size"
         )
     grid = fit_grid(height, width, patch_size, max_tokens)
-    return patchify(resize_to_grid(image, grid, patch_size), patch_size)
+    patches, grid = patchify(resize_to_grid(image, grid, patch_size), (patch_size, patch_size))
+    return Example(patches, grid_coords(*grid), grid)

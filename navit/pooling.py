@@ -1,8 +1,8 @@
-"""Masked pooling: one vector per image from the tokens of a packed batch.
+"""Masked pooling: one vector per example from the tokens of a packed batch.
 
-Both poolings reduce over each image's own tokens with scatter operations into a fixed
-[B, E] grid of pooling slots (E = max images per sequence), so shapes never depend on how many
-images a batch holds. Empty slots come out as zeros.
+Both poolings reduce over each example's own tokens with scatter operations into a fixed
+[B, E] grid of pooling slots (E = max examples per sequence), so shapes never depend on how many
+examples a batch holds. Empty slots come out as zeros.
 """
 
 from __future__ import annotations
@@ -30,11 +30,15 @@ class MeanPool(nn.Module):
         counts = counts.scatter_add(1, index, torch.ones_like(index, dtype=tokens.dtype))
         return (sums / counts.clamp(min=1)[..., None])[:, :num_slots]
 
+    def flops(self, tokens: int, slots: int) -> int:
+        """Matmul FLOPs of a forward over ``tokens`` tokens and ``slots`` slots: none."""
+        return 0
+
 
 class MAPPool(nn.Module):
-    """Multihead attention pooling (as in big_vision's MAP head) restricted to each image.
+    """Multihead attention pooling (as in big_vision's MAP head) restricted to each example.
 
-    A learned probe queries the tokens of every slot; the softmax runs over that image's tokens
+    A learned probe queries the tokens of every slot; the softmax runs over that example's tokens
     only (a segment softmax), followed by a residual MLP.
 
     With a single query the key and value projections never need to touch every token: a score
@@ -54,6 +58,12 @@ class MAPPool(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def flops(self, tokens: int, slots: int) -> int:
+        """Matmul FLOPs of a forward over ``tokens`` tokens and ``slots`` pooling slots."""
+        dim, heads, hidden = self.probe.numel(), self.num_heads, self.mlp[0].out_features
+        once = 2 * dim * dim  # the probe's query and its key-folded form
+        return 2 * (tokens * dim * heads + slots * (2 * dim * dim + 2 * dim * hidden) + once)
 
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
         b, length, dim = tokens.shape

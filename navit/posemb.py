@@ -1,6 +1,7 @@
-"""Factorized positional embeddings (paper §2.1, §3.4) and 2-D rotary embeddings.
+"""Factorized positional embeddings (paper §2.1, §3.4) and rotary embeddings, over any number of axes.
 
-Both turn integer patch coordinates into continuous positions first:
+An example's tokens have one integer coordinate per axis: (row, col) for images, (time, row,
+col) for clips. Both embeddings turn them into continuous positions first:
 
 - ``absolute``: the patch index itself; must stay below ``max_len``.
 - ``fractional``: index / side length · ``max_len``; the same relative position at every
@@ -33,20 +34,20 @@ def check_absolute_range(coords: torch.Tensor, max_len: int) -> None:
         )
 
 
-def sincos_frequencies(num: int, axis: int, base: float = 10_000.0) -> torch.Tensor:
-    """``num`` geometric frequencies; the second axis is offset by half a step.
+def sincos_frequencies(num: int, axis: int, num_axes: int, base: float = 10_000.0) -> torch.Tensor:
+    """``num`` geometric frequencies; axis ``a`` of ``A`` is offset by ``a / A`` of a step.
 
     With identical frequencies, summing the row and column embeddings would make (r, c) and
-    (c, r) collide; the offset keeps them apart.
+    (c, r) collide; the offsets keep them apart (for images: half a step for the columns).
     """
-    exponent = (torch.arange(num, dtype=torch.float64) + 0.5 * axis) / num
+    exponent = (torch.arange(num, dtype=torch.float64) + axis / num_axes) / num
     return base ** (-exponent)
 
 
 class AxisEmbedding(nn.Module):
     """Embeds one axis' continuous positions [...] into [..., dim]."""
 
-    def __init__(self, dim: int, kind: str, max_len: int, axis: int, fourier_bands: int) -> None:
+    def __init__(self, dim: int, kind: str, max_len: int, axis: int, num_axes: int, fourier_bands: int) -> None:
         super().__init__()
         self.kind, self.max_len = kind, max_len
         if kind == "learned":
@@ -54,7 +55,8 @@ class AxisEmbedding(nn.Module):
         elif kind == "sincos":
             if dim % 2:
                 raise ValueError(f"sincos embeddings need an even dimension per axis, got {dim}")
-            self.register_buffer("freqs", sincos_frequencies(dim // 2, axis).float(), persistent=False)
+            freqs = sincos_frequencies(dim // 2, axis, num_axes)
+            self.register_buffer("freqs", freqs.float(), persistent=False)
         elif kind == "fourier":
             bands = (2.0 ** torch.arange(fourier_bands)) * math.pi
             self.register_buffer("bands", bands, persistent=False)
@@ -75,12 +77,13 @@ class AxisEmbedding(nn.Module):
 
 
 class FactorizedPosEmbed(nn.Module):
-    """Separate row and column embeddings combined by sum, stack (concatenate) or product."""
+    """One embedding per axis, combined by sum, stack (concatenate: ``dim / A`` each) or product."""
 
     def __init__(
         self,
         dim: int,
         *,
+        num_axes: int = 2,
         kind: str = "learned",
         mode: str = "fractional",
         combine: str = "sum",
@@ -90,39 +93,57 @@ class FactorizedPosEmbed(nn.Module):
         super().__init__()
         if combine not in ("sum", "stack", "product"):
             raise ValueError(f"unknown combine {combine!r}; expected sum, stack or product")
+        if combine == "stack" and dim % num_axes:
+            raise ValueError(f"combine='stack' needs dim divisible by the {num_axes} axes, got {dim}")
         self.mode, self.combine, self.max_len = mode, combine, max_len
-        axis_dim = dim // 2 if combine == "stack" else dim
+        axis_dim = dim // num_axes if combine == "stack" else dim
         self.axes = nn.ModuleList(
-            AxisEmbedding(axis_dim, kind, max_len, axis, fourier_bands) for axis in range(2)
+            AxisEmbedding(axis_dim, kind, max_len, axis, num_axes, fourier_bands) for axis in range(num_axes)
         )
 
     def forward(self, coords: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """coords, grid: [B, L, 2] (row, col) and full grid size -> [B, L, dim]."""
+        """coords, grid: [B, L, A] coordinates and full grid sizes -> [B, L, dim]."""
         pos = axis_positions(coords, grid, self.mode, self.max_len)
-        rows, cols = (embed(pos[..., a]) for a, embed in enumerate(self.axes))
-        if self.combine == "sum":
-            return rows + cols
+        per_axis = [embed(pos[..., a]) for a, embed in enumerate(self.axes)]
         if self.combine == "stack":
-            return torch.cat([rows, cols], dim=-1)
-        return rows * cols
+            return torch.cat(per_axis, dim=-1)
+        out = per_axis[0]
+        for more in per_axis[1:]:
+            out = out + more if self.combine == "sum" else out * more
+        return out
 
 
-class Rope2D(nn.Module):
-    """2-D rotary embedding: half of each head's pairs rotate with the row, half with the column."""
+def rope_pairs_per_axis(head_dim: int, num_axes: int) -> int:
+    """Rotated (x1, x2) pairs per axis: the head's ``head_dim / 2`` pairs split evenly over the
+    axes; pairs left over by the division are not rotated."""
+    return (head_dim // 2) // num_axes
 
-    def __init__(self, head_dim: int, *, mode: str, max_len: int, theta: float = 100.0) -> None:
+
+class Rope(nn.Module):
+    """Rotary embedding over A axes: each axis rotates its own share of each head's pairs.
+
+    For images (A = 2) half of the pairs rotate with the row and half with the column; for
+    clips (A = 3) a third each with time, row and column.
+    """
+
+    def __init__(self, head_dim: int, *, num_axes: int = 2, mode: str, max_len: int, theta: float = 100.0) -> None:
         super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-        self.mode, self.max_len = mode, max_len
-        quarter = head_dim // 4
-        freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+        pairs = rope_pairs_per_axis(head_dim, num_axes)
+        if head_dim % 2 or pairs < 1:
+            raise ValueError(
+                f"RoPE over {num_axes} axes needs an even head_dim of at least {2 * num_axes}, got {head_dim}"
+            )
+        self.mode, self.max_len, self.num_axes = mode, max_len, num_axes
+        self.unrotated = head_dim // 2 - pairs * num_axes
+        freqs = theta ** (-torch.arange(pairs, dtype=torch.float64) / pairs)
         self.register_buffer("freqs", freqs.float(), persistent=False)
 
     def forward(self, coords: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (cos, sin), each [B, L, 1, head_dim / 2], shared by every layer."""
+        """coords, grid [B, L, A] -> (cos, sin), each [B, L, 1, head_dim / 2], shared by every layer."""
         pos = axis_positions(coords, grid, self.mode, self.max_len)
-        angles = torch.cat([pos[..., 0:1] * self.freqs, pos[..., 1:2] * self.freqs], dim=-1)
+        angles = [pos[..., a : a + 1] * self.freqs for a in range(self.num_axes)]
+        angles.append(pos.new_zeros(*pos.shape[:-1], self.unrotated))
+        angles = torch.cat(angles, dim=-1)
         return angles.cos()[:, :, None], angles.sin()[:, :, None]
 
 

@@ -1,4 +1,4 @@
-"""Continuous token dropping (paper §3.3): a drop rate per image, applied before packing.
+"""Continuous token dropping (paper §3.3): a drop rate per example, applied before packing.
 
 Dropping before packing means dropped tokens never take sequence space, which is where the
 speed-up comes from. The number of kept tokens is rounded stochastically, so the kept fraction
@@ -12,14 +12,14 @@ from typing import Protocol
 
 import torch
 
-from navit.patchify import PatchedImage
+from navit.patchify import Example
 
 
 class DropRate(Protocol):
-    """A distribution of per-image drop rates in [0, 1)."""
+    """A distribution of per-example drop rates in [0, 1)."""
 
     def sample(self, num_tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One rate per image; ``num_tokens`` [N] lets rates depend on resolution."""
+        """One rate per example; ``num_tokens`` [N] lets rates depend on resolution."""
         ...
 
 
@@ -132,17 +132,17 @@ class ResolutionRate:
 
 
 def num_kept(num_tokens: torch.Tensor, rates: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Tokens to keep per image: stochastic rounding of (1 - rate)·n, at least 1."""
+    """Tokens to keep per example: stochastic rounding of (1 - rate)·n, at least 1."""
     expected = (1.0 - rates.double()) * num_tokens.double()
     u = torch.rand(expected.shape, generator=generator, dtype=torch.float64)
     return torch.floor(expected + u).long().clamp(min=1, max=None).minimum(num_tokens)
 
 
 class TokenDropper:
-    """Drops a random subset of each image's tokens during training; a no-op in eval mode.
+    """Drops a random subset of each example's tokens during training; a no-op in eval mode.
 
     Mirrors ``nn.Module``'s ``train()`` / ``eval()`` so a training loop can switch it with the
-    model; kept tokens keep their original coordinates and the image keeps its full grid.
+    model; kept tokens keep their original coordinates and the example keeps its full grid.
     """
 
     def __init__(self, rate: DropRate | float, *, seed: int = 0) -> None:
@@ -159,30 +159,30 @@ class TokenDropper:
 
     def __call__(
         self,
-        images: list[PatchedImage],
+        examples: list[Example],
         *,
         generator: torch.Generator | None = None,
         scale: float = 1.0,
-    ) -> list[PatchedImage]:
-        """Drop tokens of each image; ``scale`` multiplies the sampled rates (for schedules).
+    ) -> list[Example]:
+        """Drop tokens of each example; ``scale`` multiplies the sampled rates (for schedules).
 
         ``generator`` overrides the dropper's own, so a data-loader worker can draw from a
-        per-image seed and stay deterministic whatever the worker count.
+        per-example seed and stay deterministic whatever the worker count.
         """
-        if not self.training or not images:
-            return images
+        if not self.training or not examples:
+            return examples
         generator = generator if generator is not None else self.generator
-        lengths = torch.tensor([image.num_tokens for image in images])
+        lengths = torch.tensor([example.num_tokens for example in examples])
         rates = self.rate.sample(lengths, generator) * scale
         if not torch.all((rates >= 0) & (rates < 1)):
             raise ValueError(f"drop-rate distribution {self.rate} produced a rate outside [0, 1)")
         keep = num_kept(lengths, rates, generator).tolist()
         out = []
-        for image, k in zip(images, keep):
-            if k == image.num_tokens:
-                out.append(image)
+        for example, k in zip(examples, keep):
+            if k == example.num_tokens:
+                out.append(example)
                 continue
-            kept = torch.randperm(image.num_tokens, generator=generator)[:k].sort().values
-            out.append(PatchedImage(image.patches[kept], image.coords[kept], image.grid))
+            kept = torch.randperm(example.num_tokens, generator=generator)[:k].sort().values
+            out.append(example.select(kept))
         return out
 

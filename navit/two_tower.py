@@ -107,10 +107,10 @@ class ImageTextModel(nn.Module):
     and ``None`` for softmax. ``forward(batch, ids, mask)`` returns ``(img_emb, txt_emb)``.
     """
 
-    def __init__(self, config: ImageTextConfig) -> None:
+    def __init__(self, config: ImageTextConfig, processor=None) -> None:
         super().__init__()
         self.config = cfg = config
-        self.image = NaViT(cfg.image)
+        self.image = NaViT(cfg.image, processor)
         self.text = TextTransformer(
             cfg.vocab_size,
             width=cfg.text_width,
@@ -141,6 +141,34 @@ class ImageTextModel(nn.Module):
         if self.config.vocab_size != ByteTokenizer.NUM_BYTES + 3:
             raise ValueError(f"vocab_size={self.config.vocab_size} is not the byte tokenizer's")
         return ByteTokenizer(max_len=self.config.text_max_len, **kwargs)
+
+    @property
+    def processor(self):
+        """The image tower's :class:`navit.Processor`."""
+        return self.image.processor
+
+    @processor.setter
+    def processor(self, processor) -> None:
+        self.image.processor = processor
+
+    def no_weight_decay(self) -> set[str]:
+        """The image tower's exclusions, plus 1-D parameters, the text positions and the logit scalars."""
+        image = {f"image.{n}" for n in self.image.no_weight_decay()}
+        return image | {n for n, p in self.named_parameters() if p.dim() < 2 or n == "text.pos_embed"}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Every transformer block of both towers."""
+        return [*self.image.fsdp_units(), *self.text.blocks]
+
+    def flops(self, batch: PackedBatch, text_shape: tuple[int, int], *, training: bool = False) -> int:
+        """FLOPs (matmuls) of a forward, or a training step, over ``batch`` and texts whose ids
+        are ``text_shape`` [N, T] (see :meth:`navit.NaViT.flops`)."""
+        cfg = self.config
+        (num_texts, length), width = text_shape, cfg.text_width
+        hidden = int(width * cfg.text_mlp_ratio)
+        per_text = length * cfg.text_depth * (4 * width * width + 2 * width * hidden + 2 * length * width)
+        projections = batch.num_examples * cfg.image.embed_dim * cfg.embed_dim + num_texts * width * cfg.embed_dim
+        return self.image.flops(batch, training=training) + (6 if training else 2) * (num_texts * per_text + projections)
 
     # -- encoders ------------------------------------------------------------------------------
     def encode_image(self, batch: PackedBatch) -> torch.Tensor:

@@ -93,6 +93,11 @@ class ZeroShotClassifier(nn.Module):
         self.model = model
         self.register_buffer("weights", zero_shot_weights(model, tokenizer, class_names))
 
+    @property
+    def processor(self):
+        """The image tower's :class:`navit.Processor`."""
+        return self.model.processor
+
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Cosine similarities times the model's learned temperature, so softmax is meaningful."""
         scale = self.model.logit_scale.exp()

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from navit import NaViTConfig, create_model
 from navit.packing import PAD, PackedBatch
-from navit.patchify import PatchedImage
+from navit.patchify import Example
 
 PATCH = 8  # patch size of the tiny test models
 
@@ -61,7 +61,7 @@ def random_images(sizes: Sequence[tuple[int, int]], channels: int = 3, seed: int
     return [torch.randn(channels, h, w, generator=generator) for h, w in sizes]
 
 
-def labelled_image(index: int, num_tokens: int, grid: tuple[int, int] | None = None) -> PatchedImage:
+def labelled_image(index: int, num_tokens: int, grid: tuple[int, int] | None = None) -> Example:
     """A patchified image whose patch ``t`` is ``[index, t, 1]``: every token says where it came from.
 
     The trailing 1 tells a real token from padding (which the packer fills with zeros).
@@ -70,19 +70,19 @@ def labelled_image(index: int, num_tokens: int, grid: tuple[int, int] | None = N
     t = torch.arange(num_tokens)
     patches = torch.stack([torch.full((num_tokens,), float(index)), t.float(), torch.ones(num_tokens)], dim=1)
     coords = torch.stack([t // grid[1], t % grid[1]], dim=1)
-    return PatchedImage(patches=patches, coords=coords, grid=grid)
+    return Example(patches=patches, coords=coords, grid=grid)
 
 
 def image_of_slot(batch: PackedBatch) -> torch.Tensor:
     """[B, L] batch image number (row of model outputs) of every token, PAD at padding."""
     slot = batch.segment_ids.clamp(min=0)
-    image = torch.gather(batch.slot_to_image, 1, slot)
+    image = torch.gather(batch.slot_to_example, 1, slot)
     return torch.where(batch.token_mask, image, torch.full_like(image, PAD))
 
 
 def image_tokens(batch: PackedBatch, image: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(patches, coords) of batch image ``image`` in the order they sit in their sequence."""
-    seq, slot = divmod(int(batch.image_slots()[image]), batch.max_images_per_seq)
+    seq, slot = divmod(int(batch.example_slots()[image]), batch.max_examples_per_seq)
     mask = batch.segment_ids[seq] == slot
     return batch.patches[seq][mask], batch.coords[seq][mask]
 
@@ -109,8 +109,8 @@ def _seed_everything():
 # Command-line options of a tiny, fast training run (for the CLI tests).
 TINY_TRAIN = [
     "--model-args", "embed_dim=32", "depth=1", "num_heads=2", "pos_max_len=32",
-    "--max-tokens", "16", "--seq-len", "64", "--seqs-per-batch", "2", "--buffer-size", "8",
-    "--eval-budgets", "4", "16", "--log-every", "1", "--warmup-steps", "2", "--workers", "0",
+    "--max-tokens", "16", "--seq-len", "64", "--num-seqs", "2", "--buffer-size", "8",
+    "--budgets", "4", "16", "--log-every", "1", "--warmup-steps", "2", "--workers", "0",
 ]  # fmt: skip
 
 

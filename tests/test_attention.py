@@ -25,7 +25,7 @@ from navit.attention.base import HALF_DTYPES
 from navit.attention.bucketed import BucketedBackend, matmul_attention
 from navit.attention.varlen import VarlenBackend
 from navit.packing import PAD
-from navit.patchify import image_to_tokens
+from navit.patchify import Example, grid_coords, image_to_example
 
 CPU_BACKENDS = available_backends("cpu")
 CUDA = torch.cuda.is_available()
@@ -73,7 +73,7 @@ def reference_attention(q, k, v, segment_ids):
 )
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "bucketed-dense-fallback"])
 def test_backend_matches_per_image_attention(backend, lengths, max_images, seed):
-    batch = pack([labelled_image(i, n) for i, n in enumerate(lengths)], 20, max_images_per_seq=max_images).batch
+    batch = pack([labelled_image(i, n) for i, n in enumerate(lengths)], 20, max_examples_per_seq=max_images).batch
     generator = torch.Generator().manual_seed(seed)
     b, length = batch.segment_ids.shape
     q, k, v = torch.randn(3, b, length, 2, 8, generator=generator, dtype=torch.float64)
@@ -179,10 +179,10 @@ def test_auto_routing_on_cuda(half, has_flex, has_varlen, monkeypatch):
 # Model-level isolation.
 
 
-def logits_and_pixel_grads(model, images, max_seq_len, weights, device="cpu", autocast_dtype=None):
+def logits_and_pixel_grads(model, images, seq_len, weights, device="cpu", autocast_dtype=None):
     """Logits of ``images`` packed together, and d(sum(weights · logits)) / d(pixels) per image."""
     leaves = [image.clone().requires_grad_() for image in images]
-    batch = pack_images(leaves, PATCH, max_seq_len).to(device)
+    batch = pack_images(leaves, PATCH, seq_len).to(device)
     half = autocast_dtype is not None
     with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.bfloat16, enabled=half):
         logits = model(batch)
@@ -196,8 +196,8 @@ def isolation_results(model, device="cpu", autocast_dtype=None, alone_model=None
     weights = torch.randn(len(SIZES), model.config.num_classes, generator=torch.Generator().manual_seed(2))
     logits, grads, batch = logits_and_pixel_grads(model, images, PACKED_LEN, weights, device, autocast_dtype)
     # The test is only meaningful if the target really shares its sequence.
-    seq = int(batch.image_slots()[TARGET]) // batch.max_images_per_seq
-    assert int((batch.slot_to_image[seq] != PAD).sum()) >= 3
+    seq = int(batch.example_slots()[TARGET]) // batch.max_examples_per_seq
+    assert int((batch.slot_to_example[seq] != PAD).sum()) >= 3
     alone_logits, alone_grads, alone = logits_and_pixel_grads(
         alone_model or model, [images[TARGET]], ALONE_LEN, weights[TARGET : TARGET + 1], device
     )
@@ -234,6 +234,46 @@ def test_isolation_in_bf16_on_cpu_against_dense_fp32(config):
     assert_rel_close(packed, alone, 5e-2, "bf16 bucketed logits")
     cosine = torch.nn.functional.cosine_similarity(packed_grad.flatten(), alone_grad.flatten(), dim=0)
     assert cosine > 0.98, f"bf16 bucketed pixel gradients: cosine {cosine:.4f}"
+
+
+AXIS_GRIDS = {
+    1: [(9,), (5,), (7,), (3,), (12,)],
+    2: [(3, 3), (2, 3), (1, 4), (2, 2), (4, 3)],
+    3: [(2, 2, 2), (1, 2, 3), (3, 1, 2), (1, 1, 4), (2, 3, 2)],
+}
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("num_axes", sorted(AXIS_GRIDS))
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "auto"])
+def test_isolation_over_any_number_of_axes(backend, num_axes, rope):
+    """The core invariant for 1-, 2- and 3-axis examples (clips of 2-frame tubelets): logits and
+    the gradients with respect to the example's patches are the same packed with others as alone."""
+    temporal = 2 if num_axes == 3 else 1
+    model = tiny_model(attn_backend=backend, num_axes=num_axes, temporal_patch_size=temporal, rope=rope)
+    generator = torch.Generator().manual_seed(num_axes)
+    examples = []
+    for grid in AXIS_GRIDS[num_axes]:
+        coords = grid_coords(*grid)
+        patches = torch.randn(len(coords), model.config.patch_dim, generator=generator)
+        examples.append(Example(patches, coords, grid))
+    weights = torch.randn(len(examples), model.config.num_classes, generator=generator)
+
+    def run(chosen, seq_len, rows):
+        leaves = [Example(x.patches.clone().requires_grad_(), x.coords, x.grid) for x in chosen]
+        batch = pack(leaves, seq_len).batch
+        logits = model(batch)
+        (logits * weights[rows]).sum().backward()
+        return logits.detach(), [leaf.patches.grad for leaf in leaves], batch
+
+    logits, grads, batch = run(examples, 24, list(range(len(examples))))
+    seq = int(batch.example_slots()[TARGET]) // batch.max_examples_per_seq
+    assert int((batch.slot_to_example[seq] != PAD).sum()) >= 3, "the target shares its sequence"
+    alone_logits, alone_grads, alone = run([examples[TARGET]], 16, [TARGET])
+    assert not alone.token_mask.all(), "alone, the target sits next to padding"
+    assert (logits[0] - logits[TARGET]).abs().max() > 1e-2 * logits.abs().max()
+    assert_rel_close(logits[TARGET], alone_logits[0], 1e-5, "logits")
+    assert_rel_close(grads[TARGET], alone_grads[0], 1e-5, "patch gradients")
 
 
 def test_isolation_also_holds_for_pixels_of_the_other_images():
@@ -279,8 +319,8 @@ def assert_param_grads_close(actual: dict, expected: dict, rtol: float) -> None:
 def test_backend_matches_dense_outputs_and_parameter_gradients(backend, config):
     dense = tiny_model(attn_backend="dense", **config)
     other = with_backend(dense, backend)
-    batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24, max_images_per_seq=4)
-    weights = torch.randn(batch.num_images, dense.config.num_classes)
+    batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24, max_examples_per_seq=4)
+    weights = torch.randn(batch.num_examples, dense.config.num_classes)
     ref_features, ref_logits, ref_grads = features_logits_grads(dense, batch, weights)
     features, logits, grads = features_logits_grads(other, batch, weights)
     real = batch.token_mask
@@ -333,8 +373,8 @@ def test_compiled_model_matches_eager_and_compiles_once_per_packed_shape(backend
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin)
     for i, sizes in enumerate(COMPILE_LAYOUTS):
-        tokens = [image_to_tokens(image, PATCH, 32, index=j) for j, image in enumerate(random_images(sizes, seed=i))]
-        result = pack(tokens, 32, max_images_per_seq=4, num_seqs=3)
+        tokens = [image_to_example(image, PATCH, 32, index=j) for j, image in enumerate(random_images(sizes, seed=i))]
+        result = pack(tokens, 32, max_examples_per_seq=4, num_seqs=3)
         assert not result.leftover
         with torch._dynamo.config.patch(error_on_recompile=i >= 2):
             logits, grads = logits_and_grads(compiled, twin, result.batch)
@@ -425,8 +465,8 @@ def test_half_precision_backend_matches_dense_under_the_same_bf16_autocast(backe
     # on features and by more than 1 on gradients; correct code is within 1.2e-3 and 1.8e-2.
     dense = tiny_model(attn_backend="dense", **config)
     other = with_backend(dense, backend)
-    batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24, max_images_per_seq=4)
-    weights = torch.randn(batch.num_images, dense.config.num_classes)
+    batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24, max_examples_per_seq=4)
+    weights = torch.randn(batch.num_examples, dense.config.num_classes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_features, ref_logits, ref_grads = features_logits_grads(dense, batch, weights)
         features, logits, grads = features_logits_grads(other, batch, weights)
@@ -481,7 +521,7 @@ class TestCuda:
         dense = tiny_model(attn_backend="dense", pool="map", rope=True).to(self.DEVICE)
         other = with_backend(dense, backend)
         batch = pack_images(random_images(SIZES + [(40, 8), (8, 8)], seed=3), PATCH, 24).to(self.DEVICE)
-        weights = torch.randn(batch.num_images, dense.config.num_classes, device=self.DEVICE)
+        weights = torch.randn(batch.num_examples, dense.config.num_classes, device=self.DEVICE)
         ref_features, ref_logits, ref_grads = features_logits_grads(dense, batch, weights)
         real = batch.token_mask
         if backend == "varlen":

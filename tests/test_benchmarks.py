@@ -28,7 +28,7 @@ def test_peers_runs_train_and_inference_in_bf16(tmp_path):
     run_script(
         "peers.py", "--quick", "--sections", "train", "infer", "--mixes", "paper",
         "--impls", "navit", "navit-dense", "ceiling", "--depth", "1", "--seq-len", "256",
-        "--num-seqs", "2", "--max-images-per-seq", "8", "--repeats", "1", "--infer-repeats", "1",
+        "--num-seqs", "2", "--max-examples-per-seq", "8", "--repeats", "1", "--infer-repeats", "1",
         "--warmup", "0", "--precision", "bf16", "--out", str(out),
     )
     result = json.loads(out.read_text())

@@ -25,6 +25,7 @@ from navit.data import (
     open_source,
     shard,
     split_holdout,
+    with_class_names,
     write_image_folder,
 )
 from navit.data.decode import BACKGROUND_RGB
@@ -525,3 +526,47 @@ def test_open_source_dispatch_and_errors(tmp_path):
         open_source(str(tmp_path / "weights.bin"))
     with pytest.raises(ValueError):
         open_source("")
+
+
+def test_every_source_gives_items_as_dicts(tmp_path):
+    """``item(i)`` is the image, the label and whatever else the source has (a caption)."""
+    _make_images(tmp_path / "imgs", [(255, 0, 0), (0, 255, 0)])
+    (tmp_path / "m.csv").write_text("path,label,caption\nimgs/0.png,a,red square\nimgs/1.png,b,green one\n")
+    _write_shards(tmp_path / "shards")
+    write_image_folder(SyntheticShapes(6, seed=1, max_side=40), tmp_path / "folder", progress=False)
+    sources = {
+        "manifest": Manifest(tmp_path / "m.csv"),
+        "shards": TarShards(str(tmp_path / "shards" / "*.tar")),
+        "folder": ImageFolder(tmp_path / "folder"),
+        "synthetic": SyntheticShapes(6, seed=1, max_side=40),
+    }
+    for name, source in sources.items():
+        for i in range(len(source)):
+            item = source.item(i)
+            assert item["label"] == source.label(i), name
+            assert np.array_equal(np.asarray(item["image"]), np.asarray(source.load(i))), name
+    assert sources["manifest"].item(1)["caption"] == "green one"
+    assert sources["synthetic"].item(2)["caption"] == sources["synthetic"].caption(2)
+    assert "caption" not in sources["folder"].item(0)
+    sub = Subset(sources["synthetic"], [4, 2])
+    assert sub.item(1)["caption"] == sources["synthetic"].caption(2)
+
+
+def test_with_class_names_matches_classes_by_name(tmp_path):
+    full = sorted(CLASS_NAMES)
+    write_image_folder(SyntheticShapes(12, seed=2, max_side=40), tmp_path / "all", progress=False)
+    # A folder that lacks the first two classes: its own numbering starts at the third class.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for folder in sorted((tmp_path / "all").iterdir())[2:]:
+        folder.rename(partial / folder.name)
+    source = ImageFolder(partial)
+    assert source.class_names == full[2:] and source.label(0) == 0
+    matched = with_class_names(source, full)
+    assert matched.class_names == full
+    for i in range(len(source)):
+        name = os.path.basename(os.path.dirname(source.describe(i)))
+        assert full[matched.label(i)] == name and full[matched.item(i)["label"]] == name
+    assert with_class_names(source, source.class_names) is source  # nothing to match
+    with pytest.raises(ValueError, match=r"--data x has classes \['tall_ellipse'\] that the model does not know"):
+        with_class_names(source, [n for n in full if n != "tall_ellipse"], "--data x")

@@ -16,9 +16,9 @@ from conftest import TINY_TRAIN, random_images, run_ranks, tiny_model
 
 from navit import distributed as D
 from navit import pack_images
-from navit.train import TrainConfig, global_loss
+from navit.tasks import get_task
 
-CFG = TrainConfig(label_smoothing=0.1)
+TASK = get_task("classify", {"label_smoothing": 0.1}, [str(i) for i in range(7)])
 # Rank 0 holds 2 images, rank 1 holds 5: uneven, as packing makes them.
 SIZES = [(16, 24), (24, 24), (8, 32), (16, 16), (32, 16), (24, 8), (16, 40)]
 SPLIT = 2
@@ -37,10 +37,10 @@ def _ddp_rank_step(rank: int, world: int, out: str) -> None:
     images, labels = _data()
     mine = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
     batch = pack_images(images[mine], 8, 32)
-    loss, _, count = global_loss(wrapped(batch), labels[mine], CFG, info, torch.device("cpu"))
-    loss.backward()
+    step = TASK.loss(wrapped, model, batch, {"label": labels[mine]}, info, torch.device("cpu"))
+    step.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"grads": grads, "images": count}, f"{out}/rank{rank}.pt")
+    torch.save({"grads": grads, "images": step.examples}, f"{out}/rank{rank}.pt")
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -58,8 +58,9 @@ def test_ddp_gradients_match_single_process_for_uneven_ranks(tmp_path):
     run_ranks(_ddp_worker, 2, (2, str(tmp_path / "init"), str(tmp_path)))
     model = tiny_model(seed=0).train()
     images, labels = _data()
-    loss, _, count = global_loss(model(pack_images(images, 8, 32)), labels, CFG, D.DistInfo(), torch.device("cpu"))
-    loss.backward()
+    step = TASK.loss(model, model, pack_images(images, 8, 32), {"label": labels}, D.DistInfo(), torch.device("cpu"))
+    step.loss.backward()
+    count = step.examples
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["images"] == count == len(SIZES)

@@ -4,19 +4,20 @@ import pytest
 
 from navit.data.loader import DropSchedule, PackedLoader
 from navit.data.synthetic import SyntheticShapes
-from navit.data.transforms import ImagePipeline, ResolutionSampler
+from navit.data.transforms import ExampleTransform, ResolutionSampler
+from navit.processor import Processor
 from navit.token_drop import ConstantRate, TokenDropper
 
 
 def make_loader(num_images=48, workers=0, **overrides):
     options = dict(
         source=SyntheticShapes(num_images=num_images, seed=3, max_side=160),
-        pipeline=ImagePipeline(
-            patch_size=16, max_tokens=32, resolution=ResolutionSampler(mode="side", min_res=32, max_res=128)
+        transform=ExampleTransform(
+            Processor(patch_size=16, max_tokens=32), ResolutionSampler(res_mode="side", res_min=32, res_max=128)
         ),
         seq_len=64,
         num_seqs=2,
-        max_images_per_seq=8,
+        max_examples_per_seq=8,
         buffer_size=16,
         seed=7,
         num_workers=workers,
@@ -35,18 +36,22 @@ def test_every_image_once_per_epoch_with_fixed_shapes():
     seen = []
     for item in loader:
         assert item.batch.patches.shape[:2] == (2, 64)
-        assert item.batch.slot_to_image.shape == (2, 8)
-        assert item.labels.shape == item.indices.shape == (item.batch.num_images,)
+        assert item.batch.slot_to_example.shape == (2, 8)
+        assert item.targets["label"].shape == item.indices.shape == (item.batch.num_examples,)
         seen += item.indices.tolist()
     assert sorted(seen) == list(range(48))
     assert loader.epoch == 1
 
 
-def test_labels_follow_output_rows():
+def test_targets_follow_output_rows():
     loader = make_loader()
     source = loader.source
     for item in loader:
-        assert item.labels.tolist() == [source.label(i) for i in item.indices.tolist()]
+        assert item.targets["label"].tolist() == [source.label(i) for i in item.indices.tolist()]
+    # A task's own targets (here: label and caption) travel the same way.
+    loader = make_loader(targets=lambda item: {"label": item["label"], "caption": item["caption"]})
+    for item in loader:
+        assert item.targets["caption"] == [source.caption(i) for i in item.indices.tolist()]
 
 
 def test_deterministic_and_independent_of_worker_count():
@@ -99,14 +104,14 @@ def test_sigmoid_drop_schedule_moves_from_start_to_end():
 
 def test_bad_images_are_skipped_and_counted(tmp_path):
     class Broken(SyntheticShapes):
-        def load(self, index):
+        def item(self, index):
             if index % 5 == 0:
                 raise ValueError(f"cannot decode image broken-{index}.png")
-            return super().load(index)
+            return super().item(index)
 
     source = Broken(num_images=20, seed=0, max_side=96)
     loader = make_loader(source=source)
-    with pytest.warns(UserWarning, match="skipping image"):
+    with pytest.warns(UserWarning, match="skipping synthetic"):
         seen = [i for item in loader for i in item.indices.tolist()]
     assert sorted(seen) == [i for i in range(20) if i % 5]
     assert sum(loader.skipped.values()) == 4
@@ -115,7 +120,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
 
 
 def test_impossible_loader_settings_fail_early():
-    with pytest.raises(ValueError, match="exceeds seq_len"):
+    with pytest.raises(ValueError, match="32 tokens, which exceeds seq_len=16"):
         make_loader(seq_len=16)
     with pytest.raises(ValueError, match="empty"):
         make_loader(source=SyntheticShapes(num_images=0))

@@ -15,14 +15,14 @@ from navit import NaViT, NaViTConfig, create_model, list_models, pack, pack_imag
 from navit.attention import BACKENDS
 from navit.config import ATTN_BACKENDS
 from navit.model import drop_path
-from navit.patchify import image_to_tokens
+from navit.patchify import image_to_example
 from navit.pooling import MAPPool, slot_index
 
 SIZES = [(16, 24), (24, 24), (8, 32), (32, 16), (16, 16), (24, 8)]
 
 
-def batch_of(sizes=SIZES, max_seq_len=24, seed=0, **kwargs):
-    return pack_images(random_images(sizes, seed=seed), PATCH, max_seq_len, **kwargs)
+def batch_of(sizes=SIZES, seq_len=24, seed=0, **kwargs):
+    return pack_images(random_images(sizes, seed=seed), PATCH, seq_len, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,18 +31,18 @@ def batch_of(sizes=SIZES, max_seq_len=24, seed=0, **kwargs):
 
 def test_presets_cover_every_size_and_patch():
     names = list_models()
-    assert names == sorted(f"navit_{size}{patch}" for size in ("ti", "s", "b", "l") for patch in (16, 32))
+    assert names == sorted(f"navit_{size}{patch}" for size in ("mini", "ti", "s", "b", "l") for patch in (16, 32))
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_preset_builds_and_classifies(name):
-    # Only the Ti presets are built at full depth; the others with one block to stay fast.
-    full = name.startswith("navit_ti")
+    # The mini and Ti presets are built at full depth; the others with one block to stay fast.
+    full = name.startswith(("navit_ti", "navit_mini"))
     model = create_model(name, num_classes=10, **({} if full else {"depth": 1})).eval()
-    patch = int(name.removeprefix("navit_").lstrip("tisbl"))
+    patch = int(name.removeprefix("navit_").lstrip("mintisbl"))
     assert model.config.patch_size == patch
     assert len(model.blocks) == (model.config.depth if full else 1)
-    if full:
+    if name.startswith("navit_ti"):
         assert model.config.depth == 12
     batch = pack_images(random_images([(patch, 2 * patch), (patch, patch)]), patch, 4)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_num_classes_zero_gives_features():
 @pytest.mark.parametrize("pool", ["map", "mean"])
 def test_output_shapes_and_padding(pool):
     model = tiny_model(pool=pool)
-    batch = batch_of(max_images_per_seq=4)
+    batch = batch_of(max_examples_per_seq=4)
     assert not batch.token_mask.all(), "the batch should contain padding"
     with torch.no_grad():
         features = model.forward_features(batch)
@@ -101,7 +101,7 @@ def test_output_shapes_and_padding(pool):
     torch.testing.assert_close(model.head(embeddings), logits)
     slots = model.pool_slots(features, batch)
     assert slots.shape == (batch.num_seqs, 4, d)
-    empty = batch.slot_to_image == -1
+    empty = batch.slot_to_example == -1
     assert empty.any() and (slots[empty] == 0).all()
 
 
@@ -112,7 +112,7 @@ def test_mean_pool_averages_each_images_tokens():
         features = model.forward_features(batch)
         embeddings = model.embed(batch)
     owner = image_of_slot(batch)
-    for j in range(batch.num_images):
+    for j in range(batch.num_examples):
         torch.testing.assert_close(embeddings[j], features[owner == j].mean(0))
 
 
@@ -132,8 +132,8 @@ def test_outputs_follow_input_order(strategy):
 def test_outputs_of_a_batch_with_leftovers_follow_the_packed_images():
     model = tiny_model()
     images = random_images([(16, 16), (24, 24), (8, 24)], seed=2)  # 4, 9, 3 tokens
-    tokens = [image_to_tokens(image, PATCH, 10) for image in images]
-    result = pack(tokens, 10, num_seqs=1, max_images_per_seq=2)
+    tokens = [image_to_example(image, PATCH, 10) for image in images]
+    result = pack(tokens, 10, num_seqs=1, max_examples_per_seq=2)
     assert result.packed == [0, 2] and result.leftover == [1]
     with torch.no_grad():
         logits = model(result.batch)
@@ -157,7 +157,7 @@ def test_token_dropped_batches_run_with_fractional_positions():
 def test_a_few_adamw_steps_reduce_the_loss():
     torch.manual_seed(0)
     model = tiny_model(attn_backend="bucketed", drop_path=0.1).train()
-    batch = batch_of(max_seq_len=32, seed=5)
+    batch = batch_of(seq_len=32, seed=5)
     labels = torch.arange(len(SIZES)) % model.config.num_classes
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -173,7 +173,7 @@ def test_a_few_adamw_steps_reduce_the_loss():
 
 def drop_path_context(batch):
     """The two fields of the model's ForwardContext that drop_path reads."""
-    slots = batch.max_images_per_seq
+    slots = batch.max_examples_per_seq
     return SimpleNamespace(slot_index=slot_index(batch.segment_ids, slots), num_slots=slots)
 
 
@@ -251,7 +251,9 @@ def test_unknown_attention_backend_is_rejected_when_configuring():
         (dict(pool="cls"), "NaViTConfig.pool='cls'"),
         (dict(depth=0), "NaViTConfig.depth must be >= 1, got 0"),
         (dict(embed_dim=30, num_heads=4), "embed_dim=30 is not divisible by num_heads=4"),
-        (dict(embed_dim=24, num_heads=4, rope=True), "rope=True needs head_dim divisible by 4, got 6"),
+        (dict(embed_dim=12, num_heads=4, rope=True), "rope=True over 2 axes needs an even head_dim of at least 4, got 3"),
+        (dict(num_axes=2, temporal_patch_size=2), "temporal_patch_size=2 needs a time axis: num_axes=3"),
+        (dict(num_axes=3, embed_dim=32, pos_combine="stack"), "needs embed_dim divisible by num_axes=3, got 32"),
         (dict(num_classes=-1), "num_classes must be >= 0"),
     ],
 )
@@ -262,14 +264,14 @@ def test_invalid_configs_are_rejected(overrides, message):
 
 def test_model_takes_only_a_packed_batch():
     model = tiny_model()
-    with pytest.raises(TypeError, match="takes a navit.PackedBatch, got Tensor; build one with navit.pack_images"):
+    with pytest.raises(TypeError, match="takes a navit.PackedBatch, got Tensor; build one with model.processor"):
         model(torch.randn(2, 3, 16, 16))
 
 
 def test_patch_dim_mismatch():
     model = tiny_model()  # patch 8, 3 channels: 192 values per patch
     batch = pack_images(random_images([(32, 32)]), 16, 8)
-    expected = r"768 values each, but the model expects patch_size=8 with 3 channels \(192 values\)"
+    expected = r"768 values each, but the model expects patch_size=8 with 3 channels \(8x8x3 = 192 values\)"
     with pytest.raises(ValueError, match=expected):
         model(batch)
     grey = pack_images(random_images([(16, 16)], channels=1), PATCH, 8)
@@ -318,3 +320,89 @@ def test_map_pool_equals_the_textbook_form_with_gradients():
     assert (fast[0, 3] == 0).all() and (fast[1, 2:] == 0).all(), "empty slots must be zero"
     for (name, _), a, b in zip([("tokens", None), *pool.named_parameters()], fast_grads, slow_grads):
         assert_rel_close(a, b, 1e-5, f"gradient of {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# What the training loop asks of a model.
+
+
+def math_sdpa(q, k, v, attn_mask=None):
+    """Attention as plain matmuls, which torch's flop counter sees (its CPU kernel it does not)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~attn_mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("pool", ["map", "mean"])
+@pytest.mark.parametrize("num_axes", [2, 3])
+def test_flops_match_torch_flop_counter_for_forward_and_training(pool, num_axes, monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from navit import Example
+    from navit.patchify import grid_coords
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", math_sdpa)
+    model = tiny_model(attn_backend="dense", pool=pool, num_axes=num_axes)
+    grids = [(2, 3), (3, 2), (1, 6)] if num_axes == 2 else [(1, 2, 3), (2, 3, 1), (1, 1, 6)]
+    # One example per sequence and no padding: dense attention then costs exactly Σ nᵢ².
+    examples = [Example(torch.randn(6, model.config.patch_dim), grid_coords(*g), g) for g in grids]
+    batch = pack(examples, 6, max_examples_per_seq=1).batch
+    with FlopCounterMode(display=False) as forward:
+        model(batch)
+    with FlopCounterMode(display=False) as training:
+        model(batch).sum().backward()
+    assert model.flops(batch) == forward.get_total_flops()
+    assert model.flops(batch, training=True) == training.get_total_flops()
+    # Attention grows with each example's own length, not with the sequence: the same tokens
+    # split into twice the examples save half the Σ nᵢ² (3·6² -> 6·3²) in every layer, and pay
+    # for three more rows of the head.
+    whole = pack(examples, 6, max_examples_per_seq=2).batch
+    split = pack([x.select(torch.arange(k, k + 3)) for x in examples for k in (0, 3)], 6, max_examples_per_seq=2).batch
+    cfg = model.config
+    saved = cfg.depth * 2 * 2 * cfg.embed_dim * (3 * 6**2 - 6 * 3**2) - 2 * 3 * cfg.embed_dim * cfg.num_classes
+    assert model.flops(whole) - model.flops(split) == saved
+
+
+def test_the_model_declares_weight_decay_exclusions_and_fsdp_units():
+    model = tiny_model(pos_embed="learned")
+    excluded = model.no_weight_decay()
+    assert {"pos_embed.axes.0.table", "pos_embed.axes.1.table", "pool.probe", "patch_embed.bias",
+            "blocks.0.norm1.weight", "blocks.1.attn.q_norm.bias"} <= excluded  # fmt: skip
+    assert not excluded & {"patch_embed.weight", "blocks.0.attn.qkv.weight", "head.weight"}
+    assert model.fsdp_units() == list(model.blocks)
+    from navit.two_tower import create_image_text_model
+
+    two = create_image_text_model(tiny_config(num_classes=0), text_depth=2)
+    assert {"image.pool.probe", "text.pos_embed", "logit_scale"} <= two.no_weight_decay()
+    assert "text.blocks.0.qkv.weight" not in two.no_weight_decay()
+    assert two.fsdp_units() == [*two.image.blocks, *two.text.blocks]
+
+
+# Logits of the first two images, recorded with the version of navit that knew only 2-D images
+# (commit f95d286): the N-axis generalisation must not change what a still image gives.
+BEFORE_AXES = [
+    (dict(), [0.04345, -0.2199, -0.09531, 0.03339, 0.06946, 0.04561, 0.08494,
+              0.05589, -0.24124, -0.07748, 0.05778, 0.06265, 0.03807, 0.11037]),
+    (dict(pos_embed="sincos", pos_mode="absolute", rope=True),
+     [-0.00218, 0.03148, -0.12696, 0.00466, -0.14653, -0.18445, -0.09686,
+      -0.00213, 0.03631, -0.1262, 0.01242, -0.14404, -0.18241, -0.09723]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config, expected", BEFORE_AXES, ids=["learned-fractional", "sincos-absolute-rope"])
+def test_still_images_give_the_same_logits_as_before_the_axes_were_generalised(config, expected):
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, h, w, generator=generator) for h, w in [(16, 24), (24, 24), (8, 32), (32, 16)]]
+    model = tiny_model(**config)
+    with torch.no_grad():
+        logits = model(pack_images(images, PATCH, 24))
+    torch.testing.assert_close(logits[:2].flatten(), torch.tensor(expected), rtol=0, atol=2e-5)
+
+
+def test_a_batch_of_other_axes_is_refused():
+    from navit import Example
+    from navit.patchify import grid_coords
+
+    model = tiny_model()
+    clip = Example(torch.randn(4, model.config.patch_dim), grid_coords(1, 2, 2), (1, 2, 2))
+    with pytest.raises(ValueError, match="3 coordinate axes, but the model has num_axes=2"):
+        model(pack([clip], 8).batch)

@@ -10,14 +10,14 @@ from hypothesis import strategies as st
 
 from navit import TokenDropper, pack, pack_images
 from navit.packing import PAD, STRATEGIES, PackedBatch, assign_first_fit
-from navit.patchify import image_to_tokens
+from navit.patchify import Example, grid_coords, image_to_example
 
 
 @st.composite
 def packing_problems(draw, fixed_num_seqs: bool | None = None):
     """Random token counts, a sequence length they each fit in, and packer options."""
-    max_seq_len = draw(st.integers(1, 40))
-    lengths = draw(st.lists(st.integers(1, max_seq_len), min_size=1, max_size=25))
+    seq_len = draw(st.integers(1, 40))
+    lengths = draw(st.lists(st.integers(1, seq_len), min_size=1, max_size=25))
     max_images = draw(st.none() | st.integers(1, 5))
     if fixed_num_seqs is None:
         num_seqs = draw(st.none() | st.integers(1, 4))
@@ -26,8 +26,8 @@ def packing_problems(draw, fixed_num_seqs: bool | None = None):
     strategy = draw(st.sampled_from(STRATEGIES))
     return dict(
         lengths=lengths,
-        max_seq_len=max_seq_len,
-        max_images_per_seq=max_images,
+        seq_len=seq_len,
+        max_examples_per_seq=max_images,
         num_seqs=num_seqs,
         strategy=strategy,
     )
@@ -36,8 +36,8 @@ def packing_problems(draw, fixed_num_seqs: bool | None = None):
 def pack_labelled(problem):
     images = [labelled_image(i, n) for i, n in enumerate(problem["lengths"])]
     options = {k: v for k, v in problem.items() if k != "lengths"}
-    max_seq_len = options.pop("max_seq_len")
-    return images, pack(images, max_seq_len, **options)
+    seq_len = options.pop("seq_len")
+    return images, pack(images, seq_len, **options)
 
 
 def occupancy(lengths, assignment, num_seqs):
@@ -52,12 +52,12 @@ def occupancy(lengths, assignment, num_seqs):
 
 def check_layout(batch: PackedBatch, images, packed: list[int]) -> None:
     """Everything the model and backends assume about a packed batch."""
-    e = batch.max_images_per_seq
-    assert batch.num_images == len(packed)
-    # Image numbering: slot_to_image and image_slots are inverse maps over 0..N-1.
-    flat = batch.slot_to_image.reshape(-1)
+    e = batch.max_examples_per_seq
+    assert batch.num_examples == len(packed)
+    # Image numbering: slot_to_example and image_slots are inverse maps over 0..N-1.
+    flat = batch.slot_to_example.reshape(-1)
     assert sorted(flat[flat != PAD].tolist()) == list(range(len(packed)))
-    assert torch.equal(flat[batch.image_slots()], torch.arange(len(packed)))
+    assert torch.equal(flat[batch.example_slots()], torch.arange(len(packed)))
 
     owner = image_of_slot(batch)
     seen = set()
@@ -71,7 +71,7 @@ def check_layout(batch: PackedBatch, images, packed: list[int]) -> None:
         slots = batch.segment_ids[seq, :num_real]
         assert ((slots >= 0) & (slots < e)).all()
         # Slots are used in order, images in a sequence keep input order.
-        filled = batch.slot_to_image[seq]
+        filled = batch.slot_to_example[seq]
         k = int((filled != PAD).sum())
         assert (filled[:k] != PAD).all() and (filled[k:] == PAD).all()
         assert filled[:k].tolist() == sorted(filled[:k].tolist())
@@ -96,12 +96,12 @@ def check_layout(batch: PackedBatch, images, packed: list[int]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(packing_problems())
 def test_assignment_respects_capacity_and_is_first_fit(problem):
-    lengths, max_seq_len = problem["lengths"], problem["max_seq_len"]
-    e_max = problem["max_images_per_seq"] or len(lengths)
+    lengths, seq_len = problem["lengths"], problem["seq_len"]
+    e_max = problem["max_examples_per_seq"] or len(lengths)
     assignment = assign_first_fit(
         lengths,
-        max_seq_len,
-        max_images_per_seq=problem["max_images_per_seq"],
+        seq_len,
+        max_examples_per_seq=problem["max_examples_per_seq"],
         num_seqs=problem["num_seqs"],
         strategy=problem["strategy"],
     )
@@ -112,14 +112,14 @@ def test_assignment_respects_capacity_and_is_first_fit(problem):
         assert PAD not in assignment
         assert set(assignment) == set(range(num_seqs)), "sequences are opened without gaps"
     used, count = occupancy(lengths, assignment, num_seqs)
-    assert all(u <= max_seq_len for u in used)
+    assert all(u <= seq_len for u in used)
     assert all(c <= e_max for c in count)
     # First fit: nothing could have gone into an earlier sequence (room and slots only shrink,
     # so what does not fit at the end did not fit when the image was placed).
     for i, seq in enumerate(assignment):
         earlier = range(num_seqs) if seq == PAD else range(seq)
         for s in earlier:
-            assert lengths[i] > max_seq_len - used[s] or count[s] == e_max, (
+            assert lengths[i] > seq_len - used[s] or count[s] == e_max, (
                 f"image {i} ({lengths[i]} tokens) was put in {seq} but fits in sequence {s}"
             )
 
@@ -130,11 +130,11 @@ def test_pack_keeps_every_token_exactly_once_in_a_valid_layout(problem):
     images, result = pack_labelled(problem)
     batch = result.batch
     # Fixed shapes when asked for.
-    assert batch.seq_len == problem["max_seq_len"]
+    assert batch.seq_len == problem["seq_len"]
     if problem["num_seqs"] is not None:
         assert batch.num_seqs == problem["num_seqs"]
-    if problem["max_images_per_seq"] is not None:
-        assert batch.max_images_per_seq == problem["max_images_per_seq"]
+    if problem["max_examples_per_seq"] is not None:
+        assert batch.max_examples_per_seq == problem["max_examples_per_seq"]
     assert batch.patches.shape == (batch.num_seqs, batch.seq_len, 3)
 
     assert result.packed == sorted(result.packed)
@@ -170,8 +170,8 @@ def test_pack_with_num_seqs_leaves_exactly_the_unpacked_images(problem):
     for i in result.leftover:
         for seq in range(result.batch.num_seqs):
             room = result.batch.seq_len - int(result.batch.token_mask[seq].sum())
-            free_slots = int((result.batch.slot_to_image[seq] == PAD).sum())
-            limit = problem["max_images_per_seq"]
+            free_slots = int((result.batch.slot_to_example[seq] == PAD).sum())
+            limit = problem["max_examples_per_seq"]
             assert images[i].num_tokens > room or (limit is not None and free_slots == 0), (
                 f"image {i} was left over although sequence {seq} has room"
             )
@@ -198,12 +198,12 @@ def test_pack_images_round_trips_real_images_in_input_order():
     sizes = [(16, 24), (40, 8), (8, 8), (32, 32), (24, 16)]
     images = random_images(sizes)
     for strategy in STRATEGIES:
-        batch = pack_images(images, patch_size=PATCH, max_seq_len=20, max_images_per_seq=3, strategy=strategy)
-        assert batch.num_images == len(images)
-        assert batch.max_images_per_seq == 3
+        batch = pack_images(images, patch_size=PATCH, seq_len=20, max_examples_per_seq=3, strategy=strategy)
+        assert batch.num_examples == len(images)
+        assert batch.max_examples_per_seq == 3
         assert (batch.token_mask.sum(1) <= 20).all()
         for j, image in enumerate(images):
-            expected = image_to_tokens(image, PATCH, 20)
+            expected = image_to_example(image, PATCH, 20)
             patches, coords = image_tokens(batch, j)
             assert torch.equal(patches, expected.patches)
             assert torch.equal(coords, expected.coords)
@@ -216,7 +216,7 @@ def test_pack_images_is_deterministic_for_a_dropper_seed():
         return pack_images(images, PATCH, 40, token_dropper=TokenDropper(0.5, seed=seed))
 
     first, again, other = packed(3), packed(3), packed(4)
-    for name in ("patches", "coords", "segment_ids", "grid_sizes", "slot_to_image"):
+    for name in ("patches", "coords", "segment_ids", "grid_sizes", "slot_to_example"):
         assert torch.equal(getattr(first, name), getattr(again, name)), name
     assert not torch.equal(first.segment_ids, other.segment_ids) or not torch.equal(
         first.patches, other.patches
@@ -225,8 +225,8 @@ def test_pack_images_is_deterministic_for_a_dropper_seed():
     full = pack_images(images, PATCH, 40)
     assert first.num_real_tokens < full.num_real_tokens
     assert torch.equal(
-        first.grid_sizes.flatten(0, 1)[first.image_slots()],
-        full.grid_sizes.flatten(0, 1)[full.image_slots()],
+        first.grid_sizes.flatten(0, 1)[first.example_slots()],
+        full.grid_sizes.flatten(0, 1)[full.example_slots()],
     )
 
 
@@ -238,22 +238,22 @@ def test_packed_batch_rejects_inconsistent_shapes():
             coords=batch.coords[:, :-1],
             segment_ids=batch.segment_ids,
             grid_sizes=batch.grid_sizes,
-            slot_to_image=batch.slot_to_image,
+            slot_to_example=batch.slot_to_example,
         )
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(max_seq_len=0), "max_seq_len must be >= 1"),
-        (dict(max_images_per_seq=0), "max_images_per_seq must be >= 1"),
+        (dict(seq_len=0), "seq_len must be >= 1"),
+        (dict(max_examples_per_seq=0), "max_examples_per_seq must be >= 1"),
         (dict(num_seqs=0), "num_seqs must be >= 1"),
         (dict(strategy="best_fit"), "unknown packing strategy 'best_fit'"),
-        (dict(max_seq_len=4), r"image 1 has 5 tokens; it must have 1\.\.max_seq_len=4"),
+        (dict(seq_len=4), r"example 1 has 5 tokens; it must have 1\.\.seq_len=4"),
     ],
 )
 def test_assign_first_fit_rejects_bad_arguments(kwargs, message):
-    args = dict(max_seq_len=8) | kwargs
+    args = dict(seq_len=8) | kwargs
     with pytest.raises(ValueError, match=message):
         assign_first_fit([2, 5], **args)
 
@@ -266,8 +266,8 @@ def test_pack_rejects_empty_input():
 @pytest.mark.parametrize(
     "images, kwargs, error, message",
     [
-        ([torch.zeros(3, 16, 16)], dict(max_seq_len=0), ValueError, "max_seq_len must be >= 1, got 0"),
-        ([torch.zeros(3, 16, 16)], dict(max_images_per_seq=0), ValueError, "max_images_per_seq must be >= 1"),
+        ([torch.zeros(3, 16, 16)], dict(seq_len=0), ValueError, "seq_len must be >= 1, got 0"),
+        ([torch.zeros(3, 16, 16)], dict(max_examples_per_seq=0), ValueError, "max_examples_per_seq must be >= 1"),
         ([torch.zeros(3, 16, 16)], dict(patch_size=0), ValueError, "patch_size must be >= 1, got 0"),
         ([torch.zeros(3, 16, 16), torch.zeros(3, 16, 4)], {}, ValueError, "image 1 is 16x4, smaller than patch"),
         ([torch.zeros(3, 16, 16), torch.zeros(16, 16)], {}, ValueError, r"image 1 has shape \(16, 16\).*a 3-D"),
@@ -276,8 +276,67 @@ def test_pack_rejects_empty_input():
         ([torch.zeros(3, 16, 16), torch.zeros(1, 16, 16)], {}, ValueError, r"different channel counts \[1, 3\]"),
         ([], {}, ValueError, "cannot pack an empty list"),
     ],
-    ids=["max_seq_len", "max_images", "patch_size", "too_small", "rank", "dtype", "single", "channels", "empty"],
+    ids=["seq_len", "max_images", "patch_size", "too_small", "rank", "dtype", "single", "channels", "empty"],
 )
 def test_pack_images_rejects_bad_arguments(images, kwargs, error, message):
     with pytest.raises(error, match=message):
-        pack_images(images, **(dict(patch_size=PATCH, max_seq_len=16) | kwargs))
+        pack_images(images, **(dict(patch_size=PATCH, seq_len=16) | kwargs))
+
+
+def example_on_grid(grid, patch_dim=4, seed=0, **fields):
+    """An example covering every cell of ``grid`` (any number of axes); patch 0 holds the cell's
+    row-major index, so a token says where it came from."""
+    coords = grid_coords(*grid)
+    n = coords.shape[0]
+    patches = torch.randn(n, patch_dim, generator=torch.Generator().manual_seed(seed))
+    patches[:, 0] = torch.arange(n).float()
+    return Example(patches, coords, tuple(grid), {k: v(n) for k, v in fields.items()})
+
+
+@pytest.mark.parametrize("grids", [[(5,), (3,), (7,)], [(2, 3), (4, 1), (1, 1)], [(2, 2, 3), (1, 3, 2), (3, 1, 1)]],
+                         ids=["1-axis", "2-axis", "3-axis"])  # fmt: skip
+def test_per_token_fields_travel_with_their_tokens_through_dropping_packing_and_unpacking(grids):
+    examples = [
+        example_on_grid(g, seed=i, target=lambda n, i=i: 100 * i + torch.arange(n), pixels=lambda n: torch.rand(n, 2, 2))
+        for i, g in enumerate(grids)
+    ]
+    dropped = TokenDropper(0.5, seed=1)(examples)
+    assert sum(x.num_tokens for x in dropped) < sum(x.num_tokens for x in examples), "the dropper dropped"
+    for source, kept in zip(examples, dropped):
+        index = kept.patches[:, 0].long()  # original token of each kept token
+        assert torch.equal(kept.fields["target"], source.fields["target"][index])
+        assert torch.equal(kept.fields["pixels"], source.fields["pixels"][index])
+        assert torch.equal(kept.coords, source.coords[index])
+    batch = pack(dropped, 8, max_examples_per_seq=2).batch
+    assert batch.num_axes == len(grids[0]) and batch.grid_sizes.shape[-1] == len(grids[0])
+    assert batch.fields["target"].shape == batch.segment_ids.shape and batch.fields["pixels"].shape[2:] == (2, 2)
+    # Unpacked onto each example's own grid: kept tokens where they belong, -1 where dropped.
+    unpacked = batch.unpack(batch.fields["target"], fill=-1)
+    for source, kept, grid_values in zip(examples, dropped, unpacked):
+        assert tuple(grid_values.shape) == source.grid
+        flat = grid_values.reshape(-1)
+        index = kept.patches[:, 0].long()
+        assert torch.equal(flat[index], source.fields["target"][index])
+        missing = torch.ones(flat.numel(), dtype=torch.bool)
+        missing[index] = False
+        assert (flat[missing] == -1).all() and missing.sum() == source.num_tokens - kept.num_tokens
+    assert batch.example_lengths().tolist() == [x.num_tokens for x in dropped]
+
+
+def test_unpack_keeps_trailing_dims_and_checks_its_input():
+    batch = pack([example_on_grid((2, 3)), example_on_grid((1, 2), seed=1)], 8).batch
+    values = torch.arange(batch.num_seqs * batch.seq_len * 2).view(batch.num_seqs, batch.seq_len, 2).float()
+    first, second = batch.unpack(values)
+    assert first.shape == (2, 3, 2) and second.shape == (1, 2, 2)
+    assert torch.equal(first.reshape(6, 2), values[0, :6]) and torch.equal(second.reshape(2, 2), values[0, 6:8])
+    with pytest.raises(ValueError, match=r"unpack takes per-token values \[B=1, L=8, ...\]"):
+        batch.unpack(values[:, :4])
+
+
+def test_examples_packed_together_must_match():
+    with pytest.raises(ValueError, match="example 1 .* differs from example 0"):
+        pack([example_on_grid((2, 2)), example_on_grid((2, 2, 1))], 8)
+    with pytest.raises(ValueError, match="example 1 .* differs from example 0"):
+        pack([example_on_grid((2, 2), t=lambda n: torch.zeros(n)), example_on_grid((2, 2))], 8)
+    with pytest.raises(ValueError, match=r"Example.coords has shape \(4, 2\); expected \(4, 3\)"):
+        Example(torch.zeros(4, 3), torch.zeros(4, 2, dtype=torch.long), (1, 2, 2))

@@ -10,8 +10,8 @@ from conftest import PATCH, random_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from navit import image_to_tokens, pack_images
-from navit.patchify import fit_grid, patchify
+from navit import image_to_example, pack_images
+from navit.patchify import fit_grid, grid_coords, patchify
 
 EPS = 1e-9
 
@@ -81,7 +81,7 @@ def test_fit_grid_downscales_uniformly_and_uses_the_budget(size, patch, budget, 
 @given(height=st.integers(PATCH, 12 * PATCH), width=st.integers(PATCH, 12 * PATCH))
 def test_sides_go_to_the_nearest_multiple_of_the_patch_size(height, width):
     image = torch.rand(3, height, width)
-    tokens = image_to_tokens(image, PATCH, None)
+    tokens = image_to_example(image, PATCH, None)
     rows, cols = tokens.grid
     assert abs(rows - height / PATCH) <= 0.5 and abs(cols - width / PATCH) <= 0.5
     assert tokens.num_tokens == rows * cols
@@ -92,7 +92,7 @@ def test_sides_go_to_the_nearest_multiple_of_the_patch_size(height, width):
 
 
 def unpatchify(tokens, channels: int) -> torch.Tensor:
-    """The [C, H, W] image a full (undropped) PatchedImage was cut from."""
+    """The [C, H, W] image a full (undropped) Example was cut from."""
     rows, cols = tokens.grid
     grid = tokens.patches.view(rows, cols, PATCH, PATCH, channels)
     return grid.permute(4, 0, 2, 1, 3).reshape(channels, rows * PATCH, cols * PATCH)
@@ -104,7 +104,7 @@ def test_resizing_never_crops_or_pads(height):
     # multiple of 8: cropping would cut it off, padding would push it away from the edge.
     image = torch.zeros(1, height, 16)
     image[:, -2:] = 1.0
-    tokens = image_to_tokens(image, PATCH, None)
+    tokens = image_to_example(image, PATCH, None)
     resized = unpatchify(tokens, 1)
     assert resized.shape[1] != height
     assert resized[:, -1].mean() > 0.5
@@ -114,7 +114,7 @@ def test_resizing_never_crops_or_pads(height):
 
 def test_an_image_already_on_the_grid_is_patchified_unchanged():
     image = random_images([(16, 24)])[0]
-    tokens = image_to_tokens(image, PATCH, None)
+    tokens = image_to_example(image, PATCH, None)
     assert tokens.grid == (2, 3)
     assert torch.equal(unpatchify(tokens, 3), image)
     for t, (r, c) in enumerate(tokens.coords.tolist()):
@@ -125,21 +125,21 @@ def test_an_image_already_on_the_grid_is_patchified_unchanged():
 
 @pytest.mark.parametrize("size", [(400, 120), (97, 333), (256, 256)])
 def test_large_images_are_downscaled_to_fit_the_sequence(size):
-    max_seq_len = 24
+    seq_len = 24
     image = torch.rand(3, *size)
-    tokens = image_to_tokens(image, PATCH, max_seq_len)
+    tokens = image_to_example(image, PATCH, seq_len)
     rows, cols = tokens.grid
-    assert tokens.num_tokens == rows * cols <= max_seq_len
+    assert tokens.num_tokens == rows * cols <= seq_len
     assert is_rounded_uniform_scaling(*size, PATCH, rows, cols)
     assert abs(math.log(rows / cols) - math.log(size[0] / size[1])) < math.log(1.5)
-    batch = pack_images([image], PATCH, max_seq_len)
+    batch = pack_images([image], PATCH, seq_len)
     assert batch.num_seqs == 1 and batch.num_real_tokens == rows * cols
 
 
 def test_integer_images_are_rejected_but_all_float_dtypes_work():
     with pytest.raises(TypeError, match="image 0 has dtype torch.uint8; expected a floating-point"):
-        image_to_tokens(torch.zeros(3, 16, 16, dtype=torch.uint8), PATCH, None)
-    tokens = image_to_tokens(torch.zeros(3, 20, 20, dtype=torch.float64), PATCH, None)
+        image_to_example(torch.zeros(3, 16, 16, dtype=torch.uint8), PATCH, None)
+    tokens = image_to_example(torch.zeros(3, 20, 20, dtype=torch.float64), PATCH, None)
     assert tokens.patches.dtype == torch.float64
 
 
@@ -156,12 +156,27 @@ def test_integer_images_are_rejected_but_all_float_dtypes_work():
 )
 def test_bad_images_are_named_in_the_error(image, error, message):
     with pytest.raises(error, match=message):
-        image_to_tokens(image, PATCH, 64, index=2)
+        image_to_example(image, PATCH, 64, index=2)
 
 
 def test_patchify_refuses_sides_off_the_grid():
-    with pytest.raises(ValueError, match="not a multiple of patch_size=8"):
-        patchify(torch.zeros(3, 12, 16), PATCH)
+    with pytest.raises(ValueError, match="12x16 are not a multiple of the patch 8x8"):
+        patchify(torch.zeros(3, 12, 16), (PATCH, PATCH))
+    with pytest.raises(ValueError, match="3-axis pixels need 3 patch sizes"):
+        patchify(torch.zeros(3, 2, 16, 16), (PATCH, PATCH))
+
+
+def test_patchify_cuts_clips_into_time_row_col_channel_tubelets():
+    # A [C, T, H, W] clip with pixel value = its own (c, t, y, x) index, cut into 2x8x8 tubelets.
+    c, t, h, w = 3, 4, 16, 24
+    clip = torch.arange(c * t * h * w).view(c, t, h, w)
+    patches, grid = patchify(clip, (2, PATCH, PATCH))
+    assert grid == (2, 2, 3) and patches.shape == (12, 2 * PATCH * PATCH * c)
+    coords = grid_coords(*grid)
+    assert coords.tolist()[:4] == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0]]
+    for k, (ti, yi, xi) in enumerate(coords.tolist()):
+        block = clip[:, 2 * ti : 2 * ti + 2, PATCH * yi : PATCH * (yi + 1), PATCH * xi : PATCH * (xi + 1)]
+        assert torch.equal(patches[k], block.permute(1, 2, 3, 0).reshape(-1)), "(time, row, col, channel) order"
 
 
 @pytest.mark.parametrize(

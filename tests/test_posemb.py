@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from navit.config import POS_COMBINES, POS_MODES
-from navit.posemb import FactorizedPosEmbed, Rope2D, apply_rope
+from navit.posemb import FactorizedPosEmbed, Rope, apply_rope
 
 DIM, MAX_LEN = 32, 16
 KINDS = ("learned", "sincos", "fourier")
@@ -112,7 +112,7 @@ HEAD_DIM = 16
 
 @pytest.mark.parametrize("mode", POS_MODES)
 def test_rope_angles_have_the_right_shape_and_differ_per_position(mode):
-    rope = Rope2D(HEAD_DIM, mode=mode, max_len=MAX_LEN)
+    rope = Rope(HEAD_DIM, mode=mode, max_len=MAX_LEN)
     coords, grid = grid_coords(4, 6, batch=2)
     cos, sin = rope(coords, grid)
     assert cos.shape == sin.shape == (2, 24, 1, HEAD_DIM // 2)
@@ -122,7 +122,7 @@ def test_rope_angles_have_the_right_shape_and_differ_per_position(mode):
 
 
 def test_rope_rotation_keeps_norms_and_scores_depend_on_relative_position_only():
-    rope = Rope2D(HEAD_DIM, mode="absolute", max_len=MAX_LEN)
+    rope = Rope(HEAD_DIM, mode="absolute", max_len=MAX_LEN)
     generator = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 1, 1, 3, HEAD_DIM, generator=generator)  # one token, 3 heads
 
@@ -141,14 +141,68 @@ def test_rope_rotation_keeps_norms_and_scores_depend_on_relative_position_only()
 
 
 def test_rope_fractional_angles_are_resolution_independent():
-    rope = Rope2D(HEAD_DIM, mode="fractional", max_len=MAX_LEN)
+    rope = Rope(HEAD_DIM, mode="fractional", max_len=MAX_LEN)
     small = torch.cat(rope(*at((2, 1), grid=(4, 3))), -1)
     large = torch.cat(rope(*at((4, 3), grid=(8, 9))), -1)
     torch.testing.assert_close(small, large)
 
 
-def test_rope_needs_head_dim_divisible_by_4():
-    with pytest.raises(ValueError, match="head_dim divisible by 4, got 18"):
-        Rope2D(18, mode="absolute", max_len=MAX_LEN)
+def test_rope_needs_an_even_head_dim_with_a_pair_per_axis():
+    with pytest.raises(ValueError, match="over 2 axes needs an even head_dim of at least 4, got 17"):
+        Rope(17, mode="absolute", max_len=MAX_LEN)
+    with pytest.raises(ValueError, match="over 3 axes needs an even head_dim of at least 6, got 4"):
+        Rope(4, num_axes=3, mode="absolute", max_len=MAX_LEN)
     with pytest.raises(ValueError, match="beyond the absolute position table"):
-        Rope2D(HEAD_DIM, mode="absolute", max_len=4)(*at((4, 0), grid=(5, 1)))
+        Rope(HEAD_DIM, mode="absolute", max_len=4)(*at((4, 0), grid=(5, 1)))
+
+
+def clip_coords(t: int, rows: int, cols: int):
+    """(coords, grid) [1, t·rows·cols, 3] for every tubelet of a clip."""
+    ts, ys, xs = torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij")
+    coords = torch.stack([ts.reshape(-1), ys.reshape(-1), xs.reshape(-1)], -1)
+    return coords[None], torch.tensor([t, rows, cols]).expand_as(coords)[None]
+
+
+@pytest.mark.parametrize("kind, mode, combine", [v for v in VARIANTS if not (v[2] == "stack" and DIM % 3)]
+                         + [(k, m, "stack") for k in ("learned", "sincos") for m in POS_MODES])  # fmt: skip
+def test_three_axes_embed_every_tubelet_differently(kind, mode, combine):
+    dim = 30 if combine == "stack" else DIM  # stack needs the width divisible by the 3 axes
+    torch.manual_seed(0)
+    embed = FactorizedPosEmbed(dim, num_axes=3, kind=kind, mode=mode, combine=combine, max_len=MAX_LEN, fourier_bands=4)
+    assert len(embed.axes) == 3
+    out = embed(*clip_coords(3, 4, 5))[0]
+    assert out.shape == (60, dim) and torch.isfinite(out).all()
+    assert_all_distinct(out)
+
+
+def test_three_axis_stack_gives_each_axis_its_own_third():
+    torch.manual_seed(0)
+    embed = FactorizedPosEmbed(30, num_axes=3, kind="learned", mode="absolute", combine="stack", max_len=MAX_LEN)
+    out = embed(torch.tensor([[[0, 1, 2], [0, 3, 2], [4, 1, 2]]]), torch.full((1, 3, 3), 8))[0]
+    torch.testing.assert_close(out[0, :10], out[1, :10])  # same time
+    torch.testing.assert_close(out[0, 20:], out[1, 20:])  # same column
+    torch.testing.assert_close(out[0, 10:], out[2, 10:])  # same row and column
+    assert not torch.allclose(out[0, :10], out[2, :10])
+    with pytest.raises(ValueError, match="dim divisible by the 3 axes, got 32"):
+        FactorizedPosEmbed(32, num_axes=3, combine="stack")
+
+
+def test_three_axis_rope_scores_depend_on_the_relative_offset_only():
+    head_dim = 16  # 8 pairs: 2 per axis rotate, 2 stay put
+    rope = Rope(head_dim, num_axes=3, mode="absolute", max_len=MAX_LEN)
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 2, head_dim, generator=generator)
+
+    def rotated(x, position):
+        coords = torch.tensor([[position]])
+        cos, sin = rope(coords, torch.full_like(coords, MAX_LEN))
+        return apply_rope(x, cos, sin)
+
+    def score(pq, pk):
+        return (rotated(q, pq) * rotated(k, pk)).sum(-1)
+
+    torch.testing.assert_close(score((1, 2, 7), (0, 1, 9)), score((5, 6, 3), (4, 5, 5)))
+    for moved in [(2, 2, 7), (1, 3, 7), (1, 2, 8)]:  # every axis changes the score
+        assert not torch.allclose(score((1, 2, 7), (0, 1, 9)), score(moved, (0, 1, 9)))
+    cos, _ = rope(*clip_coords(2, 2, 2))
+    assert torch.equal(cos[..., 6:], torch.ones_like(cos[..., 6:])), "the 2 left-over pairs are not rotated"

@@ -20,8 +20,9 @@ from navit.checkpoint import load_meta, load_train_state, load_weights, resolve_
 from navit.cli import main
 from navit.data.loader import PackedLoader
 from navit.data.sources import ImageFolder
-from navit.data.transforms import ImagePipeline
-from navit.train import TrainConfig
+from navit.data.transforms import ExampleTransform
+from navit.processor import Processor
+from navit.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +61,25 @@ def write_odd_files(folder: Path) -> dict[str, int]:
 def test_odd_images_are_packed_and_broken_ones_counted(tmp_path):
     expected = write_odd_files(tmp_path / "data")
     source = ImageFolder(tmp_path / "data")
-    loader = PackedLoader(source, ImagePipeline(patch_size=16, max_tokens=64), seq_len=64, num_seqs=2,
+    loader = PackedLoader(source, ExampleTransform(Processor(patch_size=16, max_tokens=64)), seq_len=64, num_seqs=2,
                           buffer_size=4, num_workers=0)  # fmt: skip
-    with pytest.warns(UserWarning, match="skipping image"):
+    with pytest.warns(UserWarning, match="skipping"):
         seen = [i for item in loader for i in item.indices.tolist()]
     assert len(seen) == expected["good"], "every decodable image is packed, however odd"
     assert sum(loader.skipped.values()) == expected["bad"]
     names = {Path(source.describe(i)).name for i in seen}
     assert {"one_pixel.png", "tall_1_to_100.png", "wide_100_to_1.png"} <= names
     with pytest.raises(RuntimeError, match="fail_fast"):
-        list(PackedLoader(source, ImagePipeline(patch_size=16, max_tokens=64), seq_len=64, num_seqs=2,
+        list(PackedLoader(source, ExampleTransform(Processor(patch_size=16, max_tokens=64)), seq_len=64, num_seqs=2,
                           buffer_size=4, num_workers=0, fail_fast=True))  # fmt: skip
 
 
 def test_extreme_aspect_ratios_keep_their_shape():
-    pipeline = ImagePipeline(patch_size=16, max_tokens=64)
-    assert pipeline(Image.new("RGB", (1, 1))).grid == (1, 1)
-    rows, cols = pipeline(Image.new("RGB", (1600, 16))).grid
+    processor = Processor(patch_size=16, max_tokens=64)
+    assert processor.to_example(Image.new("RGB", (1, 1))).grid == (1, 1)
+    rows, cols = processor.to_example(Image.new("RGB", (1600, 16))).grid
     assert rows == 1 and cols == 64  # 100:1 fits the budget as one row of patches
-    rows, cols = pipeline(Image.new("RGB", (16, 1600))).grid
+    rows, cols = processor.to_example(Image.new("RGB", (16, 1600))).grid
     assert cols == 1 and rows == 64
 
 
@@ -195,16 +196,22 @@ def test_yaml_config_cannot_construct_objects(tmp_path):
     [
         (dict(model="navit_xxl16"), "unknown model"),
         (dict(model_args={"attn_backend": "magic"}), "attn_backend"),
-        (dict(res_mode="side", res_min=300, res_max=100), "min_res <= max_res"),
+        (dict(res_mode="side", res_min=300, res_max=100), "res_min <= res_max"),
         (dict(res_mode="side", res_min=8, res_max=64), "smaller than the patch size"),
         (dict(max_tokens=512, seq_len=256), "exceeds seq_len"),
-        (dict(max_images_per_seq=0), "max_images_per_seq"),
+        (dict(max_examples_per_seq=0), "max_examples_per_seq"),
         (dict(drop="beta", drop_rate=0.9, drop_max=0.5), "mean"),
+        (dict(task="contrastive", label_smoothing=0.2), "label_smoothing is an option of task classify, not of 'contrastive'"),
+        (dict(loss="hinge"), "loss='hinge'"),
+        (dict(seqs_per_batch=4), "'seqs_per_batch' is now called 'num_seqs'"),
+        (dict(lr_rate=0.1), "unknown option 'lr_rate'"),
+        (dict(budgets=[0]), "must be >= 1"),
+        (dict(data={"train": "synthetic", "colour": 1}), "unknown option 'colour'"),
     ],
 )
 def test_impossible_configs_fail_early(overrides, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        TrainConfig(**overrides)
+        TrainConfig.from_dict(overrides)
 
 
 def test_empty_class_folder_and_empty_dataset_fail_before_training(tmp_path):
@@ -223,8 +230,8 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path):
     locked = tmp_path / "data" / "a" / "locked.png"
     Image.new("RGB", (32, 32)).save(locked)
     locked.chmod(0)
-    loader = PackedLoader(ImageFolder(tmp_path / "data"), ImagePipeline(patch_size=16, max_tokens=4), seq_len=8,
-                          num_seqs=1, buffer_size=2, num_workers=0)  # fmt: skip
+    loader = PackedLoader(ImageFolder(tmp_path / "data"), ExampleTransform(Processor(patch_size=16, max_tokens=4)),
+                          seq_len=8, num_seqs=1, buffer_size=2, num_workers=0)  # fmt: skip
     with pytest.warns(UserWarning, match="locked.png"):
-        assert sum(item.labels.numel() for item in loader) == 1
+        assert sum(item.targets["label"].numel() for item in loader) == 1
     assert sum(loader.skipped.values()) == 1

@@ -2,17 +2,20 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_TRAIN
 
 from navit.checkpoint import load_train_state, resolve_checkpoint, save_checkpoint
-from navit.cli import main
-from navit.inference import load_model
+from navit.cli import build_parser, main
+from navit.inference import load_checkpoint, predict_files
+from navit.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +27,8 @@ def image_folder(tmp_path_factory):
 
 def losses(run: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"repeated steps in metrics: {steps}"
     return {r["step"]: r["loss"] for r in records}
 
 
@@ -35,23 +40,24 @@ def train(image_folder, out, name, *extra):
 
 
 def test_train_resume_eval_predict(image_folder, tmp_path, capsys):
-    run = train(image_folder, tmp_path, "full", "--max-steps", "8", "--save-every", "4")
+    run = train(image_folder, tmp_path, "full", "--max-steps", "8", "--save-every", "4", "--lr", "0.003")
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "eval.json", "summary.json", "accuracy_vs_tokens.png"):
         assert (run / name).exists(), name
     full = losses(run)
     assert sorted(full) == list(range(1, 9))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["examples_seen"] > 8 and summary["train_flops"] > 0
+    assert summary["tokens_seen"] >= summary["examples_seen"]
 
-    # Resume from the step-4 checkpoint in a copy of the run: steps 5..8 must repeat exactly.
-    import shutil
-
+    # Resume from the step-4 checkpoint of a copy that also logged steps 5..8 before "crashing":
+    # the run's own config is used (lr 0.003 is not repeated), no step is logged twice, and
+    # steps 5..8 repeat exactly.
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    (copy / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in full.items() if s <= 4)
-    )
-    assert main(["train", "--resume", str(copy / "checkpoints" / "step_00000004"), "--data", str(image_folder),
-                 "--out", str(tmp_path), "--workers", "0", "--epochs", "3", "--max-steps", "8", *TINY_TRAIN]) == 0  # fmt: skip
+    assert main(["train", "--resume", str(copy / "checkpoints" / "step_00000004")]) == 0
     assert losses(copy) == full
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.003 and saved["data"]["train"] == str(image_folder)
 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--budgets", "4", "9", "--workers", "0"]) == 0
@@ -59,11 +65,18 @@ def test_train_resume_eval_predict(image_folder, tmp_path, capsys):
     assert "| native |" in table and "| 9 |" in table
     results = json.loads((run / "eval.json").read_text())
     assert set(results) == {"native", "4", "9"}
-    assert results["4"]["tokens_per_image"] <= 4
+    assert results["4"]["tokens_per_example"] <= 4
+    # A checkpoints folder has no config.yaml beside it: the checkpoint's own config still finds
+    # the run's validation split (not the default data).
+    assert main(["eval", "--checkpoint", str(run / "checkpoints"), "--budgets", "--workers", "0",
+                 "--out", str(tmp_path / "again")]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert set(again) == {"native"} and again["native"] == results["native"]
 
     images = sorted(image_folder.glob("*/*.png"))[:3]
     bad = tmp_path / "not_an_image.png"
     bad.write_text("hello")
+    capsys.readouterr()
     code = main(["predict", "--checkpoint", str(run), "--topk", "2", str(images[0]), str(bad), str(images[1])])
     captured = capsys.readouterr()
     assert code == 1  # one file failed, the others were still predicted
@@ -72,39 +85,135 @@ def test_train_resume_eval_predict(image_folder, tmp_path, capsys):
     assert len(predicted) == 2 and str(images[1]) in predicted[1]
 
 
+def test_predict_takes_folders_and_globs_in_batches_and_prints_json(image_folder, tmp_path, capsys):
+    run = train(image_folder, tmp_path, "p", "--max-steps", "1")
+    folder = image_folder / "tall_ellipse"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), "--json", "--batch-size", "3", "--topk", "2",
+                 str(folder), str(image_folder / "wide_*" / "*.png")]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = sorted(folder.glob("*.png")) + sorted(image_folder.glob("wide_*/*.png"))
+    assert [row["path"] for row in rows] == [str(p) for p in expected]
+    for row in rows:
+        assert set(row) == {"path", "labels", "tokens", "error"} and row["error"] is None
+        assert len(row["labels"]) == 2 and row["labels"][0]["score"] >= row["labels"][1]["score"]
+        assert set(row["labels"][0]) == {"label", "score"} and 1 <= row["tokens"] <= 16
+    # The same files in one batch of their own give the same outputs (batching changes nothing).
+    model, task, _ = load_checkpoint(run)
+    alone = list(predict_files(model, task, [rows[4]["path"]], topk=2))
+    assert alone[0]["labels"] == rows[4]["labels"]
+    assert main(["predict", "--checkpoint", str(run), "--json", str(tmp_path / "nothing_*.png")]) == 1
+    assert "nothing_*.png" in json.loads(capsys.readouterr().out)["error"]
+
+
 def test_square_baseline_squashes_every_image(image_folder, tmp_path):
     run = train(image_folder, tmp_path, "square", "--baseline", "square", "--max-steps", "2")
-    model, meta = load_model(run)
-    assert meta["square_tokens"] in (4, 9, 16)
+    model, _, meta = load_checkpoint(run)
+    processor = meta["processor"]
+    assert processor["grid_rule"] == "square" and processor["max_tokens"] in (4, 9, 16)
+    assert model.processor.to_dict() == processor
     results = json.loads((run / "eval.json").read_text())
-    assert results["native"]["tokens_per_image"] == meta["square_tokens"]
+    assert results["native"]["tokens_per_example"] == processor["max_tokens"]
 
 
 def test_fine_tune_from_checkpoint_with_new_classes(image_folder, tmp_path):
     base = train(image_folder, tmp_path, "base", "--max-steps", "2")
     tuned = train(image_folder, tmp_path, "tuned", "--max-steps", "2", "--init-from", str(base),
                   "--res-mode", "side", "--res-min", "32", "--res-max", "64")  # fmt: skip
-    a, _ = load_model(base)
-    b, _ = load_model(tuned)
+    a, _, _ = load_checkpoint(base)
+    b, _, _ = load_checkpoint(tuned)
     assert not torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
 
 
-def test_yaml_config_and_flag_precedence(image_folder, tmp_path):
+def test_yaml_config_nested_or_flat_and_flag_precedence(image_folder, tmp_path):
     config = tmp_path / "cfg.yaml"
-    config.write_text("max_steps: 1\nlr: 0.0005\nseed: 3\n")
+    config.write_text("optim: {max_steps: 1, lr: 0.0005}\nseed: 3\nmodel_args: {mlp_ratio: 2.0}\n")
     run = train(image_folder, tmp_path, "yaml", "--config", str(config), "--seed", "4")
-    import yaml
-
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["lr"] == 0.0005 and saved["seed"] == 4 and saved["max_steps"] == 1
+    assert saved["optim"]["lr"] == 0.0005 and saved["run"]["seed"] == 4 and saved["optim"]["max_steps"] == 1
+    # --model-args on the command line merges into the file's model args.
+    assert saved["model"]["args"] == {"mlp_ratio": 2.0, "embed_dim": 32, "depth": 1, "num_heads": 2, "pos_max_len": 32}
+    assert TrainConfig.from_dict(saved).to_dict() == saved
+
+
+def test_presets_are_honoured_and_the_quick_start_model_is_its_own_preset():
+    default = TrainConfig().model_config()
+    assert (default.embed_dim, default.depth, default.num_heads, default.pos_mode) == (128, 4, 4, "absolute")
+    base = TrainConfig.from_dict({"model": "navit_b16"}).model_config()
+    assert (base.embed_dim, base.depth, base.num_heads) == (768, 12, 12)
+    shallow = TrainConfig.from_dict({"model": "navit_b16", "model_args": {"depth": 2}}).model_config()
+    assert (shallow.embed_dim, shallow.depth) == (768, 2)
+
+
+def test_an_epoch_is_one_pass_over_the_examples_even_with_token_dropping(image_folder, tmp_path):
+    common = ["--epochs", "2", "--budgets", "--max-tokens", "16", "--seq-len", "32"]
+    plain = json.loads((train(image_folder, tmp_path, "plain", *common) / "summary.json").read_text())
+    dropped = json.loads((train(image_folder, tmp_path, "drop", *common, "--drop", "constant", "--drop-rate", "0.5")
+                          / "summary.json").read_text())  # fmt: skip
+    train_images = 48 - round(0.2 * 48)
+    for summary in (plain, dropped):
+        # Training stops once two passes are done: less than one batch (2 x 32 tokens) beyond.
+        assert 2 * train_images <= summary["examples_seen"] < 2 * train_images + 64
+        assert summary["epochs"] == pytest.approx(summary["examples_seen"] / train_images, abs=1e-3)
+    # Half the tokens per example: more examples per step, so fewer steps and tokens for two passes.
+    assert dropped["steps"] < 0.8 * plain["steps"]
+    assert dropped["tokens_seen"] < 0.7 * plain["tokens_seen"]
+    assert dropped["train_flops"] < 0.8 * plain["train_flops"]
+
+
+def test_eval_matches_classes_by_name_and_refuses_unknown_ones(image_folder, tmp_path, capsys):
+    run = train(image_folder, tmp_path, "classes", "--max-steps", "3")
+    subset = tmp_path / "subset"
+    for folder in sorted(image_folder.iterdir())[1:]:  # without the first class, "round_ellipse"
+        shutil.copytree(folder, subset / folder.name)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(subset), "--budgets", "--workers", "0",
+                 "--out", str(tmp_path / "subset_eval")]) == 0  # fmt: skip
+    accuracy = json.loads((tmp_path / "subset_eval" / "eval.json").read_text())["native"]["accuracy"]
+    # The expected accuracy, file by file, from predictions and folder names.
+    model, task, _ = load_checkpoint(run)
+    files = sorted(str(p) for p in subset.glob("*/*.png"))
+    hits = [r["labels"][0]["label"] == Path(r["path"]).parent.name for r in predict_files(model, task, files, topk=1)]
+    assert accuracy == pytest.approx(sum(hits) / len(hits))
+
+    (subset / "zebra").mkdir()
+    shutil.copy(files[0], subset / "zebra" / "z.png")
+    with pytest.raises(SystemExit, match=r"has classes \['zebra'\] that the model does not know"):
+        main(["eval", "--checkpoint", str(run), "--data", str(subset), "--workers", "0"])
+
+
+def test_eval_and_predict_report_checkpoint_problems_in_one_line(image_folder, tmp_path):
+    for command in (["eval"], ["predict", str(image_folder)]):
+        with pytest.raises(SystemExit, match=r"^navit \w+: checkpoint path .*missing does not exist$"):
+            main([command[0], "--checkpoint", str(tmp_path / "missing"), *command[1:]])
+    run = train(image_folder, tmp_path, "damaged", "--max-steps", "1")
+    weights = resolve_checkpoint(run) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"^navit predict: checkpoint weights .*model.safetensors are damaged"):
+        main(["predict", "--checkpoint", str(run), str(image_folder)])
 
 
 def test_bad_options_fail_before_work(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="loss"):
+    with pytest.raises(SystemExit):
         main(["train", "--loss", "hinge", "--out", str(tmp_path)])
+    assert "argument --loss: invalid choice: 'hinge'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="max_tokens"):
         main(["train", "--max-tokens", "512", "--seq-len", "256", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="text_depth is an option of task contrastive"):
+        main(["train", "--text-depth", "3", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_every_train_option_has_help_and_its_choices():
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    flags = [a for a in train._actions if a.option_strings and a.dest not in ("help",)]
+    assert len(flags) > 40
+    for action in flags:
+        assert action.help and len(action.help) > 10, action.option_strings
+        if action.dest != "config":
+            assert "default" in action.help, action.option_strings
+    choice = {a.dest: a.choices for a in flags if a.choices}
+    assert choice["task"] == ("classify", "contrastive") and choice["res_mode"] == ("native", "side", "area")
+    assert "navit_b16" in next(a.help for a in flags if a.dest == "model")
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
@@ -112,6 +221,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
     # A crash mid-save leaves a partial folder behind; 'latest' still names the complete one.
     (tmp_path / ".step_2.partial").mkdir()
     assert resolve_checkpoint(tmp_path) == tmp_path / "step_1"
+    assert resolve_checkpoint(tmp_path / "step_1" / "model.safetensors") == tmp_path / "step_1"
     assert torch.equal(load_train_state(tmp_path / "step_1")["x"], torch.ones(1))
 
 
@@ -127,9 +237,9 @@ def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, caps
     assert main(["train", "--task", "contrastive", "--data", "synthetic:48", "--out", str(tmp_path), "--name", "clip",
                  "--workers", "0", "--max-steps", "3", "--text-depth", "1", *TINY_TRAIN]) == 0  # fmt: skip
     results = json.loads((run / "eval.json").read_text())
-    assert set(results) == {"native", "4", "16"} and results["native"]["images"] > 0
-    model, meta = load_model(run)
-    assert meta["task"] == "contrastive" and len(meta["class_names"]) == 6
+    assert set(results) == {"native", "4", "16"} and results["native"]["examples"] > 0
+    model, task, meta = load_checkpoint(run)
+    assert meta["task"] == "contrastive" and len(meta["class_names"]) == 6 and meta["task_options"]["text_depth"] == 1
     from navit.data.synthetic import SyntheticShapes
 
     image = tmp_path / "shape.png"

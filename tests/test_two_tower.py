@@ -14,7 +14,7 @@ from torch import nn
 from navit import NaViTConfig, pack
 from navit.contrastive import sigmoid_contrastive_loss
 from navit.data import SyntheticShapes
-from navit.patchify import image_to_tokens
+from navit.patchify import image_to_example
 from navit.text import ByteTokenizer
 from navit.two_tower import ImageTextConfig, ImageTextModel, create_image_text_model
 from navit.zeroshot import DEFAULT_TEMPLATES, class_prompts, zero_shot_logits, zero_shot_weights
@@ -37,8 +37,8 @@ def synthetic_pairs(n: int = 8, seed: int = 0):
     tokens = []
     for i in range(n):
         pixels = torch.from_numpy(np.asarray(source.load(i)).copy()).permute(2, 0, 1).float() / 255.0
-        tokens.append(image_to_tokens(pixels, PATCH, 36, index=i))
-    result = pack(tokens, max_seq_len=64)
+        tokens.append(image_to_example(pixels, PATCH, 36, index=i))
+    result = pack(tokens, seq_len=64)
     captions = [source.caption(i) for i in result.packed]
     return result.batch, captions
 

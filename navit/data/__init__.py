@@ -1,4 +1,4 @@
-"""Data sources: where images and labels come from (folders, manifests, tar shards, synthetic)."""
+"""Data sources: where items (images, labels, captions) come from: folders, manifests, tar shards, synthetic."""
 
 from navit.data.decode import load_rgb
 from navit.data.sources import (
@@ -11,6 +11,7 @@ from navit.data.sources import (
     open_source,
     shard,
     split_holdout,
+    with_class_names,
 )
 from navit.data.synthetic import CLASS_NAMES, ShapeParams, SyntheticShapes, write_image_folder
 
@@ -28,5 +29,6 @@ __all__ = [
     "open_source",
     "shard",
     "split_holdout",
+    "with_class_names",
     "write_image_folder",
 ]

@@ -72,7 +72,7 @@ def load_rgb(path_or_bytes: PathOrBytes, *, name: str | None = None) -> Image.Im
                 im.seek(0)
             im.load()
             im = _apply_exif_orientation(im)
-            return _to_rgb(im, label)
+            return to_rgb(im, label)
     except Image.DecompressionBombError as e:
         raise Image.DecompressionBombError(
             f"{label}: {e} This is Pillow's decompression-bomb protection; if you trust this "
@@ -97,7 +97,9 @@ def _has_transparency(im: Image.Image) -> bool:
     return im.mode in _ALPHA_MODES or "transparency" in im.info
 
 
-def _to_rgb(im: Image.Image, label: str) -> Image.Image:
+def to_rgb(im: Image.Image, label: str) -> Image.Image:
+    """``im`` as mode RGB: transparency composited onto :data:`BACKGROUND_RGB`, high bit depths
+    rescaled to 8 bits, every other mode through Pillow's own conversion (see :func:`load_rgb`)."""
     mode = im.mode
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
         return _high_bit_depth_to_l(im).convert("RGB")

@@ -1,11 +1,12 @@
-"""The packing loader: workers turn images into tokens, a streaming first-fit packer emits batches.
+"""The packing loader: workers turn items into examples, a streaming first-fit packer emits batches.
 
-Workers decode, augment, resize, patchify and drop tokens (all per-image Python work, in
-parallel with training). The main process keeps a buffer of tokenized images and packs it into
-a fixed number of sequences per batch; images that do not fit wait for the next batch.
+Workers decode, augment, resize, patchify and drop tokens, and take the task's targets from each
+item (all per-example Python work, in parallel with training). The main process keeps a buffer
+of examples and packs it into a fixed number of sequences per batch; examples that do not fit
+wait for the next batch.
 
-Determinism: every image's randomness comes from (seed, epoch, index) alone, so batches do not
-depend on the number of workers. Resumption: the loader state is the epoch, how many images of
+Determinism: every example's randomness comes from (seed, epoch, index) alone, so batches do not
+depend on the number of workers. Resumption: the loader state is the epoch, how many items of
 the epoch's order entered the buffer, and the buffer's contents; re-tokenizing the buffer on
 resume reproduces it exactly.
 """
@@ -16,44 +17,65 @@ import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from navit.data.transforms import ImagePipeline
+from navit.data.transforms import ExampleTransform
 from navit.packing import PackedBatch, pack
-from navit.patchify import PatchedImage
+from navit.patchify import Example
 from navit.token_drop import TokenDropper
+
+Targets = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def label_targets(item: dict[str, Any]) -> dict[str, Any]:
+    """The default targets of an item: its class label."""
+    return {"label": item["label"]}
 
 
 class ItemKey(NamedTuple):
     index: int  # dataset index
     epoch: int
-    progress: float  # fraction of training done when this image was drawn (for schedules)
+    progress: float  # fraction of training done when this item was drawn (for schedules)
 
 
 @dataclass
 class LoadedItem:
     key: ItemKey
-    label: int
-    tokens: PatchedImage | None
+    example: Example | None
+    targets: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    caption: str | None = None
+
+
+def collate_targets(targets: list[dict[str, Any]]) -> dict[str, Any]:
+    """Targets of a batch, key by key: numbers become a tensor [N], tensors are stacked, anything
+    else (captions) stays a list."""
+    out: dict[str, Any] = {}
+    for key in targets[0] if targets else ():
+        values = [t[key] for t in targets]
+        if all(isinstance(v, (bool, int, float)) for v in values):
+            out[key] = torch.tensor(values)
+        elif all(isinstance(v, torch.Tensor) for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
 
 
 @dataclass
 class LoaderBatch:
-    """A packed batch plus what the loss needs; rows of ``labels`` follow model output rows."""
+    """A packed batch plus its targets; every target's rows follow the model's output rows."""
 
     batch: PackedBatch
-    labels: torch.Tensor  # [N] long
-    indices: torch.Tensor  # [N] dataset index of each image
-    captions: list[str] | None = None  # [N], when the loader was asked for captions
+    targets: dict[str, Any]  # e.g. {"label": [N] long} or {"caption": [N] str}
+    indices: torch.Tensor  # [N] dataset index of each example
 
     def to(self, device: torch.device | str) -> "LoaderBatch":
-        return LoaderBatch(self.batch.to(device), self.labels.to(device), self.indices, self.captions)
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.targets.items()}
+        return LoaderBatch(self.batch.to(device), moved, self.indices)
 
 
 @dataclass(frozen=True)
@@ -64,14 +86,16 @@ class DropSchedule:
     mid-training; ``linear`` moves straight; ``constant`` stays at ``start``.
     """
 
+    KINDS = ("constant", "linear", "sigmoid")
+
     kind: str = "constant"
     start: float = 1.0
     end: float = 1.0
     steepness: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("constant", "linear", "sigmoid"):
-            raise ValueError(f"drop schedule {self.kind!r}; expected constant, linear or sigmoid")
+        if self.kind not in self.KINDS:
+            raise ValueError(f"drop schedule {self.kind!r}; expected one of {self.KINDS}")
         for name in ("start", "end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"drop schedule {name} must be in [0, 1], got {getattr(self, name)}")
@@ -87,28 +111,28 @@ class DropSchedule:
 
 
 class _TokenizeDataset(Dataset):
-    """Runs in workers: a chunk of keys in, a list of tokenized images (or errors) out."""
+    """Runs in workers: a chunk of keys in, a list of examples with targets (or errors) out."""
 
-    def __init__(self, source, pipeline: ImagePipeline, train: bool, seed: int,
-                 dropper: TokenDropper | None, schedule: DropSchedule, captions: bool) -> None:
-        self.source, self.pipeline, self.train, self.seed = source, pipeline, train, seed
-        self.dropper, self.schedule, self.captions = dropper, schedule, captions
+    def __init__(self, source, transform: ExampleTransform, targets: Targets, train: bool, seed: int,
+                 dropper: TokenDropper | None, schedule: DropSchedule) -> None:
+        self.source, self.transform, self.targets, self.train, self.seed = source, transform, targets, train, seed
+        self.dropper, self.schedule = dropper, schedule
 
     def __len__(self) -> int:  # unused: keys come from the sampler
         return 0
 
     def tokenize(self, key: ItemKey) -> LoadedItem:
-        label = self.source.label(key.index)
         try:
-            caption = self.source.caption(key.index) if self.captions else None
-            image = self.source.load(key.index)
+            item = self.source.item(key.index)
             rng = np.random.default_rng([self.seed, key.epoch, key.index]) if self.train else None
-            tokens = self.pipeline(
-                image, rng, dropper=self.dropper, drop_scale=self.schedule(key.progress)
-            )
-        except Exception as error:  # a long run must not die on one bad image
-            return LoadedItem(key, label, None, f"{self.source.describe(key.index)}: {error}")
-        return LoadedItem(key, label, tokens, caption=caption)
+            example = self.transform(
+                item, rng, dropper=self.dropper, drop_scale=self.schedule(key.progress),
+                name=self.source.describe(key.index),
+            )  # fmt: skip
+            targets = self.targets(item)
+        except Exception as error:  # a long run must not die on one bad item
+            return LoadedItem(key, None, error=f"{self.source.describe(key.index)}: {error}")
+        return LoadedItem(key, example, targets)
 
     def __getitem__(self, keys: list[ItemKey]) -> list[LoadedItem]:
         return [self.tokenize(key) for key in keys]
@@ -127,15 +151,16 @@ class PackedLoader:
     """Streams fixed-shape ``LoaderBatch``es of ``num_seqs`` × ``seq_len`` tokens.
 
     Each ``iter()`` runs one epoch (continuing a resumed one); ``epoch`` advances at its end.
-    ``total_images`` (the images of the whole training run) turns stream position into the
+    ``total_examples`` (the examples of the whole training run) turns stream position into the
     training progress that drop-rate schedules read.
     """
 
     source: Any
-    pipeline: ImagePipeline
+    transform: ExampleTransform
+    targets: Targets = label_targets  # item -> the task's targets (picklable)
     seq_len: int = 256
     num_seqs: int = 8
-    max_images_per_seq: int = 32
+    max_examples_per_seq: int = 32
     buffer_size: int = 256
     train: bool = True
     seed: int = 0
@@ -144,9 +169,8 @@ class PackedLoader:
     strategy: str = "first_fit"
     dropper: TokenDropper | None = None
     drop_schedule: DropSchedule = field(default_factory=DropSchedule)
-    total_images: int | None = None
+    total_examples: int | None = None
     fail_fast: bool = False
-    captions: bool = False  # also load each image's caption (image-text training)
 
     epoch: int = 0
     _consumed: int = 0
@@ -156,21 +180,17 @@ class PackedLoader:
     def __post_init__(self) -> None:
         if len(self.source) == 0:
             raise ValueError("the dataset is empty: there is nothing to load")
-        if self.pipeline.max_tokens > self.seq_len:
+        tokens = max(self.transform.processor.max_tokens, self.transform.budget or 0)
+        if tokens > self.seq_len:
             raise ValueError(
-                f"pipeline.max_tokens={self.pipeline.max_tokens} exceeds seq_len={self.seq_len}: "
-                "an image could never be packed"
+                f"an example may have {tokens} tokens, which exceeds seq_len={self.seq_len}: "
+                "it could never be packed; raise seq_len"
             )
-        for name in ("seq_len", "num_seqs", "max_images_per_seq", "buffer_size", "chunk_size"):
+        for name in ("seq_len", "num_seqs", "max_examples_per_seq", "buffer_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dropper is not None:
             self.dropper.train(self.train)
-
-    def images_per_batch_estimate(self) -> int:
-        """Rough images per batch (for sizing runs); exact counts are known only after packing."""
-        tokens = self.pipeline.square_tokens or self.pipeline.token_budget or self.pipeline.max_tokens / 2
-        return max(1, int(self.num_seqs * min(self.max_images_per_seq, self.seq_len / tokens)))
 
     @property
     def at_epoch_start(self) -> bool:
@@ -185,14 +205,14 @@ class PackedLoader:
 
     def _key(self, index: int, position: int) -> ItemKey:
         done = self.epoch * len(self.source) + position
-        progress = done / self.total_images if self.total_images else 0.0
+        progress = done / self.total_examples if self.total_examples else 0.0
         return ItemKey(index, self.epoch, progress)
 
     def _emit(self) -> LoaderBatch:
         result = pack(
-            [item.tokens for item in self._buffer],
+            [item.example for item in self._buffer],
             self.seq_len,
-            max_images_per_seq=self.max_images_per_seq,
+            max_examples_per_seq=self.max_examples_per_seq,
             num_seqs=self.num_seqs,
             strategy=self.strategy,
         )
@@ -200,21 +220,20 @@ class PackedLoader:
         self._buffer = [self._buffer[i] for i in result.leftover]
         return LoaderBatch(
             batch=result.batch,
-            labels=torch.tensor([item.label for item in items], dtype=torch.long),
+            targets=collate_targets([item.targets for item in items]),
             indices=torch.tensor([item.key.index for item in items], dtype=torch.long),
-            captions=[item.caption for item in items] if self.captions else None,
         )
 
     def _accept(self, item: LoadedItem) -> None:
-        if item.tokens is not None:
+        if item.example is not None:
             self._buffer.append(item)
             return
         if self.fail_fast:
-            raise RuntimeError(f"could not load an image (fail_fast is on): {item.error}")
+            raise RuntimeError(f"could not load an item (fail_fast is on): {item.error}")
         reason = item.error.split(": ", 1)[-1].split("\n")[0][:120]
         self.skipped[reason] += 1
         if sum(self.skipped.values()) <= 10:
-            warnings.warn(f"skipping image {item.error}", stacklevel=2)
+            warnings.warn(f"skipping {item.error}", stacklevel=2)
 
     def __iter__(self) -> Iterator[LoaderBatch]:
         order = self._order(self.epoch)
@@ -244,7 +263,7 @@ class PackedLoader:
 
     def _dataset(self) -> _TokenizeDataset:
         return _TokenizeDataset(
-            self.source, self.pipeline, self.train, self.seed, self.dropper, self.drop_schedule, self.captions
+            self.source, self.transform, self.targets, self.train, self.seed, self.dropper, self.drop_schedule
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Image sources: indexable collections of (image, label) that decode on demand.
+"""Data sources: indexable collections of items (image, label, ...) that decode on demand.
 
-Every source implements :class:`ImageSource`: ``len``, ``label(i)`` (cheap, no decoding),
-``load(i)`` (decoded RGB PIL image, EXIF orientation applied), ``describe(i)`` (for error
-messages) and a ``class_names`` list. Sources hold only plain Python data (paths, offsets, ints),
-so they pickle cheaply into DataLoader workers.
+Every source implements :class:`ImageSource`: ``len``, ``item(i)`` (a dict: the decoded RGB PIL
+``"image"``, EXIF orientation applied, its ``"label"`` and whatever else the source has, such as
+a ``"caption"``), ``label(i)`` (cheap, no decoding), ``load(i)`` (the image alone),
+``describe(i)`` (for error messages) and a ``class_names`` list. Tasks take from an item the keys
+they need. Sources hold only plain Python data (paths, offsets, ints), so they pickle cheaply into
+DataLoader workers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -36,6 +38,10 @@ class ImageSource(Protocol):
     class_names: list[str]
 
     def __len__(self) -> int: ...
+
+    def item(self, index: int) -> dict[str, Any]:
+        """Item ``index`` as a dict: ``"image"``, ``"label"`` and any further keys."""
+        ...
 
     def label(self, index: int) -> int:
         """Class index of item ``index``, without decoding the image."""
@@ -127,6 +133,9 @@ class ImageFolder:
 
     def load(self, index: int) -> Image.Image:
         return load_rgb(self.path(index))
+
+    def item(self, index: int) -> dict[str, Any]:
+        return {"image": self.load(index), "label": self.label(index)}
 
     def describe(self, index: int) -> str:
         return self.path(index)
@@ -319,6 +328,12 @@ class Manifest:
 
     def load(self, index: int) -> Image.Image:
         return load_rgb(self.path(index), name=self.describe(index))
+
+    def item(self, index: int) -> dict[str, Any]:
+        item = {"image": self.load(index), "label": self.label(index)}
+        if self.has_captions:
+            item["caption"] = self.caption(index)
+        return item
 
     def describe(self, index: int) -> str:
         index = _check_index(index, len(self), self)
@@ -528,6 +543,9 @@ class TarShards:
     def load(self, index: int) -> Image.Image:
         return load_rgb(self.read_bytes(index), name=self.describe(index))
 
+    def item(self, index: int) -> dict[str, Any]:
+        return {"image": self.load(index), "label": self.label(index)}
+
 
 # ---------------------------------------------------------------------------------------------
 # Subset, splitting, sharding
@@ -566,6 +584,9 @@ class Subset:
     def load(self, index: int) -> Image.Image:
         return self.source.load(self._base(index))
 
+    def item(self, index: int) -> dict[str, Any]:
+        return self.source.item(self._base(index))
+
     def describe(self, index: int) -> str:
         return self.source.describe(self._base(index))
 
@@ -575,6 +596,56 @@ class Subset:
         if not callable(getattr(self.source, "caption", None)):
             raise ValueError(f"{self.source!r} has no captions")
         return self.source.caption(base)
+
+
+class Relabeled:
+    """``source`` with its labels renumbered into ``class_names`` (matched by name)."""
+
+    def __init__(self, source: ImageSource, class_names: Sequence[str], mapping: list[int]) -> None:
+        self.source, self.class_names, self._mapping = source, list(class_names), mapping
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __repr__(self) -> str:
+        return f"Relabeled({self.source!r})"
+
+    def label(self, index: int) -> int:
+        return self._mapping[self.source.label(index)]
+
+    def load(self, index: int) -> Image.Image:
+        return self.source.load(index)
+
+    def item(self, index: int) -> dict[str, Any]:
+        item = self.source.item(index)
+        return {**item, "label": self._mapping[item["label"]]}
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(index)
+
+    def caption(self, index: int) -> str:
+        if not callable(getattr(self.source, "caption", None)):
+            raise ValueError(f"{self.source!r} has no captions")
+        return self.source.caption(index)
+
+
+def with_class_names(source: ImageSource, class_names: Sequence[str], spec: str = "the data") -> ImageSource:
+    """``source`` with labels that index ``class_names`` (a model's classes), matched by name.
+
+    A source whose classes are those names in that order is returned as it is; one that lacks
+    some classes (a validation folder without one class) is renumbered, so no label shifts; one
+    with a class the model does not know is refused, naming it.
+    """
+    names, wanted = list(source.class_names), list(class_names)
+    if names == wanted:
+        return source
+    index = {name: i for i, name in enumerate(wanted)}
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        raise ValueError(
+            f"{spec} has classes {unknown} that the model does not know; its classes are {wanted}"
+        )
+    return Relabeled(source, wanted, [index[name] for name in names])
 
 
 def split_holdout(source: ImageSource, fraction: float, seed: int) -> tuple[Subset, Subset]:

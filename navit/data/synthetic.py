@@ -303,6 +303,10 @@ class SyntheticShapes:
     def load(self, index: int) -> Image.Image:
         return self.render(self.params(index))
 
+    def item(self, index: int) -> dict:
+        p = self.params(index)
+        return {"image": self.render(p), "label": p.label, "caption": self._caption_of(p)}
+
     def caption(self, index: int) -> str:
         """A short English caption of image ``index``, from its generation parameters.
 
@@ -311,7 +315,9 @@ class SyntheticShapes:
         (:func:`size_word`), with one of :data:`CAPTION_TEMPLATES` chosen deterministically from
         ``(seed, index)``. Like the pixels, it depends on nothing else.
         """
-        p = self.params(index)
+        return self._caption_of(self.params(index))
+
+    def _caption_of(self, p: ShapeParams) -> str:
         template = _splitmix64(_splitmix64(self.seed ^ 0xCA9710) ^ p.index) % len(CAPTION_TEMPLATES)
         return caption_of(p, template)
 

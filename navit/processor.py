@@ -1,0 +1,262 @@
+"""The preprocessing that travels with a model: files and images in, the model's ``PackedBatch`` out.
+
+A :class:`Processor` describes, once, everything that turns an input into a model's tokens: patch
+size (and temporal patch size), channels, the resize filter, the grid rule, the token budget and
+the normalisation. It is plain data (``to_dict`` / ``from_dict``), saved in every checkpoint, and
+used by training, evaluation, ``navit predict`` and the Python API alike, so a model always sees
+at inference what it saw in training:
+
+    model = navit.load_model("runs/<name>")
+    batch = model.processor(["cat.jpg", pil_image, uint8_tensor])
+    logits = model(batch)
+
+Training adds augmentation and resolution sampling in front of it (``navit.data.transforms``);
+the resize, patchify and normalise steps are these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from navit.data.decode import load_rgb, to_rgb
+from navit.packing import PackedBatch, pack
+from navit.patchify import Example, fit_grid, grid_coords, patchify
+
+if TYPE_CHECKING:
+    from navit.config import NaViTConfig
+
+GRID_RULES = ("native", "square")
+RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+@dataclass(frozen=True)
+class Processor:
+    """How inputs become tokens for one model.
+
+    * ``grid_rule="native"``: each image keeps its aspect ratio; sides round to the nearest
+      multiple of ``patch_size`` and images over ``max_tokens`` patches are scaled down to fit
+      (:func:`navit.patchify.fit_grid`). ``"square"``: the ViT baseline, every image squashed to
+      the largest square grid within ``max_tokens``.
+    * ``budget`` (a call argument, not a field): tokens per example at inference; native images
+      are scaled up or down, aspect kept, to as close to it as the grid allows, square ones to
+      the largest square within it.
+    * Pixels are resized with Pillow's ``resample`` filter, scaled to [0, 1] and normalised per
+      channel with ``mean`` and ``std``.
+    * ``num_axes=3`` (a clip model): an image becomes a one-tubelet clip, its frame repeated
+      ``temporal_patch_size`` times, at time coordinate 0 of a 1-long time axis.
+    """
+
+    patch_size: int = 16
+    temporal_patch_size: int = 1
+    num_axes: int = 2
+    channels: int = 3
+    max_tokens: int = 256
+    grid_rule: str = "native"
+    resample: str = "bicubic"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        for name in ("patch_size", "temporal_patch_size", "channels", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Processor.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_axes not in (2, 3):
+            raise ValueError(f"Processor.num_axes must be 2 (images) or 3 (clips), got {self.num_axes}")
+        if self.temporal_patch_size > 1 and self.num_axes != 3:
+            raise ValueError(f"Processor.temporal_patch_size={self.temporal_patch_size} needs num_axes=3")
+        if self.channels not in (1, 3):
+            raise ValueError(f"Processor.channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        if self.grid_rule not in GRID_RULES:
+            raise ValueError(f"Processor.grid_rule={self.grid_rule!r}; expected one of {GRID_RULES}")
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"Processor.resample={self.resample!r}; expected one of {tuple(RESAMPLE)}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.channels:
+                raise ValueError(f"Processor.{name} needs one value per channel ({self.channels}), got {getattr(self, name)}")
+        if min(self.std) <= 0:
+            raise ValueError(f"Processor.std must be positive, got {self.std}")
+
+    # -- description --------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, config: "NaViTConfig", **overrides: Any) -> "Processor":
+        """The default processor of a model config, with any field overridden."""
+        geometry = dict(
+            patch_size=config.patch_size,
+            temporal_patch_size=config.temporal_patch_size,
+            num_axes=config.num_axes,
+            channels=config.in_chans,
+        )
+        if config.in_chans != 3:
+            geometry.update(mean=(0.5,) * config.in_chans, std=(0.5,) * config.in_chans)
+        return cls(**{**geometry, **overrides})
+
+    def check_model(self, config: "NaViTConfig") -> None:
+        """Raise if this processor cannot feed a model of ``config``."""
+        pairs = [("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                 ("num_axes", "num_axes"), ("channels", "in_chans")]  # fmt: skip
+        wrong = [f"{mine}={getattr(self, mine)} vs {theirs}={getattr(config, theirs)}"
+                 for mine, theirs in pairs if getattr(self, mine) != getattr(config, theirs)]  # fmt: skip
+        if wrong:
+            raise ValueError(f"the processor does not fit the model: {', '.join(wrong)}")
+
+    def replace(self, **overrides: Any) -> "Processor":
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Processor":
+        from navit.config import reject_unknown_fields
+
+        reject_unknown_fields(cls, values, "Processor field(s)", ValueError)
+        return cls(**values)
+
+    # -- one input -----------------------------------------------------------------------------
+    def grid(self, height: int, width: int, budget: int | None = None) -> tuple[int, int]:
+        """The (rows, cols) patch grid of an image of ``height`` × ``width`` pixels."""
+        if budget is not None and budget < 1:
+            raise ValueError(f"the token budget must be >= 1, got {budget}")
+        if self.grid_rule == "square":
+            side = max(1, math.isqrt(budget or self.max_tokens))
+            return side, side
+        if budget is not None:
+            return fit_grid(height, width, self.patch_size, budget, fill=True)
+        return fit_grid(height, width, self.patch_size, self.max_tokens)
+
+    def to_example(
+        self,
+        image: Any,
+        *,
+        size: tuple[int, int] | None = None,
+        budget: int | None = None,
+        dense: dict[str, Image.Image] | None = None,
+        name: str | None = None,
+    ) -> Example:
+        """Resize, patchify and normalise one input (a path, a PIL image or a [C, H, W] tensor).
+
+        ``size`` (height, width) sizes the grid as if the image had that size (resolution
+        sampling in training); ``budget`` resizes it to about that many tokens (inference).
+        ``dense`` maps field names to label images of the image's size (a segmentation mask):
+        each is resized with nearest neighbour onto the same grid and cut into a per-token field
+        [n, p·p] of integers, aligned with the patches.
+        """
+        picture = self._decode(image, name)
+        width, height = picture.size
+        rows, cols = self.grid(*(size or (height, width)), budget)
+        target = (cols * self.patch_size, rows * self.patch_size)
+        patches, grid = self._patchify(_pixels(_resize(picture, target, self.resample)))
+        # Patches are flattened (row, col, channel): the channel is the fastest axis.
+        mean, std = torch.tensor(self.mean), torch.tensor(self.std)
+        patches = (patches.view(len(patches), -1, self.channels).float() * (1 / (255 * std)) - mean / std).flatten(1)
+        fields = {}
+        for key, labels in (dense or {}).items():
+            if labels.size != (width, height):
+                raise ValueError(
+                    f"{name or 'input'}: {key} is {labels.size[0]}x{labels.size[1]} pixels but the image is "
+                    f"{width}x{height}; they must be the same size"
+                )
+            fields[key] = self._patchify(_pixels(_resize(labels, target, "nearest")))[0].long()
+        return self._as_example(patches, grid, fields)
+
+    def _patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """[C, H, W] pixels -> patches [n, p·p·C] and the (rows, cols) grid."""
+        return patchify(pixels, (self.patch_size, self.patch_size))
+
+    def _as_example(self, patches: torch.Tensor, grid: tuple[int, ...], fields: dict[str, torch.Tensor]) -> Example:
+        """An image's patches as an example of this processor's axes (for clips: one tubelet)."""
+        coords = grid_coords(*grid)
+        if self.num_axes == 3:
+            repeat = self.temporal_patch_size
+            patches = patches.repeat(1, repeat)
+            fields = {k: v.repeat(1, repeat) for k, v in fields.items()}
+            coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1)
+            grid = (1, *grid)
+        return Example(patches, coords, grid, fields)
+
+    def _decode(self, image: Any, name: str | None) -> Image.Image:
+        """The input as an 8-bit PIL image in this processor's channels (RGB or L)."""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_rgb(image, name=name)
+        elif isinstance(image, torch.Tensor):
+            image = _tensor_to_pil(image, self.channels, name or "input")
+        if isinstance(image, Image.Image):
+            wanted = "RGB" if self.channels == 3 else "L"
+            if image.mode not in ("RGB", wanted):  # transparency, 16-bit, palettes: as files are read
+                image = to_rgb(image, name or "input")
+            return image if image.mode == wanted else image.convert(wanted)
+        raise TypeError(
+            f"{name or 'input'} is a {type(image).__name__}; expected a file path, a PIL image or a [C, H, W] tensor"
+        )
+
+    # -- many inputs ---------------------------------------------------------------------------
+    def __call__(
+        self,
+        inputs: Sequence[Any] | Any,
+        *,
+        budget: int | None = None,
+        seq_len: int | None = None,
+        max_examples_per_seq: int | None = None,
+    ) -> PackedBatch:
+        """Pack ``inputs`` (paths, PIL images, [C, H, W] tensors, or a [N, C, H, W] tensor) into
+        one batch whose rows follow the input order. ``seq_len`` defaults to the largest of
+        ``max_tokens``, ``budget`` and the longest example, so nothing is cut."""
+        if isinstance(inputs, (str, os.PathLike, Image.Image)) or (
+            isinstance(inputs, torch.Tensor) and inputs.dim() == 3
+        ):
+            inputs = [inputs]
+        examples = [self.to_example(x, budget=budget, name=_input_name(x, i)) for i, x in enumerate(inputs)]
+        if not examples:
+            raise ValueError("the processor got no inputs")
+        longest = max(x.num_tokens for x in examples)
+        seq_len = seq_len or max(self.max_tokens, budget or 0, longest)
+        return pack(examples, seq_len, max_examples_per_seq=max_examples_per_seq).batch
+
+
+def _input_name(item: Any, index: int) -> str:
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"input {index}"
+
+
+def _pixels(picture: Image.Image) -> torch.Tensor:
+    """[C, H, W] uint8 tensor of a PIL image's values."""
+    array = np.array(picture)  # a writable copy
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _resize(band: Image.Image, size: tuple[int, int], resample: str) -> Image.Image:
+    if band.size == size:
+        return band
+    return band.resize(size, RESAMPLE[resample], reducing_gap=3.0)
+
+
+def _tensor_to_pil(image: torch.Tensor, channels: int, label: str) -> Image.Image:
+    """A [C, H, W] tensor as an 8-bit PIL image: uint8 as it is, floating point (in [0, 1])
+    rounded to 8 bits, so a tensor read from a file gives exactly the file's patches."""
+    if image.dim() != 3 or image.shape[0] != channels:
+        raise ValueError(f"{label} has shape {tuple(image.shape)}; expected a [{channels}, H, W] tensor")
+    if min(image.shape[1:]) < 1:
+        raise ValueError(f"{label} has an empty side: shape {tuple(image.shape)}")
+    pixels = image.detach().cpu()
+    if pixels.is_floating_point():
+        pixels = (pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    elif pixels.dtype != torch.uint8:
+        raise TypeError(f"{label} has dtype {pixels.dtype}; expected uint8 (0..255) or floating point (0..1)")
+    hwc = pixels.permute(1, 2, 0).numpy()
+    return Image.fromarray(hwc[:, :, 0] if channels == 1 else hwc)

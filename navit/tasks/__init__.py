@@ -1,0 +1,30 @@
+"""Tasks as plug-ins: each owns its head, targets, loss, metric and prediction output.
+
+Adding a task is a module with a :class:`~navit.tasks.base.Task` subclass and one line here;
+the training loop, the loader and the CLI (whose task flags come from each task's ``Options``)
+need no change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from navit.tasks.base import StepLoss, Task
+from navit.tasks.classify import Classification
+from navit.tasks.contrastive import Contrastive
+
+TASKS: dict[str, type[Task]] = {
+    Classification.name: Classification,
+    Contrastive.name: Contrastive,
+}
+
+
+def get_task(name: str, options: dict[str, Any] | None = None, class_names: list[str] | None = None) -> Task:
+    """The task ``name`` with its options (a dict of the task's option fields)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
+    cls = TASKS[name]
+    return cls(cls.options_from_dict(options or {}), class_names)
+
+
+__all__ = ["TASKS", "StepLoss", "Task", "get_task"]

@@ -1,0 +1,286 @@
+"""The training configuration: nested sections, one name per option in YAML, CLI and API.
+
+``config.yaml`` in a run folder is :meth:`TrainConfig.to_dict`: one mapping per section
+(``model``, ``task``, ``data``, ``packing``, ``optim``, ``eval``, ``run``). Every option also has
+a flat name, used as its command-line flag and accepted at the top level of a YAML file:
+``lr: 1e-3`` means ``optim: {lr: 1e-3}``. The flat name is the field name, except for the few in
+:data:`FLAT_NAMES` (``--model`` is ``model.name``, ``--data`` is ``data.train``). The ``task``
+section holds the chosen task's own options (:mod:`navit.tasks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from navit import distributed as D
+from navit.config import check_choices, list_models, option, resolve_config
+from navit.data.loader import DropSchedule
+from navit.data.transforms import RES_DISTS, RES_MODES, ResolutionSampler
+from navit.tasks import TASKS
+from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDropper, UniformRate
+
+DROP_KINDS = ("none", "constant", "uniform", "beta", "resolution")
+DATA_FORMS = (
+    "synthetic[:N[:SEED]] (built-in shapes), a folder with one sub-folder per class, a .csv/.jsonl "
+    "manifest (path,label[,caption]) or .tar shards (a file, a glob or a {000..009} range)"
+)
+
+
+@dataclass
+class ModelSection:
+    name: str = option("navit_mini16", f"model preset: {', '.join(list_models())}")
+    args: dict[str, Any] = option({}, "model config fields to override, KEY=VALUE (e.g. depth=6 rope=true)")
+    baseline: str = option("navit", "navit: native aspect ratio; square: the ViT baseline, every image squashed "
+                           "to a square grid of the same mean token count", choices=("navit", "square"))  # fmt: skip
+    init_from: str | None = option(None, "run or checkpoint to start from (fine-tuning): every weight whose name "
+                                   "and shape match is loaded")  # fmt: skip
+
+
+@dataclass
+class DataSection:
+    train: str = option("synthetic:5000", f"training data: {DATA_FORMS}")
+    val: str | None = option(None, "validation data (same forms); default: a stratified split of the training data")
+    val_fraction: float = option(0.2, "share of the training data held out for validation when --val-data is not given")
+    max_tokens: int = option(64, "most tokens of one example in training and native-resolution evaluation; "
+                             "larger images are scaled down, aspect kept")  # fmt: skip
+    res_mode: str = option("native", "resolution sampling: native (as is), side (sample the side) or area "
+                           "(sample the area)", choices=RES_MODES)  # fmt: skip
+    res_min: int = option(64, "smallest sampled side in pixels (res_mode side/area)")
+    res_max: int = option(256, "largest sampled side in pixels (res_mode side/area)")
+    res_dist: str = option("truncnorm", "distribution of sampled sides: uniform, or a normal biased to low "
+                           "resolution truncated to the range", choices=RES_DISTS)  # fmt: skip
+    crop_min: float = option(1.0, "random crops keep at least this share of the area (1: no cropping)")
+    flip: bool = option(True, "random horizontal flips in training")
+    drop: str = option("none", "token dropping: none, constant rate, uniform, beta-distributed or "
+                       "resolution-dependent rates", choices=DROP_KINDS)  # fmt: skip
+    drop_rate: float = option(0.25, "drop rate (constant) or mean rate (beta)")
+    drop_max: float = option(0.5, "largest drop rate (uniform, beta, resolution)")
+    drop_schedule: str = option("constant", "how the drop rates move over training", choices=DropSchedule.KINDS)
+    drop_schedule_end: float = option(1.0, "multiplier of the drop rates at the end of training (linear, sigmoid)")
+    workers: int = option(1, "data-loader worker processes")
+    fail_fast: bool = option(False, "stop at the first unreadable file instead of skipping and counting it")
+
+
+@dataclass
+class PackingSection:
+    seq_len: int = option(256, "tokens per packed sequence")
+    num_seqs: int = option(4, "sequences per batch")
+    max_examples_per_seq: int = option(32, "most examples in one sequence (pooling slots)")
+    buffer_size: int = option(128, "examples the loader holds before it packs a batch")
+
+
+@dataclass
+class OptimSection:
+    epochs: float = option(10, "passes over the training examples (with token dropping too)")
+    max_steps: int | None = option(None, "stop after this many steps instead (and schedule the learning rate over them)")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on the parameters the model exempts)")
+    warmup_steps: int = option(100, "steps of linear warm-up")
+    grad_clip: float = option(1.0, "gradient-norm clipping")
+    precision: str = option("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"))
+    compile: bool = option(False, "torch.compile the model")
+
+
+@dataclass
+class EvalSection:
+    budgets: list[int] = option([16, 36, 64], "tokens per example to evaluate at after training, besides native")
+
+
+@dataclass
+class RunSection:
+    seed: int = option(0, "seed of the data split, order, augmentation and initialisation")
+    out: str = option("runs", "folder that holds run folders")
+    name: str | None = option(None, "run folder name (default: <baseline>-<date>-<time>)")
+    resume: str | None = option(None, "run or checkpoint to continue: its own config, with any options given on top")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    threads: int | None = option(None, "torch threads (default: the cores the loader workers leave free)")
+    log_every: int = option(10, "steps between metric records")
+    save_every: int = option(200, "steps between checkpoints")
+    nan_policy: str = option("stop", "on a non-finite loss: stop the run, or skip the step", choices=("stop", "skip"))
+    distributed: str = option("ddp", "under torchrun: ddp (replicated) or fsdp (FSDP2, sharded)", choices=D.STRATEGIES)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "packing": PackingSection,
+    "optim": OptimSection,
+    "eval": EvalSection,
+    "run": RunSection,
+}
+#: Flat names (flags) that differ from the field name.
+FLAT_NAMES = {("model", "name"): "model", ("model", "args"): "model_args", ("data", "train"): "data",
+              ("data", "val"): "val_data", ("task", "name"): "task"}  # fmt: skip
+#: Old names, for a helpful error.
+RENAMED = {"seqs_per_batch": "num_seqs", "max_images_per_seq": "max_examples_per_seq", "eval_budgets": "budgets",
+           "max_seq_len": "seq_len", "min_res": "res_min", "max_res": "res_max"}  # fmt: skip
+
+
+def flat_options() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every option's flat name -> (section, field). Task options come from every task."""
+    options: dict[str, tuple[str, dataclasses.Field]] = {}
+    task_name = dataclasses.field(default="classify", metadata={"help": "what to train", "choices": tuple(TASKS)})
+    task_name.name = "name"
+    fields = [(s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)] + [("task", task_name)]
+    fields += [("task", f) for task in TASKS.values() for f in dataclasses.fields(task.Options)]
+    for section, f in fields:
+        flat = FLAT_NAMES.get((section, f.name), f.name)
+        if flat in options and options[flat][0] != section:
+            raise AssertionError(f"option {flat!r} is defined in sections {options[flat][0]} and {section}")
+        options.setdefault(flat, (section, f))
+    return options
+
+
+def _unknown(key: str, known: list[str]) -> ValueError:
+    if key in RENAMED:
+        return ValueError(f"option {key!r} is now called {RENAMED[key]!r}")
+    close = difflib.get_close_matches(key, known, n=1)
+    return ValueError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
+@dataclass
+class TaskSection:
+    name: str = "classify"
+    options: Any = None  # the task's Options dataclass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run folder."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    task: TaskSection = field(default_factory=lambda: TaskSection("classify", TASKS["classify"].Options()))
+    data: DataSection = field(default_factory=DataSection)
+    packing: PackingSection = field(default_factory=PackingSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        """Check every option and build the small parts now, so an impossible setting fails
+        before any work starts."""
+        for name in SECTIONS:
+            check_choices(getattr(self, name), "")
+        data, packing, optim = self.data, self.packing, self.optim
+        if not 0 < data.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {data.val_fraction}")
+        if data.max_tokens > packing.seq_len:
+            raise ValueError(f"max_tokens={data.max_tokens} exceeds seq_len={packing.seq_len}")
+        if any(b < 1 for b in self.eval.budgets):
+            raise ValueError(f"budgets {self.eval.budgets} must be >= 1")
+        positive = [(data, "max_tokens"), (data, "workers"), (packing, "seq_len"), (packing, "num_seqs"),
+                    (packing, "max_examples_per_seq"), (packing, "buffer_size"), (self.run, "log_every"),
+                    (self.run, "save_every")]  # fmt: skip
+        for section, name in positive:
+            if getattr(section, name) < (0 if name == "workers" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'workers' else 1}, got {getattr(section, name)}")
+        if optim.epochs <= 0 and not optim.max_steps:
+            raise ValueError(f"epochs must be > 0, got {optim.epochs}")
+        model = self.model_config()
+        resolution = self.resolution()
+        if resolution.res_mode != "native" and resolution.res_min < model.patch_size:
+            raise ValueError(
+                f"res_min={data.res_min} px is smaller than the patch size {model.patch_size}: "
+                "such images would be a fraction of one patch; raise res_min"
+            )
+        self.dropper()
+        self.drop_schedule()
+
+    # -- the parts the options describe ----------------------------------------------------------
+    def model_config(self):
+        """The model's :class:`~navit.NaViTConfig`: the preset with ``model.args`` on top."""
+        return resolve_config(self.model.name, **self.model.args)
+
+    def resolution(self) -> ResolutionSampler:
+        d = self.data
+        return ResolutionSampler(d.res_mode, d.res_min, d.res_max, d.res_dist)
+
+    def dropper(self) -> TokenDropper | None:
+        d = self.data
+        rates = {
+            "none": None,
+            "constant": lambda: ConstantRate(d.drop_rate),
+            "uniform": lambda: UniformRate(0.0, d.drop_max),
+            "beta": lambda: BetaRate(d.drop_rate, d.drop_max),
+            "resolution": lambda: ResolutionRate(0.0, d.drop_max, min(16, d.max_tokens - 1), d.max_tokens),
+        }[d.drop]
+        return None if rates is None else TokenDropper(rates(), seed=self.run.seed)
+
+    def drop_schedule(self) -> DropSchedule:
+        return DropSchedule(self.data.drop_schedule, 1.0, self.data.drop_schedule_end)
+
+    def total_examples(self, train_size: int) -> int:
+        """Examples the run trains on: ``epochs`` passes over ``train_size`` examples."""
+        return math.ceil(self.optim.epochs * train_size)
+
+    # -- reading and writing ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {"model": out.pop("model"), "task": self.task.to_dict(), **out}
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by its flat name."""
+        nested = self.to_dict()
+        return {flat: nested[section][f.name] for flat, (section, f) in flat_options().items()
+                if f.name in nested[section]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """From nested sections and/or flat option names (flat ones win over nested ones)."""
+        options = flat_options()
+        nested: dict[str, dict[str, Any]] = {name: {} for name in [*SECTIONS, "task"]}
+        flat = {}
+        for key, value in values.items():
+            if key in nested and isinstance(value, dict):
+                nested[key].update(value)
+            elif key in options:
+                flat[key] = value
+            else:
+                raise _unknown(key, sorted([*options, *nested]))
+        for key, value in flat.items():
+            section, f = options[key]
+            nested[section][f.name] = value
+        task_values = dict(nested.pop("task"))
+        task_name = task_values.pop("name", "classify")
+        if task_name not in TASKS:
+            raise ValueError(f"task={task_name!r}; expected one of {tuple(TASKS)}")
+        task_cls = TASKS[task_name]
+        own = {f.name for f in dataclasses.fields(task_cls.Options)}
+        for key in task_values:
+            if key not in own:
+                owners = [t for t, c in TASKS.items() if key in {f.name for f in dataclasses.fields(c.Options)}]
+                if owners:
+                    raise ValueError(f"{key} is an option of task {' / '.join(owners)}, not of {task_name!r}")
+                raise _unknown(key, sorted(own))
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            for key in nested[name]:
+                if key not in {f.name for f in dataclasses.fields(section_cls)}:
+                    raise _unknown(key, sorted(options))
+            sections[name] = section_cls(**nested[name])
+        return cls(task=TaskSection(task_name, task_cls.options_from_dict(task_values)), **sections)
+
+    def with_options(self, values: dict[str, Any]) -> "TrainConfig":
+        """A copy with ``values`` (nested sections and/or flat names) on top; ``model_args``
+        merges into the model's args; another task starts from its own default options."""
+        merged = self.to_dict()
+        flat = {}
+        for key, value in values.items():
+            if key in merged and isinstance(value, dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                flat[key] = value
+        if "model_args" in flat:
+            flat["model_args"] = {**merged["model"]["args"], **dict(flat["model_args"])}
+        task = flat.get("task", merged["task"].get("name"))
+        if task != self.task.name:
+            merged["task"] = {k: v for k, v in merged["task"].items() if k == "name" or k in values.get("task", {})}
+        return TrainConfig.from_dict({**merged, **flat})
