@@ -40,6 +40,10 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def _with_default(text: str, default: Any) -> str:
+    return text if "default" in text else f"{text} (default: {default!r})"
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per option of every config section and every task, with its help and choices."""
     from navit.tasks import TASKS
@@ -49,25 +53,21 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     order = ["model", "task", *(name for name in SECTIONS if name != "model")]
     groups = {name: parser.add_argument_group(f"{name} options") for name in order}
     for flat, (section, f) in flat_options().items():
-        if section == "task" and f.name != "name":  # an option of one or more tasks: each says its own
+        if section != "task":
+            hint = typing.get_type_hints(SECTIONS[section])[f.name]
+            text, choices = _with_default(f.metadata["help"], defaults[flat]), f.metadata["choices"]
+        elif f.name == "name":
+            hint, text, choices = str, _with_default(f.metadata["help"], defaults[flat]), tuple(TASKS)
+        else:  # an option of one or more tasks: each says what it means there
             owners = [cls for cls in TASKS.values() if f.name in cls.Options.__dataclass_fields__]
             fields = [cls.Options.__dataclass_fields__[f.name] for cls in owners]
-            defaults_of = [getattr(cls.Options(), f.name) for cls in owners]
-            text = "; ".join(f"task {cls.name}: {g.metadata['help']}" + ("" if "default" in g.metadata["help"] else f" (default: {d!r})")
-                             for cls, g, d in zip(owners, fields, defaults_of))  # fmt: skip
             hint = typing.get_type_hints(owners[0].Options)[f.name]
-            choices = sorted({c for g in fields for c in g.metadata.get("choices") or ()}) or None
-        else:
-            hint = str if section == "task" else typing.get_type_hints(SECTIONS[section])[f.name]
-            text = f.metadata.get("help", "")
-            text += "" if "default" in text else f" (default: {defaults[flat]!r})"
-            choices = f.metadata.get("choices")
-        kwargs = _flag_type(hint)
-        if choices:
-            kwargs["choices"] = choices
-        text = text.replace("%", "%%")
+            text = "; ".join(f"task {cls.name}: " + _with_default(g.metadata["help"], getattr(cls.Options(), f.name))
+                             for cls, g in zip(owners, fields))  # fmt: skip
+            choices = sorted({c for g in fields for c in g.metadata["choices"] or ()}) or None
+        kwargs = _flag_type(hint) | ({"choices": choices} if choices else {})
         groups[section].add_argument("--" + flat.replace("_", "-"), dest=flat, default=argparse.SUPPRESS,
-                                     help=text, **kwargs)  # fmt: skip
+                                     help=text.replace("%", "%%"), **kwargs)  # fmt: skip
 
 
 def load_yaml_config(path: str) -> dict[str, Any]:
@@ -105,8 +105,8 @@ def training_config(args: argparse.Namespace):
     cfg = base.with_options(file_values).with_options(flags)
     before, after = base.flat(), cfg.flat()
     for name in after:
-        if name != "resume" and after[name] != before[name]:
-            print(f"resume: {name} {before[name]!r} -> {after[name]!r}")
+        if name != "resume" and after[name] != before.get(name):
+            print(f"resume: {name} {before.get(name)!r} -> {after[name]!r}")
     return cfg
 
 

@@ -107,14 +107,14 @@ class NaViT(nn.Module):
 
     ``processor`` (a :class:`navit.Processor`) is the preprocessing that turns files and images
     into this model's ``PackedBatch``; it is saved with the weights and restored by
-    :func:`navit.load_model`. Models of other than 2 or 3 axes take packed examples only and
-    have none.
+    :func:`navit.load_model`. Models no processor can feed (other than 2 or 3 axes, or 1 or 3
+    channels) take packed examples only and have none.
     """
 
     def __init__(self, config: NaViTConfig, processor: Processor | None = None) -> None:
         super().__init__()
         self.config = cfg = config
-        self.processor = processor or (Processor.for_model(cfg) if cfg.num_axes in (2, 3) else None)
+        self.processor = processor or (Processor.for_model(cfg) if Processor.can_feed(cfg) else None)
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim)
         self.pos_embed = (
             None

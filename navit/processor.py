@@ -17,21 +17,20 @@ the resize, patchify and normalise steps are these.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from navit.config import NaViTConfig, reject_unknown_fields
 from navit.data.decode import load_rgb, to_rgb
 from navit.packing import PackedBatch, pack
 from navit.patchify import Example, fit_grid, grid_coords, patchify
-
-if TYPE_CHECKING:
-    from navit.config import NaViTConfig
 
 GRID_RULES = ("native", "square")
 RESAMPLE = {
@@ -92,8 +91,13 @@ class Processor:
             raise ValueError(f"Processor.std must be positive, got {self.std}")
 
     # -- description --------------------------------------------------------------------------
+    @staticmethod
+    def can_feed(config: NaViTConfig) -> bool:
+        """Whether a processor exists for models of ``config``: images or clips, grey or RGB."""
+        return config.num_axes in (2, 3) and config.in_chans in (1, 3)
+
     @classmethod
-    def for_model(cls, config: "NaViTConfig", **overrides: Any) -> "Processor":
+    def for_model(cls, config: NaViTConfig, **overrides: Any) -> "Processor":
         """The default processor of a model config, with any field overridden."""
         geometry = dict(
             patch_size=config.patch_size,
@@ -105,7 +109,7 @@ class Processor:
             geometry.update(mean=(0.5,) * config.in_chans, std=(0.5,) * config.in_chans)
         return cls(**{**geometry, **overrides})
 
-    def check_model(self, config: "NaViTConfig") -> None:
+    def check_model(self, config: NaViTConfig) -> None:
         """Raise if this processor cannot feed a model of ``config``."""
         pairs = [("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
                  ("num_axes", "num_axes"), ("channels", "in_chans")]  # fmt: skip
@@ -122,8 +126,6 @@ class Processor:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Processor":
-        from navit.config import reject_unknown_fields
-
         reject_unknown_fields(cls, values, "Processor field(s)", ValueError)
         return cls(**values)
 
@@ -161,9 +163,8 @@ class Processor:
         rows, cols = self.grid(*(size or (height, width)), budget)
         target = (cols * self.patch_size, rows * self.patch_size)
         patches, grid = self._patchify(_pixels(_resize(picture, target, self.resample)))
-        # Patches are flattened (row, col, channel): the channel is the fastest axis.
-        mean, std = torch.tensor(self.mean), torch.tensor(self.std)
-        patches = (patches.view(len(patches), -1, self.channels).float() * (1 / (255 * std)) - mean / std).flatten(1)
+        scale, offset = _normaliser(self.patch_size, self.mean, self.std)
+        patches = patches.float().mul_(scale).sub_(offset)  # (x / 255 - mean) / std, per channel
         fields = {}
         for key, labels in (dense or {}).items():
             if labels.size != (width, height):
@@ -226,6 +227,14 @@ class Processor:
         longest = max(x.num_tokens for x in examples)
         seq_len = seq_len or max(self.max_tokens, budget or 0, longest)
         return pack(examples, seq_len, max_examples_per_seq=max_examples_per_seq).batch
+
+
+@functools.lru_cache(maxsize=16)
+def _normaliser(patch_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-value scale and offset of a flattened (row, col, channel) patch of 8-bit pixels."""
+    scale = torch.tensor([1 / (255 * s) for s in std]).repeat(patch_size * patch_size)
+    offset = torch.tensor([m / s for m, s in zip(mean, std)]).repeat(patch_size * patch_size)
+    return scale, offset
 
 
 def _input_name(item: Any, index: int) -> str:

@@ -161,9 +161,14 @@ def new_run_folder(cfg: TrainConfig) -> Path:
 
 
 def run_folder_of(path: str | Path) -> Path:
-    """The run folder of a run, checkpoints or checkpoint path."""
+    """The run folder of a run, checkpoints or checkpoint path (a checkpoint saved outside a
+    run, by ``navit.save_model``, is its own folder)."""
     path = Path(path)
-    return path if (path / "config.yaml").exists() else resolve_checkpoint(path).parent.parent
+    if (path / "config.yaml").exists():
+        return path
+    checkpoint = resolve_checkpoint(path)
+    run = checkpoint.parent.parent
+    return run if (run / "config.yaml").exists() else checkpoint
 
 
 def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:

@@ -105,6 +105,15 @@ class RunSection:
     distributed: str = option("ddp", "under torchrun: ddp (replicated) or fsdp (FSDP2, sharded)", choices=D.STRATEGIES)
 
 
+@dataclass
+class TaskSection:
+    name: str = option("classify", "what to train: the task's head, targets, loss and metric")
+    options: Any = None  # the task's Options dataclass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "data": DataSection,
@@ -124,9 +133,8 @@ RENAMED = {"seqs_per_batch": "num_seqs", "max_images_per_seq": "max_examples_per
 def flat_options() -> dict[str, tuple[str, dataclasses.Field]]:
     """Every option's flat name -> (section, field). Task options come from every task."""
     options: dict[str, tuple[str, dataclasses.Field]] = {}
-    task_name = dataclasses.field(default="classify", metadata={"help": "what to train", "choices": tuple(TASKS)})
-    task_name.name = "name"
-    fields = [(s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)] + [("task", task_name)]
+    fields = [(s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    fields += [("task", TaskSection.__dataclass_fields__["name"])]
     fields += [("task", f) for task in TASKS.values() for f in dataclasses.fields(task.Options)]
     for section, f in fields:
         flat = FLAT_NAMES.get((section, f.name), f.name)
@@ -141,15 +149,6 @@ def _unknown(key: str, known: list[str]) -> ValueError:
         return ValueError(f"option {key!r} is now called {RENAMED[key]!r}")
     close = difflib.get_close_matches(key, known, n=1)
     return ValueError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-
-
-@dataclass
-class TaskSection:
-    name: str = "classify"
-    options: Any = None  # the task's Options dataclass
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self.options)}
 
 
 @dataclass
@@ -280,7 +279,8 @@ class TrainConfig:
                 flat[key] = value
         if "model_args" in flat:
             flat["model_args"] = {**merged["model"]["args"], **dict(flat["model_args"])}
-        task = flat.get("task", merged["task"].get("name"))
+        task = flat.get("task", merged["task"]["name"])
         if task != self.task.name:
-            merged["task"] = {k: v for k, v in merged["task"].items() if k == "name" or k in values.get("task", {})}
+            given = values["task"] if isinstance(values.get("task"), dict) else {}
+            merged["task"] = {k: v for k, v in merged["task"].items() if k == "name" or k in given}
         return TrainConfig.from_dict({**merged, **flat})

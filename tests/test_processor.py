@@ -67,8 +67,8 @@ def test_paths_pil_images_and_tensors_give_the_same_patches(image_files):
     for path in paths:
         pil = Image.open(path)
         uint8 = torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1)
-        # Float tensors in [0, 1] (as torchvision's ToTensor gives) are read as 8-bit values.
-        inputs = (str(path), pil, uint8, uint8.float() / 255)
+        # Float tensors in [0, 1] (as torchvision's ToTensor gives) are rounded to 8-bit values.
+        inputs = (str(path), pil, uint8, uint8.float() / 255, (uint8.float() - 0.4) / 255)
         reference, *others = (processor.to_example(x) for x in inputs)
         for other in others:
             assert other.grid == reference.grid and torch.equal(other.patches, reference.patches), path

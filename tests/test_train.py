@@ -15,6 +15,7 @@ from conftest import TINY_TRAIN
 from navit.checkpoint import load_train_state, resolve_checkpoint, save_checkpoint
 from navit.cli import build_parser, main
 from navit.inference import load_checkpoint, predict_files
+from navit.train import open_data
 from navit.train_config import TrainConfig
 
 
@@ -175,6 +176,12 @@ def test_eval_matches_classes_by_name_and_refuses_unknown_ones(image_folder, tmp
     hits = [r["labels"][0]["label"] == Path(r["path"]).parent.name for r in predict_files(model, task, files, topk=1)]
     assert accuracy == pytest.approx(sum(hits) / len(hits))
 
+    # Training with that folder as --val-data matches its classes the same way.
+    val_run = train(image_folder, tmp_path, "val", "--max-steps", "2", "--val-data", str(subset), "--budgets")
+    model, task, _ = load_checkpoint(val_run)
+    hits = [r["labels"][0]["label"] == Path(r["path"]).parent.name for r in predict_files(model, task, files, topk=1)]
+    assert json.loads((val_run / "eval.json").read_text())["native"]["accuracy"] == pytest.approx(sum(hits) / len(hits))
+
     (subset / "zebra").mkdir()
     shutil.copy(files[0], subset / "zebra" / "z.png")
     with pytest.raises(SystemExit, match=r"has classes \['zebra'\] that the model does not know"):
@@ -240,6 +247,12 @@ def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, caps
     assert set(results) == {"native", "4", "16"} and results["native"]["examples"] > 0
     model, task, meta = load_checkpoint(run)
     assert meta["task"] == "contrastive" and len(meta["class_names"]) == 6 and meta["task_options"]["text_depth"] == 1
+    # Evaluated as zero-shot classification of the validation split, example by example:
+    val = open_data(TrainConfig.from_dict(meta["config"]))[1]
+    zero_shot = task.inference_model(model)
+    with torch.no_grad():
+        hits = [int(zero_shot(model.processor([val.load(i)])).argmax()) == val.label(i) for i in range(len(val))]
+    assert results["native"]["accuracy"] == pytest.approx(sum(hits) / len(hits))
     from navit.data.synthetic import SyntheticShapes
 
     image = tmp_path / "shape.png"
@@ -254,3 +267,23 @@ def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, caps
 def test_contrastive_task_needs_captions(tmp_path, image_folder):
     with pytest.raises(SystemExit, match="needs captions"):
         main(["train", "--task", "contrastive", "--data", str(image_folder), "--out", str(tmp_path), *TINY_TRAIN])
+
+
+def test_init_from_takes_every_matching_weight_including_an_image_tower(tmp_path, capsys):
+    from conftest import tiny_config
+
+    from navit import create_model, save_model
+    from navit.train import initialise_from
+    from navit.two_tower import create_image_text_model
+
+    two_tower = create_image_text_model(tiny_config(num_classes=0), text_depth=1)
+    save_model(two_tower, tmp_path / "clip", class_names=["a", "b"])
+    classifier = create_model(tiny_config(num_classes=3))
+    initialise_from(classifier, str(tmp_path / "clip"))
+    for name, value in classifier.state_dict().items():
+        if name.startswith("head."):  # the new task's head keeps its fresh weights
+            continue
+        assert torch.equal(value, two_tower.image.state_dict()[name]), name
+    assert "re-initialised ['head.bias', 'head.weight']" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no weight of .* fits the model"):
+        initialise_from(create_model(tiny_config(embed_dim=16, num_classes=3)), str(tmp_path / "clip"))

@@ -80,7 +80,6 @@ def test_sampled_resolution_sizes_the_grid_with_the_aspect_kept():
 def test_dense_keys_follow_the_image_through_crop_flip_resize_and_dropping():
     # Each pixel's red value encodes its mask label (its column band): whatever the transform does,
     # every kept token's label field must match the red values of its own patch.
-    rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(7, dtype=np.uint8), 30)[None, :].repeat(90, 0)  # 90 x 210, bands of 30 px
     pixels = np.zeros((90, 210, 3), dtype=np.uint8)
     pixels[..., 0] = labels * 30
