@@ -38,11 +38,16 @@ def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
     peers = [str(HERE / "peers.py"), "--threads", str(args.threads), "--device", args.device,
              "--precision", args.precision, "--out", str(out / "peers.json")]
     peers += (["--quick"] if args.quick else []) + (["--compile"] if args.device == "cuda" else [])
+    video = [str(HERE / "video.py"), "--threads", str(args.threads), "--device", args.device,
+             "--precision", args.precision, "--out", str(out / "video.json")]
+    if args.quick:
+        video += ["--repeats", "3", "--loader-clips", "200", "--padding-examples", "5000"]
     # Timing-sensitive benchmarks first (a quiet machine may not stay quiet); packing_padding
     # only counts tokens, so load does not change its results.
     return [
         ("attention_scaling", att, None),
         ("peers", peers, out / "peers.md"),
+        ("video", video, out / "video.md"),
         ("packing_padding", py, None),
     ]
 
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter versions of every benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the timed benchmarks")
-    p.add_argument("--only", nargs="+", choices=["packing_padding", "attention_scaling", "peers"],
+    p.add_argument("--only", nargs="+", choices=["packing_padding", "attention_scaling", "peers", "video"],
                    help="run only these benchmarks")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda also adds a torch.compile row to the peers tables")

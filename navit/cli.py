@@ -146,10 +146,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"{args.checkpoint} holds no training config to find its validation data; pass --data")
         budgets = args.budgets if args.budgets is not None else (cfg.eval.budgets if cfg else [])
+        frames = args.frames if args.frames is not None else (cfg.eval.frames if cfg else [])
         seq_len = cfg.packing.seq_len if cfg else model.processor.max_tokens
         results = evaluate_budgets(
-            task.inference_model(model), task, source, model.processor, budgets=budgets, seq_len=seq_len,
-            device=device, workers=args.workers,
+            task.inference_model(model), task, source, model.processor, budgets=budgets, frames=frames,
+            seq_len=seq_len, device=device, workers=args.workers,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, OSError) as error:
         raise SystemExit(f"navit eval: {error}") from error
@@ -191,6 +192,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_video(args: argparse.Namespace) -> int:
+    from navit.data.synthetic_video import SyntheticMotion, write_video_folder
+
+    source = SyntheticMotion(num_clips=args.num_clips, seed=args.seed)
+    try:
+        write_video_folder(source, args.out, ext=args.ext)
+    except ValueError as error:
+        raise SystemExit(f"navit data synth-video: {error}") from error
+    print(f"wrote {len(source)} clips in {len(source.class_names)} classes to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="navit", description="NaViT: ViTs at native resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,14 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: the run's own validation split)")  # fmt: skip
     evaluate.add_argument("--budgets", type=int, nargs="*", metavar="N",
                           help="tokens per example to evaluate at, besides native (default: the run's)")  # fmt: skip
+    evaluate.add_argument("--frames", type=int, nargs="*", metavar="N",
+                          help="clips: frames per clip to evaluate at, besides native (default: the run's)")  # fmt: skip
     evaluate.add_argument("--out", help="folder for eval.json and the plot (default: the run folder)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     evaluate.add_argument("--workers", type=int, default=2, help="data-loader worker processes (default: 2)")
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = sub.add_parser("predict", help="top-k labels for image files, folders or globs")
+    predict = sub.add_parser("predict", help="top-k labels for image and video files, folders or globs")
     predict.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
-    predict.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
+    predict.add_argument("inputs", nargs="+", help="image or video files, folders (searched recursively) or globs")
     predict.add_argument("--topk", type=int, default=5, help="labels per input (default: 5)")
     predict.add_argument("--budget", type=int, help="tokens per input (default: native resolution)")
     predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
@@ -230,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-images", type=int, default=3000, help="images to write (default: 3000)")
     synth.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     synth.set_defaults(func=cmd_synth)
+    synth_video = data_sub.add_parser("synth-video", help="write the built-in video set as video files")
+    synth_video.add_argument("--out", required=True, help="output folder")
+    synth_video.add_argument("--num-clips", type=int, default=600, help="clips to write (default: 600)")
+    synth_video.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    synth_video.add_argument("--ext", default=".mp4", choices=(".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpg"),
+                             help="container (default: .mp4)")  # fmt: skip
+    synth_video.set_defaults(func=cmd_synth_video)
     return parser
 
 

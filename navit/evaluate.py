@@ -27,16 +27,22 @@ def evaluate_budgets(
     processor: Processor,
     *,
     budgets: list[int],
+    frames: list[int] = (),
     seq_len: int = 256,
     device: torch.device | str = "cpu",
     workers: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """The task's metric at native resolution (capped at the processor's ``max_tokens``) and at
-    each token budget, keyed ``"native"`` and ``str(budget)``."""
+    """The task's metric at native resolution (capped at the processor's ``max_tokens``), at each
+    token budget and, for data with clips, at each number of frames per clip, keyed
+    ``"native"``, ``str(budget)`` and ``f"{n} frames"``."""
     device = torch.device(device)
+    settings = [("native", {})] + [(str(b), {"budget": b}) for b in budgets]
+    if getattr(source, "has_video", False):
+        settings += [(f"{n} frames", {"max_frames": n}) for n in frames]
     results = {}
-    for budget in [None, *budgets]:
-        transform = ExampleTransform(processor, budget=budget, dense_keys=task.dense_keys)
+    for name, options in settings:
+        budget = options.get("budget")
+        transform = ExampleTransform(processor, dense_keys=task.dense_keys, **options)
         loader = PackedLoader(
             source,
             transform,
@@ -47,7 +53,7 @@ def evaluate_budgets(
             train=False,
             num_workers=workers,
         )
-        results["native" if budget is None else str(budget)] = task.evaluate(model, loader, device)
+        results[name] = task.evaluate(model, loader, device)
     return results
 
 
@@ -71,8 +77,10 @@ def write_budget_report(
     print(f"\nValidation {metric} vs tokens per example, {title}:")
     print(format_budget_table(results, metric))
     (folder / "eval.json").write_text(json.dumps(results, indent=2))
-    budgets = [(row["tokens_per_example"], row[metric]) for name, row in results.items() if name != "native"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    budgets = [(row["tokens_per_example"], row[metric]) for name, row in results.items() if name.isdigit()]
+    frames = [(int(name.split()[0]), row[metric]) for name, row in results.items() if name.endswith(" frames")]
+    fig, axes = plt.subplots(1, 2 if frames else 1, figsize=(9 if frames else 5, 3.5), squeeze=False)
+    ax = axes[0, 0]
     if budgets:
         xs, ys = zip(*sorted(budgets))
         ax.plot(xs, [100 * y for y in ys], marker="o", label="token budget")
@@ -80,9 +88,15 @@ def write_budget_report(
     if native:
         ax.scatter([native["tokens_per_example"]], [100 * native[metric]], color="red", zorder=3, label="native")
     ax.set_xlabel("tokens per example")
-    ax.set_ylabel(f"validation {metric} (%)")
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    if frames:
+        xs, ys = zip(*sorted(frames))
+        axes[0, 1].plot(xs, [100 * y for y in ys], marker="o")
+        axes[0, 1].set_xlabel("frames per clip")
+        axes[0, 1].set_xscale("log", base=2)
+    for each in axes[0]:
+        each.set_ylabel(f"validation {metric} (%)")
+        each.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / f"{metric}_vs_tokens.png", dpi=120)

@@ -16,6 +16,7 @@ from torch import nn
 
 from navit.checkpoint import load_meta, load_weights, resolve_checkpoint, write_checkpoint
 from navit.data.sources import IMAGE_EXTENSIONS
+from navit.data.video import VIDEO_EXTENSIONS
 from navit.packing import pack
 from navit.processor import Processor
 from navit.tasks import Task, get_task
@@ -89,7 +90,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Files, folders (their image files, recursively, sorted) and globs, in the order given.
+    """Files, folders (their image and video files, recursively, sorted) and globs, in the order given.
 
     A pattern that matches nothing stays in the list, so its error is reported in place.
     """
@@ -97,7 +98,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         if os.path.isdir(pattern):
             found = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
-                     if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]  # fmt: skip
+                     if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS]  # fmt: skip
             paths.extend(sorted(found))
         elif glob.has_magic(pattern):
             paths.extend(sorted(glob.glob(pattern, recursive=True)) or [pattern])

@@ -269,3 +269,43 @@ def create_model(name_or_config: str | NaViTConfig = "navit_ti16", **overrides: 
     ``create_model("navit_s16", num_classes=10, pos_mode="absolute")``.
     """
     return NaViT(resolve_config(name_or_config, **overrides))
+
+
+def inflate_weights(weights: dict[str, torch.Tensor], image: NaViTConfig, clip: NaViTConfig) -> dict[str, torch.Tensor]:
+    """An image model's weights (2 axes) for a clip model (3 axes), such that a still image (a
+    one-tubelet clip, its frame repeated) gives exactly the image model's outputs.
+
+    The patch embedding's kernel is split evenly over the tubelet's frames; the spatial position
+    tables move to axes 1 and 2, and the time axis starts neutral: a zero table (an all-one
+    table for ``pos_combine="product"``), or a zero projection for Fourier features. Sin-cos
+    embeddings, stacked embeddings and RoPE have no neutral time axis: they are refused.
+    """
+    if image.num_axes != 2 or clip.num_axes != 3:
+        raise ValueError(f"inflation takes a 2-axis image model to a 3-axis clip model, got {image.num_axes} -> {clip.num_axes}")
+    if clip.rope or (clip.pos_embed != "none" and (clip.pos_embed == "sincos" or clip.pos_combine == "stack")):
+        raise ValueError(
+            "an image model inflates exactly only with learned or fourier position embeddings combined by "
+            f"sum or product and without rope (got pos_embed={clip.pos_embed}, pos_combine={clip.pos_combine}, "
+            f"rope={clip.rope})"
+        )
+    out = {k: v for k, v in weights.items() if not k.startswith("pos_embed.axes.")}
+    pt = clip.temporal_patch_size
+    out["patch_embed.weight"] = weights["patch_embed.weight"].repeat(1, pt) / pt
+    for axis in (0, 1):
+        for key in [k for k in weights if k.startswith(f"pos_embed.axes.{axis}.")]:
+            out[key.replace(f"axes.{axis}.", f"axes.{axis + 1}.")] = weights[key]
+    neutral = 1.0 if clip.pos_combine == "product" else 0.0
+    for key in [k for k in weights if k.startswith("pos_embed.axes.0.")]:
+        tensor = weights[key]
+        out[key] = tensor.new_full(tensor.shape, neutral if key.endswith(("table", "proj.bias")) else 0.0)
+    return out
+
+
+def inflate_to_clips(model: NaViT, temporal_patch_size: int = 2) -> NaViT:
+    """The clip model (3 axes, tubelets of ``temporal_patch_size`` frames) an image model becomes;
+    see :func:`inflate_weights`. Its processor is the image model's, for clips."""
+    config = model.config.replace(num_axes=3, temporal_patch_size=temporal_patch_size)
+    processor = model.processor.replace(num_axes=3, temporal_patch_size=temporal_patch_size) if model.processor else None
+    clip = NaViT(config, processor)
+    clip.load_state_dict(inflate_weights(model.state_dict(), model.config, config))
+    return clip

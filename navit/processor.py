@@ -29,6 +29,7 @@ from PIL import Image
 
 from navit.config import NaViTConfig, reject_unknown_fields
 from navit.data.decode import load_rgb, to_rgb
+from navit.data.video import ArrayClip, Clip, FrameOp, VideoFile, is_video_name
 from navit.packing import PackedBatch, pack
 from navit.patchify import Example, fit_grid, grid_coords, patchify
 
@@ -54,8 +55,13 @@ class Processor:
       the largest square within it.
     * Pixels are resized with Pillow's ``resample`` filter, scaled to [0, 1] and normalised per
       channel with ``mean`` and ``std``.
-    * ``num_axes=3`` (a clip model): an image becomes a one-tubelet clip, its frame repeated
-      ``temporal_patch_size`` times, at time coordinate 0 of a 1-long time axis.
+    * ``num_axes=3`` (a clip model): a clip is cut into tubelets of ``temporal_patch_size``
+      frames; its frames are chosen at ``fps`` frames per second by the timestamps of decoded
+      frames (every frame if None), then every ``frame_stride``-th, and at inference the first
+      ``max_frames`` of them are used. ``max_tokens`` (or ``budget``) bounds the tokens of the
+      whole clip: the frame size is chosen so that all its tubelets fit, aspect kept. A clip
+      whose frames are not a multiple of ``temporal_patch_size`` repeats its last frame. An
+      image is a one-tubelet clip, its frame repeated, at time 0 of a 1-long time axis.
     """
 
     patch_size: int = 16
@@ -67,11 +73,14 @@ class Processor:
     resample: str = "bicubic"
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    fps: float | None = None
+    frame_stride: int = 1
+    max_frames: int = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        for name in ("patch_size", "temporal_patch_size", "channels", "max_tokens"):
+        for name in ("patch_size", "temporal_patch_size", "channels", "max_tokens", "frame_stride", "max_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Processor.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_axes not in (2, 3):
@@ -89,6 +98,8 @@ class Processor:
                 raise ValueError(f"Processor.{name} needs one value per channel ({self.channels}), got {getattr(self, name)}")
         if min(self.std) <= 0:
             raise ValueError(f"Processor.std must be positive, got {self.std}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"Processor.fps must be > 0 (or None for every frame), got {self.fps}")
 
     # -- description --------------------------------------------------------------------------
     @staticmethod
@@ -130,16 +141,16 @@ class Processor:
         return cls(**values)
 
     # -- one input -----------------------------------------------------------------------------
-    def grid(self, height: int, width: int, budget: int | None = None) -> tuple[int, int]:
-        """The (rows, cols) patch grid of an image of ``height`` × ``width`` pixels."""
+    def grid(self, height: int, width: int, budget: int | None = None, *, tubelets: int = 1) -> tuple[int, int]:
+        """The (rows, cols) patch grid of an image of ``height`` × ``width`` pixels, or of each
+        frame of a clip of ``tubelets`` tubelets (which share the token budget)."""
         if budget is not None and budget < 1:
             raise ValueError(f"the token budget must be >= 1, got {budget}")
+        spatial = max(1, (budget or self.max_tokens) // tubelets)
         if self.grid_rule == "square":
-            side = max(1, math.isqrt(budget or self.max_tokens))
+            side = max(1, math.isqrt(spatial))
             return side, side
-        if budget is not None:
-            return fit_grid(height, width, self.patch_size, budget, fill=True)
-        return fit_grid(height, width, self.patch_size, self.max_tokens)
+        return fit_grid(height, width, self.patch_size, spatial, fill=budget is not None)
 
     def to_example(
         self,
@@ -158,12 +169,14 @@ class Processor:
         each is resized with nearest neighbour onto the same grid and cut into a per-token field
         [n, p·p] of integers, aligned with the patches.
         """
+        if _is_clip(image):
+            return self.clip_to_example(_as_clip(image, name), size=size, budget=budget, name=name)
         picture = self._decode(image, name)
         width, height = picture.size
         rows, cols = self.grid(*(size or (height, width)), budget)
         target = (cols * self.patch_size, rows * self.patch_size)
         patches, grid = self._patchify(_pixels(_resize(picture, target, self.resample)))
-        scale, offset = _normaliser(self.patch_size, self.mean, self.std)
+        scale, offset = _normaliser(self.patch_size**2, self.mean, self.std)
         patches = patches.float().mul_(scale).sub_(offset)  # (x / 255 - mean) / std, per channel
         fields = {}
         for key, labels in (dense or {}).items():
@@ -174,6 +187,46 @@ class Processor:
                 )
             fields[key] = self._patchify(_pixels(_resize(labels, target, "nearest")))[0].long()
         return self._as_example(patches, grid, fields)
+
+    def clip_to_example(
+        self,
+        clip: Clip,
+        *,
+        start: float = 0.0,
+        num_frames: int | None = None,
+        size: tuple[int, int] | None = None,
+        budget: int | None = None,
+        frame_op: FrameOp | None = None,
+        name: str | None = None,
+    ) -> Example:
+        """Choose, resize, patchify and normalise the frames of ``clip`` (a :mod:`navit.data.video`
+        clip). ``start`` (seconds) and ``num_frames`` (default ``max_frames``) choose the window;
+        ``size``, ``budget`` as for images; ``frame_op`` (augmentation: crop, flip) runs on each
+        full-size frame as it is decoded, and ``size`` is then the size of its output.
+
+        Frames are first reduced to the grid a single tubelet would get, so memory stays small
+        whatever the clip; once the number of frames is known (headers lie), they are reduced to
+        the grid that all tubelets share. A one-frame clip gives exactly the image's patches.
+        """
+        if self.num_axes != 3:
+            raise ValueError(f"{name or 'input'} is a clip, but this processor is for images (num_axes=2); "
+                             "a clip model has num_axes=3")  # fmt: skip
+        info = clip.info()
+        height, width = size or (info.height, info.width)
+        pt, p = self.temporal_patch_size, self.patch_size
+        wanted = min(num_frames or self.max_frames, (budget or self.max_tokens) * pt)
+        rows, cols = self.grid(height, width, budget)
+        first = _resize_op((cols * p, rows * p), self.resample)
+        op = first if frame_op is None else (lambda frame: first(frame_op(frame)))
+        frames, _ = clip.read(start=start, num_frames=wanted, fps=self.fps, stride=self.frame_stride, frame_op=op)
+        tubelets = math.ceil(len(frames) / pt)
+        rows, cols = self.grid(height, width, budget, tubelets=tubelets)
+        frames = [_resize(self._decode(f, name), (cols * p, rows * p), self.resample) for f in frames]
+        frames += frames[-1:] * (tubelets * pt - len(frames))  # the last frame fills the last tubelet
+        pixels = torch.stack([_pixels(f) for f in frames], 1)  # [C, T, H, W]
+        patches, grid = patchify(pixels, (pt, p, p))
+        scale, offset = _normaliser(pt * p * p, self.mean, self.std)
+        return Example(patches.float().mul_(scale).sub_(offset), grid_coords(*grid), grid)
 
     def _patchify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """[C, H, W] pixels -> patches [n, p·p·C] and the (rows, cols) grid."""
@@ -230,11 +283,32 @@ class Processor:
 
 
 @functools.lru_cache(maxsize=16)
-def _normaliser(patch_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-value scale and offset of a flattened (row, col, channel) patch of 8-bit pixels."""
-    scale = torch.tensor([1 / (255 * s) for s in std]).repeat(patch_size * patch_size)
-    offset = torch.tensor([m / s for m, s in zip(mean, std)]).repeat(patch_size * patch_size)
+def _normaliser(pixels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-value scale and offset of a flattened patch of ``pixels`` 8-bit pixels, channel last."""
+    scale = torch.tensor([1 / (255 * s) for s in std]).repeat(pixels)
+    offset = torch.tensor([m / s for m, s in zip(mean, std)]).repeat(pixels)
     return scale, offset
+
+
+def _is_clip(item: Any) -> bool:
+    if isinstance(item, (str, os.PathLike)):
+        return is_video_name(item)
+    if isinstance(item, torch.Tensor):
+        return item.dim() == 4
+    return callable(getattr(item, "read", None)) and callable(getattr(item, "info", None))
+
+
+def _as_clip(item: Any, name: str | None) -> Clip:
+    """A video path, a [T, C, H, W] tensor (uint8, or float in [0, 1]) or a clip object as a clip."""
+    if isinstance(item, (str, os.PathLike)):
+        return VideoFile(item, name=name)
+    if isinstance(item, torch.Tensor):
+        return ArrayClip([_tensor_to_pil(frame, frame.shape[0], name or "input") for frame in item])
+    return item
+
+
+def _resize_op(size: tuple[int, int], resample: str) -> FrameOp:
+    return lambda frame: _resize(frame, size, resample)
 
 
 def _input_name(item: Any, index: int) -> str:

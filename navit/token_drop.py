@@ -143,12 +143,15 @@ class TokenDropper:
 
     Mirrors ``nn.Module``'s ``train()`` / ``eval()`` so a training loop can switch it with the
     model; kept tokens keep their original coordinates and the example keeps its full grid.
+    With ``tube``, a clip (an example whose first axis is time) loses whole tubes: the same
+    (row, col) at every time, so no position can be read from a neighbouring frame.
     """
 
-    def __init__(self, rate: DropRate | float, *, seed: int = 0) -> None:
+    def __init__(self, rate: DropRate | float, *, seed: int = 0, tube: bool = False) -> None:
         self.rate = ConstantRate(rate) if isinstance(rate, (int, float)) else rate
         self.generator = torch.Generator().manual_seed(seed)
         self.training = True
+        self.tube = tube
 
     def train(self, mode: bool = True) -> "TokenDropper":
         self.training = mode
@@ -181,8 +184,21 @@ class TokenDropper:
         for example, k in zip(examples, keep):
             if k == example.num_tokens:
                 out.append(example)
-                continue
-            kept = torch.randperm(example.num_tokens, generator=generator)[:k].sort().values
-            out.append(example.select(kept))
+            elif self.tube and example.num_axes == 3:
+                out.append(example.select(self._tubes(example, k, generator)))
+            else:
+                out.append(example.select(torch.randperm(example.num_tokens, generator=generator)[:k].sort().values))
         return out
+
+    @staticmethod
+    def _tubes(example: Example, k: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices of the tokens of the kept tubes: the share ``k / n`` of the (row, col) cells
+        present (stochastically rounded, at least one), every time step of each."""
+        cell = example.coords[:, 1] * example.grid[2] + example.coords[:, 2]
+        cells, owner = torch.unique(cell, return_inverse=True)
+        share = cells.numel() * k / example.num_tokens
+        count = min(cells.numel(), max(1, int(share + float(torch.rand((), generator=generator, dtype=torch.float64)))))
+        chosen = torch.zeros(cells.numel(), dtype=torch.bool)
+        chosen[torch.randperm(cells.numel(), generator=generator)[:count]] = True
+        return torch.nonzero(chosen[owner]).squeeze(1)
 

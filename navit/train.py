@@ -24,12 +24,14 @@ from tqdm import tqdm
 
 from navit import distributed as D
 from navit.checkpoint import load_meta, load_train_state, load_weights, resolve_checkpoint, save_checkpoint
+from navit.config import NaViTConfig
 from navit.data.loader import LoaderBatch, PackedLoader
 from navit.data.sources import open_source, shard, split_holdout, with_class_names
 from navit.data.transforms import ExampleTransform
 from navit.evaluate import evaluate_budgets, write_budget_report
 from navit.inference import checkpoint_meta
 from navit.metrics import MetricsLogger
+from navit.model import inflate_weights
 from navit.processor import Processor
 from navit.tasks import TASKS, StepLoss, Task
 from navit.train_config import TrainConfig
@@ -119,19 +121,47 @@ def square_tokens(source: Any, processor: Processor, sample: int = 256) -> int:
     return max(1, round(math.sqrt(sum(counts) / len(counts)))) ** 2
 
 
-def make_processor(cfg: TrainConfig, train_source: Any) -> Processor:
-    """The model's preprocessing; the square baseline sees as many tokens per image on average."""
-    native = Processor.for_model(cfg.model_config(), max_tokens=cfg.data.max_tokens)
+def model_config(cfg: TrainConfig, train_source: Any) -> NaViTConfig:
+    """The configured model; for data with clips an image model (2 axes) takes tubelets of two
+    frames instead (3 axes)."""
+    config = cfg.model_config()
+    if getattr(train_source, "has_video", False) and config.num_axes == 2:
+        print("the data has clips: the model takes tubelets of 2 frames (num_axes=3, temporal_patch_size=2)")
+        config = config.replace(num_axes=3, temporal_patch_size=2)
+    return config
+
+
+def make_processor(cfg: TrainConfig, config: NaViTConfig, train_source: Any) -> Processor:
+    """The model's preprocessing; the square baseline sees as many tokens per image on average,
+    the frame baseline one frame per clip."""
+    d = cfg.data
+    native = Processor.for_model(config, max_tokens=d.max_tokens, fps=d.fps, frame_stride=d.frame_stride,
+                                 max_frames=d.max_frames)  # fmt: skip
     if cfg.model.baseline == "square":
         return native.replace(grid_rule="square", max_tokens=square_tokens(train_source, native))
+    if cfg.model.baseline == "frame":
+        if not getattr(train_source, "has_video", False):
+            raise ValueError("--baseline frame sees one frame per clip, but the training data has no clips")
+        return native.replace(max_frames=1)
     return native
 
 
 def initialise_from(model: nn.Module, path: str) -> None:
     """Fine-tuning: every weight of checkpoint ``path`` whose name and shape match (an image
-    tower's weights also load into a classifier)."""
-    weights = load_weights(resolve_checkpoint(path))
+    tower's weights also load into a classifier); an image model's weights are inflated for a
+    clip model (:func:`navit.model.inflate_weights`)."""
+    checkpoint = resolve_checkpoint(path)
+    weights = load_weights(checkpoint)
     weights.update({k.removeprefix("image."): v for k, v in weights.items() if k.startswith("image.")})
+    tower = getattr(model, "image", model)
+    source = load_meta(checkpoint).get("model")
+    if source is not None and "num_axes" in source.get("image", source):
+        source = NaViTConfig.from_dict(source.get("image", source))
+        if source.num_axes == 2 and tower.config.num_axes == 3:
+            print(f"init_from: inflating the image model of {path} to tubelets of {tower.config.temporal_patch_size} frames")
+            prefix = "image." if tower is not model else ""
+            inflated = inflate_weights({k: v for k, v in weights.items() if not k.startswith("image.")}, source, tower.config)
+            weights = {prefix + k: v for k, v in inflated.items()}
     own = model.state_dict()
     usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     if not usable:
@@ -177,8 +207,9 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
     train_source, val_source = open_data(cfg)
     task = TASKS[cfg.task.name](cfg.task.options, list(train_source.class_names))
     task.check_data(train_source, cfg.data.train)
-    processor = D.broadcast_object(make_processor(cfg, train_source) if info.is_main else None, info)
-    model = task.build_model(cfg.model_config(), processor)
+    config = model_config(cfg, train_source)
+    processor = D.broadcast_object(make_processor(cfg, config, train_source) if info.is_main else None, info)
+    model = task.build_model(config, processor)
     if cfg.model.init_from:
         initialise_from(model, cfg.model.init_from)
     model.to(device)
@@ -195,7 +226,7 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
     loader = PackedLoader(
         shard(train_source, info.rank, info.world_size) if info.enabled else train_source,
         ExampleTransform(processor, cfg.resolution(), crop_scale=(cfg.data.crop_min, 1.0), flip=cfg.data.flip,
-                         dense_keys=task.dense_keys),  # fmt: skip
+                         dense_keys=task.dense_keys, frames_min=min(cfg.data.frames_min, processor.max_frames)),  # fmt: skip
         targets=task.targets,
         seq_len=cfg.packing.seq_len,
         num_seqs=cfg.packing.num_seqs,
@@ -411,7 +442,7 @@ def finish(run: Run, train_seconds: float) -> dict[str, Any]:
     evaluated = run.wrapped if inference is run.model else inference
     results = evaluate_budgets(
         evaluated, task, run.val_source, run.model.processor, budgets=run.cfg.eval.budgets,
-        seq_len=run.cfg.packing.seq_len, device=run.device, workers=run.cfg.data.workers,
+        frames=run.cfg.eval.frames, seq_len=run.cfg.packing.seq_len, device=run.device, workers=run.cfg.data.workers,
     )  # fmt: skip
     tokens, flops = run.progress.totals(info, run.device)
     summary = {

@@ -34,8 +34,9 @@ DATA_FORMS = (
 class ModelSection:
     name: str = option("navit_mini16", f"model preset: {', '.join(list_models())}")
     args: dict[str, Any] = option({}, "model config fields to override, KEY=VALUE (e.g. depth=6 rope=true)")
-    baseline: str = option("navit", "navit: native aspect ratio; square: the ViT baseline, every image squashed "
-                           "to a square grid of the same mean token count", choices=("navit", "square"))  # fmt: skip
+    baseline: str = option("navit", "navit: native aspect ratio (and duration); square: the ViT baseline, every "
+                           "image squashed to a square grid of the same mean token count; frame: clips seen as one "
+                           "frame each", choices=("navit", "square", "frame"))  # fmt: skip
     init_from: str | None = option(None, "run or checkpoint to start from (fine-tuning): every weight whose name "
                                    "and shape match is loaded")  # fmt: skip
 
@@ -53,6 +54,11 @@ class DataSection:
     res_max: int = option(256, "largest sampled side in pixels (res_mode side/area)")
     res_dist: str = option("truncnorm", "distribution of sampled sides: uniform, or a normal biased to low "
                            "resolution truncated to the range", choices=RES_DISTS)  # fmt: skip
+    fps: float | None = option(None, "clips: frames per second to sample, by the timestamps of decoded frames "
+                               "(default: every frame)")  # fmt: skip
+    frame_stride: int = option(1, "clips: then keep every n-th of those frames")
+    max_frames: int = option(16, "clips: most frames per clip in training, and the frames taken at evaluation")
+    frames_min: int = option(1, "clips: fewest frames per clip in training (drawn uniformly up to max_frames)")
     crop_min: float = option(1.0, "random crops keep at least this share of the area (1: no cropping)")
     flip: bool = option(True, "random horizontal flips in training")
     drop: str = option("none", "token dropping: none, constant rate, uniform, beta-distributed or "
@@ -61,6 +67,7 @@ class DataSection:
     drop_max: float = option(0.5, "largest drop rate (uniform, beta, resolution)")
     drop_schedule: str = option("constant", "how the drop rates move over training", choices=DropSchedule.KINDS)
     drop_schedule_end: float = option(1.0, "multiplier of the drop rates at the end of training (linear, sigmoid)")
+    drop_tube: bool = option(False, "clips: drop whole tubes (the same row and column at every time)")
     workers: int = option(1, "data-loader worker processes")
     fail_fast: bool = option(False, "stop at the first unreadable file instead of skipping and counting it")
 
@@ -89,6 +96,7 @@ class OptimSection:
 @dataclass
 class EvalSection:
     budgets: list[int] = option([16, 36, 64], "tokens per example to evaluate at after training, besides native")
+    frames: list[int] = option([1, 4, 16], "clips: frames per clip to evaluate at after training, besides native")
 
 
 @dataclass
@@ -173,10 +181,14 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {data.val_fraction}")
         if data.max_tokens > packing.seq_len:
             raise ValueError(f"max_tokens={data.max_tokens} exceeds seq_len={packing.seq_len}")
-        if any(b < 1 for b in self.eval.budgets):
-            raise ValueError(f"budgets {self.eval.budgets} must be >= 1")
+        if any(b < 1 for b in self.eval.budgets + self.eval.frames):
+            raise ValueError(f"budgets {self.eval.budgets} and frames {self.eval.frames} must be >= 1")
+        if not 1 <= data.frames_min <= data.max_frames:
+            raise ValueError(f"frames_min={data.frames_min} must be in [1, max_frames={data.max_frames}]")
+        if data.fps is not None and data.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {data.fps}")
         positive = [(data, "max_tokens"), (data, "workers"), (packing, "seq_len"), (packing, "num_seqs"),
-                    (packing, "max_examples_per_seq"), (packing, "buffer_size"), (self.run, "log_every"),
+                    (packing, "max_examples_per_seq"), (packing, "buffer_size"), (data, "frame_stride"), (self.run, "log_every"),
                     (self.run, "save_every")]  # fmt: skip
         for section, name in positive:
             if getattr(section, name) < (0 if name == "workers" else 1):
@@ -211,7 +223,7 @@ class TrainConfig:
             "beta": lambda: BetaRate(d.drop_rate, d.drop_max),
             "resolution": lambda: ResolutionRate(0.0, d.drop_max, min(16, d.max_tokens - 1), d.max_tokens),
         }[d.drop]
-        return None if rates is None else TokenDropper(rates(), seed=self.run.seed)
+        return None if rates is None else TokenDropper(rates(), seed=self.run.seed, tube=d.drop_tube)
 
     def drop_schedule(self) -> DropSchedule:
         return DropSchedule(self.data.drop_schedule, 1.0, self.data.drop_schedule_end)

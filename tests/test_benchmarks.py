@@ -62,6 +62,19 @@ def test_packing_padding_reports_the_peers_layouts(tmp_path):
     assert all(0.0 <= v < 1.0 for peer in layouts.values() for v in peer.values())
 
 
+def test_video_benchmark_reports_packed_padded_loader_and_padding(tmp_path):
+    out = tmp_path / "video.json"
+    run_script("video.py", "--depth", "1", "--seq-len", "256", "--num-seqs", "2", "--max-tokens", "64",
+               "--max-frames", "6", "--repeats", "1", "--warmup", "0", "--loader-clips", "40", "--loader-buffer", "8",
+               "--padding-examples", "2000", "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    train = result["train"]
+    assert {"navit", "padded"} <= set(train["rows"]) and train["ratios"]["padded"] > 0
+    assert train["rows"]["padded"]["computed_tokens"] > train["rows"]["navit"]["computed_tokens"] * 0.9
+    assert result["loader"]["batches"] >= 3 and result["loader"]["ratio"] > 0
+    assert 0 <= result["padding"]["seq_lens"]["256"]["padding"] < 1
+
+
 def test_peer_layout_rules_count_their_padding(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from packing_padding import next_fit_padding, per_image_padding

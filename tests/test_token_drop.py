@@ -174,3 +174,20 @@ def test_a_distribution_producing_rates_outside_the_unit_interval_is_rejected():
 
     with pytest.raises(ValueError, match=r"produced a rate outside \[0, 1\)"):
         TokenDropper(Broken())(images_of(4, 3))
+
+
+def test_tube_dropping_removes_whole_tubes_of_clips_and_leaves_images_to_tokens():
+    from navit import Example
+    from navit.patchify import grid_coords
+
+    coords = grid_coords(4, 3, 5)  # 4 time steps of a 3 x 5 grid
+    clip = Example(torch.arange(60.0)[:, None], coords, (4, 3, 5))
+    image = labelled_image(0, 15, grid=(3, 5))
+    kept_clip, kept_image = TokenDropper(0.6, seed=0, tube=True)([clip, image])
+    cells = kept_clip.coords[:, 1] * 5 + kept_clip.coords[:, 2]
+    counts = torch.bincount(cells, minlength=15)
+    assert set(counts.tolist()) == {0, 4}, "a cell is kept at every time step or at none"
+    assert 3 <= int((counts == 4).sum()) <= 9 and kept_clip.grid == (4, 3, 5)
+    assert kept_image.num_tokens < 15 and kept_image.num_axes == 2  # images drop single tokens
+    plain = TokenDropper(0.6, seed=0)([clip])[0]
+    assert set(torch.bincount(plain.coords[:, 1] * 5 + plain.coords[:, 2], minlength=15).tolist()) != {0, 4}

@@ -24,6 +24,8 @@ from PIL import Image
 
 from navit.data.decode import load_rgb
 from navit.data.synthetic import SyntheticShapes
+from navit.data.synthetic_video import SyntheticMotion
+from navit.data.video import VIDEO_EXTENSIONS, VideoFile, is_video_name, require_av
 
 #: File extensions (lower case, with dot) treated as images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -69,16 +71,35 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _is_media_name(name: str) -> bool:
+    return _is_image_name(name) or is_video_name(name)
+
+
+def media_item(path: str, label: int, name: str) -> dict[str, Any]:
+    """The item of an image or video file: ``{"image": PIL}`` or ``{"video": VideoFile}``, and its label."""
+    if is_video_name(path):
+        return {"video": VideoFile(path, name=name), "label": label}
+    return {"image": load_rgb(path, name=name), "label": label}
+
+
+def load_media(path: str, name: str) -> Image.Image:
+    """An image file, or the first frame of a video file."""
+    if is_video_name(path):
+        return VideoFile(path, name=name).read(num_frames=1)[0][0].convert("RGB")
+    return load_rgb(path, name=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # ImageFolder
 # ---------------------------------------------------------------------------------------------
 class ImageFolder:
-    """``root/<class_name>/**/<image>``: one sub-folder per class.
+    """``root/<class_name>/**/<image or video>``: one sub-folder per class.
 
     Class names are the sorted sub-folder names (hidden ones, starting with ``.``, are skipped).
-    Inside each class folder, image files (see :data:`IMAGE_EXTENSIONS`, case-insensitive) are
-    collected recursively, in sorted order of their relative paths. Files with other extensions
-    are ignored.
+    Inside each class folder, image and video files (see :data:`IMAGE_EXTENSIONS` and
+    :data:`~navit.data.video.VIDEO_EXTENSIONS`, case-insensitive) are collected recursively, in
+    sorted order of their relative paths; a class may hold images, videos or both. Files with
+    other extensions, and folders named like files, are ignored.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -102,10 +123,12 @@ class ImageFolder:
             if not files:
                 raise ValueError(
                     f"ImageFolder class folder {os.path.join(self.root, name)} (class {name!r}) "
-                    f"contains no images with extensions {' '.join(IMAGE_EXTENSIONS)}"
+                    f"contains no images or videos with extensions {' '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)}"
                 )
             self._paths.extend(files)
             self._labels.extend([label] * len(files))
+        if self.has_video:
+            require_av(f"ImageFolder {self.root}, which holds video files,")
 
     def _scan(self, class_name: str) -> list[str]:
         found = []
@@ -114,7 +137,7 @@ class ImageFolder:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = os.path.relpath(dirpath, self.root)
             found.extend(
-                os.path.join(rel, f) for f in filenames if not f.startswith(".") and _is_image_name(f)
+                os.path.join(rel, f) for f in filenames if not f.startswith(".") and _is_media_name(f)
             )
         # Sort on path components so the order does not depend on the OS separator.
         return sorted(found, key=lambda p: p.split(os.sep))
@@ -131,11 +154,15 @@ class ImageFolder:
     def label(self, index: int) -> int:
         return self._labels[_check_index(index, len(self), self)]
 
+    @property
+    def has_video(self) -> bool:
+        return any(is_video_name(p) for p in self._paths)
+
     def load(self, index: int) -> Image.Image:
-        return load_rgb(self.path(index))
+        return load_media(self.path(index), self.path(index))
 
     def item(self, index: int) -> dict[str, Any]:
-        return {"image": self.load(index), "label": self.label(index)}
+        return media_item(self.path(index), self.label(index), self.path(index))
 
     def describe(self, index: int) -> str:
         return self.path(index)
@@ -326,11 +353,15 @@ class Manifest:
     def label(self, index: int) -> int:
         return self._labels[_check_index(index, len(self), self)]
 
+    @property
+    def has_video(self) -> bool:
+        return any(is_video_name(p) for p in self._paths)
+
     def load(self, index: int) -> Image.Image:
-        return load_rgb(self.path(index), name=self.describe(index))
+        return load_media(self.path(index), self.describe(index))
 
     def item(self, index: int) -> dict[str, Any]:
-        item = {"image": self.load(index), "label": self.label(index)}
+        item = media_item(self.path(index), self.label(index), self.describe(index))
         if self.has_captions:
             item["caption"] = self.caption(index)
         return item
@@ -569,6 +600,10 @@ class Subset:
     def class_names(self) -> list[str]:  # type: ignore[override]
         return self.source.class_names
 
+    @property
+    def has_video(self) -> bool:
+        return getattr(self.source, "has_video", False)
+
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -609,6 +644,10 @@ class Relabeled:
 
     def __repr__(self) -> str:
         return f"Relabeled({self.source!r})"
+
+    @property
+    def has_video(self) -> bool:
+        return getattr(self.source, "has_video", False)
 
     def label(self, index: int) -> int:
         return self._mapping[self.source.label(index)]
@@ -714,6 +753,7 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
 
     * ``"synthetic"``: :class:`SyntheticShapes` with its default size, seed 0;
       ``"synthetic:N"``: N images, seed 0; ``"synthetic:N:S"``: N images, seed S.
+    * ``"synthetic-video[:N[:S]]"``: :class:`SyntheticMotion` clips, likewise.
     * an existing directory: :class:`ImageFolder`.
     * ``*.csv`` / ``*.jsonl`` / ``*.ndjson``: :class:`Manifest`.
     * ``*.tar``, a glob of tars (``shards/*.tar``) or a brace range (``s-{00..09}.tar``):
@@ -723,19 +763,20 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty data source spec {spec!r}")
     text = text.strip()
-    if text == "synthetic" or text.startswith("synthetic:"):
+    kind = text.split(":")[0]
+    if kind in ("synthetic", "synthetic-video"):
         parts = text.split(":")[1:]
         if len(parts) > 2 or not all(_INT_RE.match(p) and int(p) >= 0 for p in parts):
             raise ValueError(
-                f"bad synthetic spec {text!r}: expected 'synthetic', 'synthetic:N' or "
-                "'synthetic:N:SEED' with non-negative integers"
+                f"bad synthetic spec {text!r}: expected '{kind}', '{kind}:N' or "
+                f"'{kind}:N:SEED' with non-negative integers"
             )
+        cls = SyntheticShapes if kind == "synthetic" else SyntheticMotion
         if not parts:
-            return SyntheticShapes()
-        num = int(parts[0])
-        if num < 1:
-            raise ValueError(f"bad synthetic spec {text!r}: need at least 1 image")
-        return SyntheticShapes(num_images=num, seed=int(parts[1]) if len(parts) == 2 else 0)
+            return cls()
+        if int(parts[0]) < 1:
+            raise ValueError(f"bad synthetic spec {text!r}: need at least 1 example")
+        return cls(int(parts[0]), seed=int(parts[1]) if len(parts) == 2 else 0)
     path = os.path.expanduser(text)
     if os.path.isdir(path):
         return ImageFolder(path)
@@ -746,8 +787,8 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
         return TarShards(path)
     if not os.path.exists(path) and not glob.has_magic(path):
         raise FileNotFoundError(
-            f"data source {text!r} does not exist (expected 'synthetic[:N]', a directory of "
-            "class folders, a .csv/.jsonl manifest, or .tar shards)"
+            f"data source {text!r} does not exist (expected 'synthetic[:N]', 'synthetic-video[:N]', a "
+            "directory of class folders, a .csv/.jsonl manifest, or .tar shards)"
         )
     raise ValueError(
         f"cannot open data source {text!r}: expected 'synthetic[:N]', a directory of class "

@@ -78,6 +78,20 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def balanced_label(seed: int, index: int, num_classes: int) -> int:
+    """A class per index, exactly balanced within each block of ``num_classes`` consecutive
+    indices (a seeded permutation of the classes per block), so strided shards and contiguous
+    ranges stay balanced too."""
+    block, offset = divmod(index, num_classes)
+    state = _splitmix64(_splitmix64(seed) ^ block)
+    perm = list(range(num_classes))
+    for j in range(num_classes - 1, 0, -1):  # seeded Fisher-Yates shuffle of the classes
+        state = _splitmix64(state)
+        r = state % (j + 1)
+        perm[j], perm[r] = perm[r], perm[j]
+    return perm[offset]
+
+
 #: Background channels are at least LIGHT_MIN, object channels at most DARK_MAX.
 LIGHT_MIN, DARK_MAX = 150, 90
 
@@ -110,21 +124,42 @@ class ShapeParams:
 
     def polygon(self) -> list[tuple[float, float]]:
         """Outline of the object in image coordinates (the polygon that gets filled)."""
-        if self.shape == "rectangle":
-            local = [(-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)]
-            pts = [(u * self.obj_w, v * self.obj_h) for u, v in local]
-        else:
-            a, b = self.obj_w / 2.0, self.obj_h / 2.0
-            perimeter = math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b)))
-            n = int(min(256, max(32, perimeter / 2)))
-            pts = [
-                (a * math.cos(2 * math.pi * k / n), b * math.sin(2 * math.pi * k / n))
-                for k in range(n)
-            ]
-        t = math.radians(self.angle)
-        c, s = math.cos(t), math.sin(t)
-        # Counter-clockwise on screen with y pointing down.
-        return [(self.cx + u * c + v * s, self.cy - u * s + v * c) for u, v in pts]
+        return shape_polygon(self.shape, self.obj_w, self.obj_h, self.cx, self.cy, self.angle)
+
+
+def shape_polygon(shape: str, obj_w: float, obj_h: float, cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
+    """Outline of an ``obj_w`` x ``obj_h`` ellipse or rectangle centred at (cx, cy), turned by
+    ``angle`` degrees counter-clockwise as displayed (image coordinates, y down)."""
+    if shape == "rectangle":
+        local = [(-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)]
+        pts = [(u * obj_w, v * obj_h) for u, v in local]
+    else:
+        a, b = obj_w / 2.0, obj_h / 2.0
+        perimeter = math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b)))
+        n = int(min(256, max(32, perimeter / 2)))
+        pts = [(a * math.cos(2 * math.pi * k / n), b * math.sin(2 * math.pi * k / n)) for k in range(n)]
+    t = math.radians(angle)
+    c, s = math.cos(t), math.sin(t)
+    return [(cx + u * c + v * s, cy - u * s + v * c) for u, v in pts]
+
+
+def draw_scene(width: int, height: int, bg_start: tuple[int, int, int], bg_end: tuple[int, int, int],
+               gradient_angle: float, polygon: list[tuple[float, float]], color: tuple[int, int, int],
+               noise_std: float, noise_rng: np.random.Generator | None) -> Image.Image:  # fmt: skip
+    """A filled polygon on a linear gradient background, with optional grey pixel noise."""
+    gx, gy = math.cos(gradient_angle), math.sin(gradient_angle)
+    proj = np.arange(width, dtype=np.float32)[None, :] * gx + np.arange(height, dtype=np.float32)[:, None] * gy
+    proj -= proj.min()
+    span = float(proj.max())
+    t = proj / span if span > 0 else proj
+    start = np.asarray(bg_start, dtype=np.float32)
+    background = start + t[:, :, None] * (np.asarray(bg_end, dtype=np.float32) - start)
+    img = Image.fromarray(np.clip(background + 0.5, 0, 255).astype(np.uint8))
+    ImageDraw.Draw(img).polygon(polygon, fill=color)
+    if noise_rng is not None and noise_std > 0:
+        grain = noise_rng.standard_normal((height, width, 1), dtype=np.float32) * noise_std
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + grain + 0.5, 0, 255).astype(np.uint8))
+    return img
 
 
 #: Colour words of :func:`color_name`, for dark RGB colours (every channel <= DARK_MAX).
@@ -286,16 +321,7 @@ class SyntheticShapes:
 
     def label(self, index: int) -> int:
         """Class of image ``index``: exact balance within each block of ``num_classes`` indices."""
-        index = self._check(index)
-        k = len(CLASS_NAMES)
-        block, offset = divmod(index, k)
-        state = _splitmix64(_splitmix64(self.seed) ^ block)
-        perm = list(range(k))
-        for j in range(k - 1, 0, -1):  # seeded Fisher-Yates shuffle of the classes
-            state = _splitmix64(state)
-            r = state % (j + 1)
-            perm[j], perm[r] = perm[r], perm[j]
-        return perm[offset]
+        return balanced_label(self.seed, self._check(index), len(CLASS_NAMES))
 
     def describe(self, index: int) -> str:
         return f"synthetic(seed={self.seed})[{index}]"
@@ -383,23 +409,9 @@ class SyntheticShapes:
 
     def render(self, p: ShapeParams, *, noise: bool = True) -> Image.Image:
         """Draw the image described by ``p`` (``noise=False`` leaves out the pixel noise)."""
-        w, h = p.width, p.height
-        gx, gy = math.cos(p.gradient_angle), math.sin(p.gradient_angle)
-        proj = np.arange(w, dtype=np.float32)[None, :] * gx + np.arange(h, dtype=np.float32)[:, None] * gy
-        proj -= proj.min()
-        span = float(proj.max())
-        t = proj / span if span > 0 else proj
-        start = np.asarray(p.bg_start, dtype=np.float32)
-        delta = np.asarray(p.bg_end, dtype=np.float32) - start
-        background = start + t[:, :, None] * delta
-        img = Image.fromarray(np.clip(background + 0.5, 0, 255).astype(np.uint8))
-        ImageDraw.Draw(img).polygon(p.polygon(), fill=p.color)
-        if noise and self.noise_std > 0:
-            rng = np.random.default_rng([self.seed, p.index, 1])
-            grain = rng.standard_normal((h, w, 1), dtype=np.float32) * self.noise_std
-            pixels = np.asarray(img, dtype=np.float32) + grain
-            img = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
-        return img
+        rng = np.random.default_rng([self.seed, p.index, 1]) if noise else None
+        return draw_scene(p.width, p.height, p.bg_start, p.bg_end, p.gradient_angle, p.polygon(), p.color,
+                          self.noise_std, rng)  # fmt: skip
 
 
 def write_image_folder(source, out_dir, *, progress: bool = True) -> None:

@@ -1,22 +1,26 @@
-"""From a data item to an ``Example``, in data-loader workers: augment, sample a resolution, run
-the model's processor, drop tokens.
+"""From a data item to an ``Example``, in data-loader workers: augment, sample a resolution (and
+for clips a duration), run the model's processor, drop tokens.
 
 Aspect ratio is preserved everywhere except in the explicit square-resize ViT baseline (a
 processor with ``grid_rule="square"``). Resolution sampling (paper §3.2) picks an effective side R
 per image and sizes its grid as if ``sqrt(H·W) = R``: ``side`` draws R from the distribution,
 ``area`` draws R² (uniform in area gives more weight to high resolutions than uniform in side).
+Duration sampling, its analogue for clips, draws the number of frames T uniformly from
+[``frames_min``, the processor's ``max_frames``] and a random start; the frame size is then the
+one at which the clip's tubelets fit the token budget.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from navit.data.video import Clip
 from navit.patchify import Example
 from navit.processor import Processor
 from navit.token_drop import TokenDropper
@@ -91,6 +95,8 @@ class ExampleTransform:
     flip: bool = False
     budget: int | None = None
     dense_keys: tuple[str, ...] = ()
+    frames_min: int = 1
+    max_frames: int | None = None  # frames of a clip at evaluation (default: the processor's)
 
     def __post_init__(self) -> None:
         low, high = self.crop_scale
@@ -98,29 +104,57 @@ class ExampleTransform:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
+        if not 1 <= self.frames_min <= self.processor.max_frames:
+            raise ValueError(f"frames_min={self.frames_min} must be in [1, max_frames={self.processor.max_frames}]")
 
-    def augment(self, item: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Aspect-preserving random crop and horizontal flip, the same for the image and its
-        dense keys."""
-        image: Image.Image = item["image"]
+    def augment_op(self, width: int, height: int, rng: np.random.Generator) -> tuple[Callable | None, tuple[int, int]]:
+        """A random aspect-preserving crop and horizontal flip of a ``width`` x ``height`` picture,
+        as one operation on PIL images, and the (height, width) it leaves."""
         ops = []
         low, high = self.crop_scale
         if low < 1.0:
             area = rng.uniform(low, high)
-            w = max(1, round(image.width * math.sqrt(area)))
-            h = max(1, round(image.height * math.sqrt(area)))
-            left = int(rng.integers(0, image.width - w + 1))
-            top = int(rng.integers(0, image.height - h + 1))
+            w = max(1, round(width * math.sqrt(area)))
+            h = max(1, round(height * math.sqrt(area)))
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
             ops.append(lambda im: im.crop((left, top, left + w, top + h)))
+            width, height = w, h
         if self.flip and rng.uniform() < 0.5:
             ops.append(lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
         if not ops:
+            return None, (height, width)
+
+        def op(image: Image.Image) -> Image.Image:
+            for each in ops:
+                image = each(image)
+            return image
+
+        return op, (height, width)
+
+    def augment(self, item: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """The same random crop and flip for the image and its dense keys."""
+        op, _ = self.augment_op(item["image"].width, item["image"].height, rng)
+        if op is None:
             return item
-        out = dict(item)
-        for key in ("image", *self.dense_keys):
-            for op in ops:
-                out[key] = op(out[key])
-        return out
+        return {**item, **{key: op(item[key]) for key in ("image", *self.dense_keys)}}
+
+    def clip(self, clip: Clip, rng: np.random.Generator | None, name: str | None) -> Example:
+        """A clip's example: in training a random duration, start, crop, flip and resolution;
+        in evaluation the first ``max_frames`` frames at native resolution (or ``budget``)."""
+        processor = self.processor
+        if rng is None:
+            return processor.clip_to_example(clip, num_frames=self.max_frames, budget=self.budget, name=name)
+        info = clip.info()
+        frames = int(rng.integers(self.frames_min, processor.max_frames + 1))
+        # The window starts on a frame of the sampling grid, each start equally likely (a start
+        # between two frames would never pick the first one).
+        rate = min(processor.fps or math.inf, info.fps or 25.0) / processor.frame_stride
+        slots = math.floor((info.duration or 0.0) * rate + 1e-6) - frames + 1
+        start = int(rng.integers(0, max(1, slots))) / rate
+        op, (height, width) = self.augment_op(info.width, info.height, rng)
+        size = self.resolution.sample_size(height, width, rng)
+        return processor.clip_to_example(clip, start=start, num_frames=frames, size=size, frame_op=op, name=name)
 
     def __call__(
         self,
@@ -132,14 +166,16 @@ class ExampleTransform:
         name: str | None = None,
     ) -> Example:
         """Pass ``rng`` for training (augmentation, sampled resolution, dropping), ``None`` for eval."""
-        size = None
-        if rng is not None:
-            item = self.augment(item, rng)
-            image = item["image"]
-            size = self.resolution.sample_size(image.height, image.width, rng)
-        example = self.processor.to_example(
-            item["image"], size=size, budget=self.budget, dense={k: item[k] for k in self.dense_keys}, name=name
-        )
+        if "video" in item:
+            example = self.clip(item["video"], rng, name)
+        else:
+            size = None
+            if rng is not None:
+                item = self.augment(item, rng)
+                image = item["image"]
+                size = self.resolution.sample_size(image.height, image.width, rng)
+            dense = {k: item[k] for k in self.dense_keys}
+            example = self.processor.to_example(item["image"], size=size, budget=self.budget, dense=dense, name=name)
         if dropper is not None and rng is not None:
             generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
             example = dropper([example], generator=generator, scale=drop_scale)[0]
