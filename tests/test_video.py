@@ -77,6 +77,9 @@ def test_frames_are_chosen_by_decoded_timestamps_for_a_variable_frame_rate(tmp_p
 def test_frame_picker_alone():
     picker = FramePicker(start=0.0, fps=2.0, stride=1)
     assert [t for t in np.arange(0, 2, 0.1) if picker.wants(round(t, 3))] == pytest.approx([0.0, 0.5, 1.0, 1.5])
+    # After a gap, the targets the gap covered are skipped: no burst of frames closer than 1 / fps.
+    picker = FramePicker(start=0.0, fps=4.0, stride=1)
+    assert [t for t in (0.0, 1.0, 1.1, 1.3, 1.5) if picker.wants(t)] == [0.0, 1.0, 1.3, 1.5]
     with pytest.raises(ValueError, match="fps must be > 0"):
         FramePicker(0.0, 0.0, 1)
 
@@ -349,3 +352,29 @@ def test_torchrun_trains_on_clips(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "ddp" / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["model"]["num_axes"] == 3
+
+
+def test_manifests_take_video_paths_and_one_frame_tubelets_work(tmp_path):
+    from navit.data.sources import Manifest
+
+    write_video(tmp_path / "a.mp4", ramp(5), fps=10)
+    ramp(1)[0].save(tmp_path / "b.png")
+    (tmp_path / "list.csv").write_text("path,label\na.mp4,moving\nb.png,still\n")
+    manifest = Manifest(tmp_path / "list.csv")
+    assert manifest.has_video and set(manifest.item(0)) == {"video", "label"} and "image" in manifest.item(1)
+    per_frame = Processor(patch_size=8, temporal_patch_size=1, num_axes=3, max_tokens=60, max_frames=5)
+    example = ExampleTransform(per_frame)(manifest.item(0))
+    assert example.grid[0] == 5 and example.patches.shape[1] == 8 * 8 * 3  # one frame per tubelet
+
+
+def test_a_header_that_lies_about_the_frame_rate(tmp_path):
+    path = tmp_path / "fast.avi"
+    write_video(path, ramp(10), fps=10)
+    data = bytearray(path.read_bytes())
+    rate = data.find(b"strh") + 8 + 24  # dwRate: the stream claims 20 frames per second
+    (value,) = struct.unpack("<I", data[rate : rate + 4])
+    data[rate : rate + 4] = struct.pack("<I", value * 2)
+    path.write_bytes(bytes(data))
+    frames, times = VideoFile(path).read(num_frames=100)
+    assert levels(frames) == list(range(10))  # every frame, in order
+    assert times == pytest.approx([i / 20 for i in range(10)], abs=2e-3)  # at the times the file gives
