@@ -209,3 +209,30 @@ def stall_warning(probe: dict[str, float], threads: int) -> str | None:
             "Re-run on a quiet machine, or with --threads 1 for contention-robust ratios."
         )
     return None
+
+
+def rss_kb() -> int:
+    """Resident memory of this process now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def hwm_kb() -> int:
+    """Peak resident memory of this process since start or the last :func:`reset_hwm`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_hwm() -> bool:
+    """Reset the peak to the current resident memory (Linux >= 4.0); False where that fails."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

@@ -60,8 +60,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import navit  # noqa: E402
 from bench_common import (  # noqa: E402
-    NOISY_OTHER_CPU, RESULTS_DIR, NoiseMonitor, fmt, interleaved, load_average, machine_info, md_table, stall_probe,
-    stall_warning, summarize, synchronize,
+    NOISY_OTHER_CPU, RESULTS_DIR, NoiseMonitor, fmt, hwm_kb, interleaved, load_average, machine_info, md_table,
+    reset_hwm, rss_kb, stall_probe, stall_warning, summarize, synchronize,
 )
 from navit.packing import PAD, assign_first_fit  # noqa: E402
 from navit.patchify import Example, fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
@@ -454,30 +454,6 @@ def run_loader(args, monitor: NoiseMonitor) -> dict:
 # --------------------------------------------------------------------------------------------
 # Memory (one subprocess per point)
 # --------------------------------------------------------------------------------------------
-def _rss_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _hwm_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_worker(args) -> None:
     """Runs in a fresh process: peak extra memory of one navit training step at --mem-len
     (RSS high-water mark on CPU, ``max_memory_allocated`` on CUDA)."""
@@ -525,12 +501,12 @@ def memory_worker(args) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         reset = True
     else:
-        before = _rss_kb()
-        reset = _reset_hwm()
+        before = rss_kb()
+        reset = reset_hwm()
     t0 = time.perf_counter()
     step()
     elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) // 1024 if device.type == "cuda" else _hwm_kb()
+    peak = torch.cuda.max_memory_allocated(device) // 1024 if device.type == "cuda" else hwm_kb()
     plan_kind = None
     with autocast(args):  # the plan the measured step used
         state = model.attention_backend(device).prepare(batch.segment_ids)

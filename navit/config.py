@@ -8,7 +8,9 @@ from typing import Any
 
 from navit.posemb import rope_pairs_per_axis
 
-POS_EMBED_KINDS = ("learned", "sincos", "fourier", "none")
+POS_EMBED_KINDS = ("learned", "sincos", "fourier", "grid", "none")
+POS_INTERPS = ("bilinear", "bicubic")
+ACTIVATIONS = ("gelu", "gelu_tanh")
 POS_MODES = ("absolute", "fractional")
 POS_COMBINES = ("sum", "stack", "product")
 POOL_KINDS = ("map", "mean")
@@ -51,7 +53,12 @@ class NaViTConfig:
     Positional embeddings are factorized (paper §2.1): one embedding per axis, combined by
     ``pos_combine``. ``pos_mode="fractional"`` uses position / side length, so the same relative
     position gets the same embedding at every resolution; ``"absolute"`` uses the patch index and
-    a table of ``pos_max_len`` entries per axis.
+    a table of ``pos_max_len`` entries per axis. ``pos_embed="grid"`` is instead one learned
+    ``pos_grid`` × ``pos_grid`` table (SigLIP2 NaFlex, timm NaFlexViT) resized to each image's own
+    patch grid with antialiased ``pos_interp`` interpolation.
+
+    ``mlp_dim`` sets the MLP width explicitly (default ``int(embed_dim * mlp_ratio)``); ``act`` is
+    the MLP activation of the blocks and the pooling head (``gelu_tanh``: the tanh approximation).
     """
 
     patch_size: int = 16
@@ -62,6 +69,8 @@ class NaViTConfig:
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
+    mlp_dim: int | None = None
+    act: str = "gelu"
     num_classes: int = 1000
     qkv_bias: bool = True
     qk_norm: bool = True
@@ -73,6 +82,8 @@ class NaViTConfig:
     pos_combine: str = "sum"
     pos_max_len: int = 64
     fourier_bands: int = 16
+    pos_grid: int = 16
+    pos_interp: str = "bilinear"
     rope: bool = False
     rope_theta: float = 100.0
     pool: str = "map"
@@ -87,6 +98,8 @@ class NaViTConfig:
                 raise ValueError(f"NaViTConfig.{name}={value!r}; expected one of {allowed}")
 
         choice("pos_embed", POS_EMBED_KINDS)
+        choice("pos_interp", POS_INTERPS)
+        choice("act", ACTIVATIONS)
         choice("pos_mode", POS_MODES)
         choice("pos_combine", POS_COMBINES)
         choice("pool", POOL_KINDS)
@@ -101,6 +114,11 @@ class NaViTConfig:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
+        if self.mlp_dim is not None and self.mlp_dim < 1:
+            raise ValueError(f"NaViTConfig.mlp_dim must be >= 1, got {self.mlp_dim}")
+        if self.pos_embed == "grid" and (self.num_axes != 2 or self.pos_grid < 1):
+            raise ValueError(f"pos_embed='grid' is a 2-D table for images: num_axes=2 and pos_grid >= 1 "
+                             f"(got num_axes={self.num_axes}, pos_grid={self.pos_grid})")  # fmt: skip
         if self.temporal_patch_size > 1 and self.num_axes != 3:
             raise ValueError(
                 f"temporal_patch_size={self.temporal_patch_size} needs a time axis: num_axes=3, got {self.num_axes}"
@@ -114,6 +132,11 @@ class NaViTConfig:
                 f"rope=True over {self.num_axes} axes needs an even head_dim of at least "
                 f"{2 * self.num_axes}, got {self.head_dim}"
             )
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the MLPs: ``mlp_dim``, or ``embed_dim * mlp_ratio``."""
+        return self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
 
     @property
     def head_dim(self) -> int:

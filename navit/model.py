@@ -18,7 +18,7 @@ from navit.attention.base import HALF_DTYPES
 from navit.config import NaViTConfig, resolve_config
 from navit.packing import PackedBatch
 from navit.pooling import MAPPool, MeanPool, slot_index
-from navit.posemb import FactorizedPosEmbed, Rope, apply_rope
+from navit.posemb import FactorizedPosEmbed, GridPosEmbed, Rope, apply_rope
 from navit.processor import Processor
 
 
@@ -67,12 +67,16 @@ class Attention(nn.Module):
         return self.proj(out.reshape(b, length, dim))
 
 
+def activation(name: str) -> nn.Module:
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+
+
 class Mlp(nn.Sequential):
     def __init__(self, cfg: NaViTConfig) -> None:
-        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        hidden = cfg.hidden_dim
         super().__init__(
             nn.Linear(cfg.embed_dim, hidden, bias=cfg.mlp_bias),
-            nn.GELU(),
+            activation(cfg.act),
             nn.Dropout(cfg.dropout),
             nn.Linear(hidden, cfg.embed_dim, bias=cfg.mlp_bias),
             nn.Dropout(cfg.dropout),
@@ -119,6 +123,8 @@ class NaViT(nn.Module):
         self.pos_embed = (
             None
             if cfg.pos_embed == "none"
+            else GridPosEmbed(cfg.embed_dim, cfg.pos_grid, cfg.pos_interp)
+            if cfg.pos_embed == "grid"
             else FactorizedPosEmbed(
                 cfg.embed_dim,
                 num_axes=cfg.num_axes,
@@ -138,7 +144,7 @@ class NaViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.pool = (
-            MAPPool(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps)
+            MAPPool(cfg.embed_dim, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, activation(cfg.act))
             if cfg.pool == "map"
             else MeanPool()
         )
@@ -177,7 +183,7 @@ class NaViT(nn.Module):
         """
         cfg, dim = self.config, self.config.embed_dim
         tokens = batch.segment_ids.numel()
-        hidden = int(dim * cfg.mlp_ratio)
+        hidden = cfg.hidden_dim
         square_sum = int((batch.example_lengths().double() ** 2).sum())
         per_token = cfg.patch_dim * dim + cfg.depth * (4 * dim * dim + 2 * dim * hidden)
         attention = cfg.depth * 2 * square_sum * dim

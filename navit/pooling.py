@@ -48,7 +48,7 @@ class MAPPool(nn.Module):
     parameters and the same result.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, num_heads: int, hidden: int, eps: float = 1e-6, act: nn.Module | None = None) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.probe = nn.Parameter(torch.randn(dim) * 0.02)
@@ -56,8 +56,7 @@ class MAPPool(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), act or nn.GELU(), nn.Linear(hidden, dim))
 
     def flops(self, tokens: int, slots: int) -> int:
         """Matmul FLOPs of a forward over ``tokens`` tokens and ``slots`` pooling slots."""

@@ -152,3 +152,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.to(x.dtype)
+
+
+def _filter(x: torch.Tensor, interp: str) -> torch.Tensor:
+    """The interpolation kernel at offsets ``x``: triangle (bilinear) or Keys cubic with a = -0.5."""
+    x = x.abs()
+    if interp == "bilinear":
+        return (1 - x).clamp(min=0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(index: torch.Tensor, size: torch.Tensor, grid: int, interp: str) -> torch.Tensor:
+    """[..., grid] weights that resizing a ``grid``-long axis to ``size`` gives output ``index``:
+    the weights of ``F.interpolate(..., align_corners=False, antialias=True)`` (the kernel
+    stretched by the downscaling factor, then normalised), for every element at once."""
+    scale = grid / size.float()
+    stretch = scale.clamp(min=1)[..., None]
+    center = ((index.float() + 0.5) * scale - 0.5)[..., None]  # in source-index units
+    source = torch.arange(grid, device=index.device, dtype=torch.float32)
+    weights = _filter((source - center).abs() / stretch, interp)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+class GridPosEmbed(nn.Module):
+    """A learned ``grid`` × ``grid`` table resized to each image's own patch grid (SigLIP2 NaFlex
+    with ``bilinear``, timm NaFlexViT with ``bicubic``, both antialiased), computed per token from
+    its coordinates and its image's grid size: no loop over images, one matmul for the batch."""
+
+    def __init__(self, dim: int, grid: int = 16, interp: str = "bilinear") -> None:
+        super().__init__()
+        self.grid, self.interp = grid, interp
+        self.table = nn.Parameter(torch.randn(grid, grid, dim) * 0.02)
+
+    def forward(self, coords: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """coords, grid: [B, L, 2] (row, col) and the image's grid -> [B, L, dim]."""
+        rows = resize_weights(coords[..., 0], grid[..., 0], self.grid, self.interp)
+        cols = resize_weights(coords[..., 1], grid[..., 1], self.grid, self.interp)
+        weights = (rows[..., :, None] * cols[..., None, :]).flatten(-2)  # [B, L, grid²]
+        return weights.to(self.table.dtype) @ self.table.flatten(0, 1)

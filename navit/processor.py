@@ -33,7 +33,7 @@ from navit.data.video import ArrayClip, Clip, FrameOp, VideoFile, is_video_name
 from navit.packing import PackedBatch, pack
 from navit.patchify import Example, fit_grid, grid_coords, patchify
 
-GRID_RULES = ("native", "square")
+GRID_RULES = ("native", "square", "siglip2")
 RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -49,12 +49,15 @@ class Processor:
     * ``grid_rule="native"``: each image keeps its aspect ratio; sides round to the nearest
       multiple of ``patch_size`` and images over ``max_tokens`` patches are scaled down to fit
       (:func:`navit.patchify.fit_grid`). ``"square"``: the ViT baseline, every image squashed to
-      the largest square grid within ``max_tokens``.
+      the largest square grid within ``max_tokens``. ``"siglip2"``: the rule of SigLIP2's image
+      processor, every image scaled (up or down) to the largest size whose sides, rounded up to
+      patch multiples, have at most ``max_tokens`` patches.
     * ``budget`` (a call argument, not a field): tokens per example at inference; native images
       are scaled up or down, aspect kept, to as close to it as the grid allows, square ones to
       the largest square within it.
-    * Pixels are resized with Pillow's ``resample`` filter, scaled to [0, 1] and normalised per
-      channel with ``mean`` and ``std``.
+    * Pixels are resized with Pillow's ``resample`` filter (``reducing_gap``: Pillow's faster
+      two-step downscale; None resizes in one step, as the Hugging Face processors do), scaled to
+      [0, 1] and normalised per channel with ``mean`` and ``std``.
     * ``num_axes=3`` (a clip model): a clip is cut into tubelets of ``temporal_patch_size``
       frames; its frames are chosen at ``fps`` frames per second by the timestamps of decoded
       frames (every frame if None), then every ``frame_stride``-th, and at inference the first
@@ -71,6 +74,7 @@ class Processor:
     max_tokens: int = 256
     grid_rule: str = "native"
     resample: str = "bicubic"
+    reducing_gap: float | None = 3.0
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     fps: float | None = None
@@ -147,6 +151,8 @@ class Processor:
         if budget is not None and budget < 1:
             raise ValueError(f"the token budget must be >= 1, got {budget}")
         spatial = max(1, (budget or self.max_tokens) // tubelets)
+        if self.grid_rule == "siglip2":
+            return siglip2_grid(height, width, self.patch_size, spatial)
         if self.grid_rule == "square":
             side = max(1, math.isqrt(spatial))
             return side, side
@@ -175,7 +181,7 @@ class Processor:
         width, height = picture.size
         rows, cols = self.grid(*(size or (height, width)), budget)
         target = (cols * self.patch_size, rows * self.patch_size)
-        patches, grid = self._patchify(_pixels(_resize(picture, target, self.resample)))
+        patches, grid = self._patchify(_pixels(_resize(picture, target, self.resample, self.reducing_gap)))
         scale, offset = _normaliser(self.patch_size**2, self.mean, self.std)
         patches = patches.float().mul_(scale).sub_(offset)  # (x / 255 - mean) / std, per channel
         fields = {}
@@ -185,7 +191,7 @@ class Processor:
                     f"{name or 'input'}: {key} is {labels.size[0]}x{labels.size[1]} pixels but the image is "
                     f"{width}x{height}; they must be the same size"
                 )
-            fields[key] = self._patchify(_pixels(_resize(labels, target, "nearest")))[0].long()
+            fields[key] = self._patchify(_pixels(_resize(labels, target, "nearest", None)))[0].long()
         return self._as_example(patches, grid, fields)
 
     def clip_to_example(
@@ -216,12 +222,12 @@ class Processor:
         pt, p = self.temporal_patch_size, self.patch_size
         wanted = min(num_frames or self.max_frames, (budget or self.max_tokens) * pt)
         rows, cols = self.grid(height, width, budget)
-        first = _resize_op((cols * p, rows * p), self.resample)
+        first = _resize_op((cols * p, rows * p), self.resample, self.reducing_gap)
         op = first if frame_op is None else (lambda frame: first(frame_op(frame)))
         frames, _ = clip.read(start=start, num_frames=wanted, fps=self.fps, stride=self.frame_stride, frame_op=op)
         tubelets = math.ceil(len(frames) / pt)
         rows, cols = self.grid(height, width, budget, tubelets=tubelets)
-        frames = [_resize(self._decode(f, name), (cols * p, rows * p), self.resample) for f in frames]
+        frames = [_resize(self._decode(f, name), (cols * p, rows * p), self.resample, self.reducing_gap) for f in frames]
         frames += frames[-1:] * (tubelets * pt - len(frames))  # the last frame fills the last tubelet
         pixels = torch.stack([_pixels(f) for f in frames], 1)  # [C, T, H, W]
         patches, grid = patchify(pixels, (pt, p, p))
@@ -307,8 +313,25 @@ def _as_clip(item: Any, name: str | None) -> Clip:
     return item
 
 
-def _resize_op(size: tuple[int, int], resample: str) -> FrameOp:
-    return lambda frame: _resize(frame, size, resample)
+def _resize_op(size: tuple[int, int], resample: str, reducing_gap: float | None) -> FrameOp:
+    return lambda frame: _resize(frame, size, resample, reducing_gap)
+
+
+def siglip2_grid(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """SigLIP2's grid rule: binary search for the largest scale at which both sides, rounded up
+    to multiples of the patch size (at least one patch), give at most ``max_patches`` patches."""
+
+    def side(scale: float, size: int) -> int:
+        return max(1, math.ceil(size * scale / patch_size))
+
+    low, high = 1e-6, 100.0
+    while high - low >= 1e-5:
+        scale = (low + high) / 2
+        if side(scale, height) * side(scale, width) <= max_patches:
+            low = scale
+        else:
+            high = scale
+    return side(low, height), side(low, width)
 
 
 def _input_name(item: Any, index: int) -> str:
@@ -323,10 +346,10 @@ def _pixels(picture: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def _resize(band: Image.Image, size: tuple[int, int], resample: str) -> Image.Image:
+def _resize(band: Image.Image, size: tuple[int, int], resample: str, reducing_gap: float | None) -> Image.Image:
     if band.size == size:
         return band
-    return band.resize(size, RESAMPLE[resample], reducing_gap=3.0)
+    return band.resize(size, RESAMPLE[resample], reducing_gap=reducing_gap)
 
 
 def _tensor_to_pil(image: torch.Tensor, channels: int, label: str) -> Image.Image:

@@ -131,15 +131,15 @@ class ByteTokenizer:
 
 
 class _TextBlock(nn.Module):
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
+    def __init__(self, width: int, num_heads: int, hidden: int, eps: float, act: str) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        gelu = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), gelu, nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -156,7 +156,8 @@ class TextTransformer(nn.Module):
     tokens) and returns one vector per text, [N, width].
 
     Attention is bidirectional with a key padding mask only (no causal mask), and the output is
-    the **masked mean** of the final token features. Why the mean rather than the EOS token: with
+    the **masked mean** of the final token features (``pool="last"``: the features of the last
+    position, as SigLIP's text tower pools). Why the mean rather than the EOS token: with
     bidirectional attention no position is special, the mean gives every token a direct gradient
     path, it matches the image tower's mean/MAP pooling over patches, and it needs no knowledge of
     where EOS sits (ids from another tokenizer, or without EOS, work unchanged). Padding never
@@ -174,19 +175,25 @@ class TextTransformer(nn.Module):
         num_heads: int = 4,
         max_len: int = 64,
         mlp_ratio: float = 4.0,
+        mlp_dim: int | None = None,
         norm_eps: float = 1e-6,
+        act: str = "gelu",
+        pool: str = "mean",
     ) -> None:
         super().__init__()
+        if pool not in ("mean", "last"):
+            raise ValueError(f"TextTransformer pool={pool!r}; expected 'mean' or 'last'")
         for name, value in (("vocab_size", vocab_size), ("width", width), ("depth", depth),
                             ("num_heads", num_heads), ("max_len", max_len)):
             if value < 1:
                 raise ValueError(f"TextTransformer {name} must be >= 1, got {value}")
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
-        self.vocab_size, self.width, self.max_len = vocab_size, width, max_len
+        self.vocab_size, self.width, self.max_len, self.pool = vocab_size, width, max_len, pool
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(max_len, width))
-        self.blocks = nn.ModuleList(_TextBlock(width, num_heads, mlp_ratio, norm_eps) for _ in range(depth))
+        hidden = mlp_dim or int(width * mlp_ratio)
+        self.blocks = nn.ModuleList(_TextBlock(width, num_heads, hidden, norm_eps, act) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         self._init_weights()
 
@@ -203,8 +210,9 @@ class TextTransformer(nn.Module):
             for lin in (block.proj, block.mlp[2]):
                 lin.weight.data.mul_(1.0 / math.sqrt(2 * len(self.blocks)))
 
-    def forward_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token features [N, T, width] after the final norm; zeros at padding."""
+    def forward_features(self, ids: torch.Tensor, mask: torch.Tensor, *, zero_padding: bool = True) -> torch.Tensor:
+        """Per-token features [N, T, width] after the final norm; zeros at padding (unless not
+        ``zero_padding``)."""
         if ids.ndim != 2 or mask.shape != ids.shape:
             raise ValueError(f"ids and mask must both be [N, T], got {tuple(ids.shape)} and {tuple(mask.shape)}")
         if ids.shape[1] > self.max_len:
@@ -217,10 +225,41 @@ class TextTransformer(nn.Module):
         attn_mask = keys[:, None, None, :]
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.norm(x) * mask[..., None].to(x.dtype)
+        x = self.norm(x)
+        return x * mask[..., None].to(x.dtype) if zero_padding else x
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the token features: [N, width]."""
+        """One vector per text [N, width]: the masked mean of the token features, or the last
+        position's features (``pool="last"``)."""
+        if self.pool == "last":
+            return self.forward_features(ids, mask, zero_padding=False)[:, -1]
         tokens = self.forward_features(ids, mask)
         count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(tokens.dtype)
         return tokens.sum(dim=1) / count
+
+
+class PretrainedTokenizer:
+    """A Hugging Face tokenizer (``tokenizer.json`` and friends in a local folder) with the
+    :class:`ByteTokenizer` interface: ``encode(texts) -> (ids, mask)``, padded to ``max_len``
+    tokens as SigLIP was trained (``padding="max_length"``), truncated beyond."""
+
+    def __init__(self, tokenizer, max_len: int = 64, *, lowercase: bool = False) -> None:
+        self.tokenizer, self.max_len, self.lowercase = tokenizer, max_len, lowercase
+
+    @classmethod
+    def from_folder(cls, folder, max_len: int = 64, **kwargs) -> "PretrainedTokenizer":
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(folder)), max_len, **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings; wrap a single text as [text]")
+        texts = [t.lower() for t in texts] if self.lowercase else list(texts)
+        out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt")
+        ids = out["input_ids"]
+        return ids, out.get("attention_mask", torch.ones_like(ids)).bool()

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import yaml
@@ -32,6 +32,7 @@ from navit.evaluate import evaluate_budgets, write_budget_report
 from navit.inference import checkpoint_meta
 from navit.metrics import MetricsLogger
 from navit.model import inflate_weights
+from navit.pretrained import image_tower, is_hf_folder
 from navit.processor import Processor
 from navit.tasks import TASKS, StepLoss, Task
 from navit.train_config import TrainConfig
@@ -121,22 +122,54 @@ def square_tokens(source: Any, processor: Processor, sample: int = 256) -> int:
     return max(1, round(math.sqrt(sum(counts) / len(counts)))) ** 2
 
 
-def model_config(cfg: TrainConfig, train_source: Any) -> NaViTConfig:
-    """The configured model; for data with clips an image model (2 axes) takes tubelets of two
-    frames instead (3 axes)."""
+class Start(NamedTuple):
+    """A checkpoint to fine-tune from: its image model's config and processor, and its weights
+    (an image tower's also without their ``image.`` prefix)."""
+
+    path: str
+    config: NaViTConfig
+    processor: Processor
+    weights: dict[str, torch.Tensor]
+
+
+def start_from(path: str) -> Start:
+    """Read a navit run or checkpoint, or a SigLIP2 folder, to fine-tune from."""
+    if is_hf_folder(path):
+        return Start(path, *image_tower(path))
+    checkpoint = resolve_checkpoint(path)
+    meta = load_meta(checkpoint)
+    if "processor" not in meta:
+        raise ValueError(f"{checkpoint} was written by an older navit; fine-tune from a newer checkpoint")
+    model = meta["model"]
+    weights = load_weights(checkpoint)
+    weights.update({k.removeprefix("image."): v for k, v in weights.items() if k.startswith("image.")})
+    return Start(path, NaViTConfig.from_dict(model.get("image", model)), Processor.from_dict(meta["processor"]), weights)
+
+
+def model_config(cfg: TrainConfig, train_source: Any, start: Start | None) -> NaViTConfig:
+    """The configured model, or fine-tuning, the starting checkpoint's (``model.args`` on top);
+    for data with clips an image model (2 axes) takes tubelets of two frames instead (3 axes)."""
     config = cfg.model_config()
+    if start is not None:
+        print(f"init_from: the model is {start.path}'s ({start.config.embed_dim} wide, {start.config.depth} deep)")
+        config = start.config.replace(**cfg.model.args)
     if getattr(train_source, "has_video", False) and config.num_axes == 2:
         print("the data has clips: the model takes tubelets of 2 frames (num_axes=3, temporal_patch_size=2)")
         config = config.replace(num_axes=3, temporal_patch_size=2)
     return config
 
 
-def make_processor(cfg: TrainConfig, config: NaViTConfig, train_source: Any) -> Processor:
-    """The model's preprocessing; the square baseline sees as many tokens per image on average,
-    the frame baseline one frame per clip."""
+def make_processor(cfg: TrainConfig, config: NaViTConfig, train_source: Any, start: Start | None) -> Processor:
+    """The model's preprocessing: the starting checkpoint's way of resizing and normalising (when
+    fine-tuning) with this run's budget and frames; the square baseline sees as many tokens per
+    image on average, the frame baseline one frame per clip."""
     d = cfg.data
+    style = {}
+    if start is not None:
+        p = start.processor
+        style = dict(grid_rule=p.grid_rule, resample=p.resample, reducing_gap=p.reducing_gap, mean=p.mean, std=p.std)
     native = Processor.for_model(config, max_tokens=d.max_tokens, fps=d.fps, frame_stride=d.frame_stride,
-                                 max_frames=d.max_frames)  # fmt: skip
+                                 max_frames=d.max_frames, **style)  # fmt: skip
     if cfg.model.baseline == "square":
         return native.replace(grid_rule="square", max_tokens=square_tokens(train_source, native))
     if cfg.model.baseline == "frame":
@@ -146,26 +179,21 @@ def make_processor(cfg: TrainConfig, config: NaViTConfig, train_source: Any) -> 
     return native
 
 
-def initialise_from(model: nn.Module, path: str) -> None:
-    """Fine-tuning: every weight of checkpoint ``path`` whose name and shape match (an image
+def initialise_from(model: nn.Module, start: Start) -> None:
+    """Fine-tuning: every weight of the starting checkpoint whose name and shape match (an image
     tower's weights also load into a classifier); an image model's weights are inflated for a
     clip model (:func:`navit.model.inflate_weights`)."""
-    checkpoint = resolve_checkpoint(path)
-    weights = load_weights(checkpoint)
-    weights.update({k.removeprefix("image."): v for k, v in weights.items() if k.startswith("image.")})
+    weights = start.weights
     tower = getattr(model, "image", model)
-    source = load_meta(checkpoint).get("model")
-    if source is not None and "num_axes" in source.get("image", source):
-        source = NaViTConfig.from_dict(source.get("image", source))
-        if source.num_axes == 2 and tower.config.num_axes == 3:
-            print(f"init_from: inflating the image model of {path} to tubelets of {tower.config.temporal_patch_size} frames")
-            prefix = "image." if tower is not model else ""
-            inflated = inflate_weights({k: v for k, v in weights.items() if not k.startswith("image.")}, source, tower.config)
-            weights = {prefix + k: v for k, v in inflated.items()}
+    if start.config.num_axes == 2 and tower.config.num_axes == 3:
+        print(f"init_from: inflating the image model of {start.path} to tubelets of {tower.config.temporal_patch_size} frames")
+        prefix = "image." if tower is not model else ""
+        inflated = inflate_weights({k: v for k, v in weights.items() if not k.startswith("image.")}, start.config, tower.config)
+        weights = {prefix + k: v for k, v in inflated.items()}
     own = model.state_dict()
     usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"no weight of {path} fits the model (names or shapes differ everywhere)")
+        raise ValueError(f"no weight of {start.path} fits the model (names or shapes differ everywhere)")
     model.load_state_dict(usable, strict=False)
     skipped = sorted(set(own) - set(usable))
     if skipped:
@@ -207,11 +235,12 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
     train_source, val_source = open_data(cfg)
     task = TASKS[cfg.task.name](cfg.task.options, list(train_source.class_names))
     task.check_data(train_source, cfg.data.train)
-    config = model_config(cfg, train_source)
-    processor = D.broadcast_object(make_processor(cfg, config, train_source) if info.is_main else None, info)
+    start = start_from(cfg.model.init_from) if cfg.model.init_from else None
+    config = model_config(cfg, train_source, start)
+    processor = D.broadcast_object(make_processor(cfg, config, train_source, start) if info.is_main else None, info)
     model = task.build_model(config, processor)
-    if cfg.model.init_from:
-        initialise_from(model, cfg.model.init_from)
+    if start is not None:
+        initialise_from(model, start)
     model.to(device)
 
     # The run folder appears only once data and model are known to be usable.

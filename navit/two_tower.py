@@ -44,6 +44,11 @@ class ImageTextConfig:
 
     ``init_logit_scale`` / ``init_logit_bias`` of ``None`` mean the loss's default (SigLIP:
     10 and -10; CLIP: 1/0.07 and no bias). The softmax loss has no bias (it would cancel).
+
+    ``image_proj=False`` uses the image tower's pooled vector as it is (SigLIP: the image width
+    must then be ``embed_dim``); ``text_proj_bias`` gives the text projection a bias (SigLIP's
+    text head). ``text_pool``, ``text_act``, ``text_mlp_dim`` and ``text_norm_eps`` shape the
+    text tower (:class:`~navit.text.TextTransformer`).
     """
 
     image: NaViTConfig = field(default_factory=lambda: NaViTConfig(num_classes=0))
@@ -57,6 +62,12 @@ class ImageTextConfig:
     vocab_size: int = ByteTokenizer.NUM_BYTES + 3
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
+    text_mlp_dim: int | None = None
+    text_act: str = "gelu"
+    text_pool: str = "mean"
+    text_norm_eps: float = 1e-6
+    image_proj: bool = True
+    text_proj_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.image, dict):
@@ -77,6 +88,8 @@ class ImageTextConfig:
             raise ValueError(f"init_logit_scale must be > 0, got {self.init_logit_scale}")
         if self.loss == "softmax" and self.init_logit_bias is not None:
             raise ValueError("the softmax loss has no logit bias; leave init_logit_bias=None")
+        if not self.image_proj and self.image.embed_dim != self.embed_dim:
+            raise ValueError(f"image_proj=False needs the image width {self.image.embed_dim} to be embed_dim={self.embed_dim}")
 
     @property
     def logit_scale_init(self) -> float:
@@ -118,11 +131,18 @@ class ImageTextModel(nn.Module):
             num_heads=cfg.text_heads,
             max_len=cfg.text_max_len,
             mlp_ratio=cfg.text_mlp_ratio,
+            mlp_dim=cfg.text_mlp_dim,
+            norm_eps=cfg.text_norm_eps,
+            act=cfg.text_act,
+            pool=cfg.text_pool,
         )
-        self.image_proj = nn.Linear(cfg.image.embed_dim, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        self.image_proj = nn.Linear(cfg.image.embed_dim, cfg.embed_dim, bias=False) if cfg.image_proj else nn.Identity()
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=cfg.text_proj_bias)
         for proj in (self.image_proj, self.text_proj):
-            nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         bias = cfg.logit_bias_init
         self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
@@ -136,10 +156,16 @@ class ImageTextModel(nn.Module):
     def from_dict(cls, values: dict[str, Any]) -> "ImageTextModel":
         return cls(ImageTextConfig.from_dict(values))
 
-    def tokenizer(self, **kwargs: Any) -> ByteTokenizer:
-        """A :class:`ByteTokenizer` matching this model's text length."""
+    def tokenizer(self, **kwargs: Any):
+        """The tokenizer of this model's text tower: a pretrained one attached to the model
+        (``text_tokenizer``, loaded with it from its folder), else a :class:`ByteTokenizer`."""
+        if getattr(self, "text_tokenizer", None) is not None:
+            return self.text_tokenizer
         if self.config.vocab_size != ByteTokenizer.NUM_BYTES + 3:
-            raise ValueError(f"vocab_size={self.config.vocab_size} is not the byte tokenizer's")
+            raise ValueError(
+                f"vocab_size={self.config.vocab_size} is not the byte tokenizer's, and no tokenizer was loaded "
+                "with the model (put tokenizer.json beside its weights)"
+            )
         return ByteTokenizer(max_len=self.config.text_max_len, **kwargs)
 
     @property
@@ -165,9 +191,10 @@ class ImageTextModel(nn.Module):
         are ``text_shape`` [N, T] (see :meth:`navit.NaViT.flops`)."""
         cfg = self.config
         (num_texts, length), width = text_shape, cfg.text_width
-        hidden = int(width * cfg.text_mlp_ratio)
+        hidden = cfg.text_mlp_dim or int(width * cfg.text_mlp_ratio)
         per_text = length * cfg.text_depth * (4 * width * width + 2 * width * hidden + 2 * length * width)
-        projections = batch.num_examples * cfg.image.embed_dim * cfg.embed_dim + num_texts * width * cfg.embed_dim
+        image_proj = cfg.image.embed_dim * cfg.embed_dim if cfg.image_proj else 0
+        projections = batch.num_examples * image_proj + num_texts * width * cfg.embed_dim
         return self.image.flops(batch, training=training) + (6 if training else 2) * (num_texts * per_text + projections)
 
     # -- encoders ------------------------------------------------------------------------------

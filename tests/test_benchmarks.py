@@ -75,6 +75,18 @@ def test_video_benchmark_reports_packed_padded_loader_and_padding(tmp_path):
     assert 0 <= result["padding"]["seq_lens"]["256"]["padding"] < 1
 
 
+def test_siglip2_benchmark_checks_agreement_and_times_both(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "siglip2.json"
+    run_script("siglip2.py", "--width", "64", "--depth", "1", "--images", "4", "--batch-images", "2",
+               "--max-patches", "16", "64", "--seq-len", "128", "--repeats", "1", "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    for row in result["speed"].values():
+        assert row["agreement"] < 1e-4 and row["images_per_s"]["navit"] > 0 and row["ratio_model"] > 0
+        assert row["tokens"]["real"] <= row["tokens"]["transformers"]
+    assert set(result["memory"]["64"]) == {"transformers", "navit"}
+
+
 def test_peer_layout_rules_count_their_padding(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from packing_padding import next_fit_padding, per_image_padding

@@ -306,7 +306,7 @@ def textbook_map_pool(pool, tokens, segment_ids, num_slots):
 
 def test_map_pool_equals_the_textbook_form_with_gradients():
     torch.manual_seed(0)
-    pool = MAPPool(24, num_heads=3)
+    pool = MAPPool(24, num_heads=3, hidden=96)
     with torch.no_grad():  # non-trivial biases, so the key and value bias terms are exercised
         for module in (pool.q, pool.kv, pool.proj):
             module.bias.normal_()

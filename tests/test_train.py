@@ -273,17 +273,17 @@ def test_init_from_takes_every_matching_weight_including_an_image_tower(tmp_path
     from conftest import tiny_config
 
     from navit import create_model, save_model
-    from navit.train import initialise_from
+    from navit.train import initialise_from, start_from
     from navit.two_tower import create_image_text_model
 
     two_tower = create_image_text_model(tiny_config(num_classes=0), text_depth=1)
     save_model(two_tower, tmp_path / "clip", class_names=["a", "b"])
     classifier = create_model(tiny_config(num_classes=3))
-    initialise_from(classifier, str(tmp_path / "clip"))
+    initialise_from(classifier, start_from(str(tmp_path / "clip")))
     for name, value in classifier.state_dict().items():
         if name.startswith("head."):  # the new task's head keeps its fresh weights
             continue
         assert torch.equal(value, two_tower.image.state_dict()[name]), name
     assert "re-initialised ['head.bias', 'head.weight']" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no weight of .* fits the model"):
-        initialise_from(create_model(tiny_config(embed_dim=16, num_classes=3)), str(tmp_path / "clip"))
+        initialise_from(create_model(tiny_config(embed_dim=16, num_classes=3)), start_from(str(tmp_path / "clip")))

@@ -1,0 +1,221 @@
+"""SigLIP2 NaFlex from Hugging Face: the same outputs as the reference, packed, on every backend.
+
+The reference models are built by ``transformers`` from small configs with random weights, scaled
+up so that a wrong piece cannot hide in the tolerance, saved with ``save_pretrained`` and read by
+navit from the folder as a user's download would be.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import navit
+from navit.attention import available_backends
+from navit.model import NaViT
+from navit.pretrained import load_hf, write_hf
+
+transformers = pytest.importorskip("transformers")
+from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
+from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil  # noqa: E402
+
+TOLERANCE = 1e-5  # relative to the largest magnitude of the reference output
+VISION = dict(hidden_size=48, intermediate_size=70, num_hidden_layers=2, num_attention_heads=3, patch_size=8,
+              num_patches=16)  # fmt: skip
+TEXT = dict(vocab_size=40, hidden_size=48, intermediate_size=56, num_hidden_layers=2, num_attention_heads=3,
+            max_position_embeddings=12, projection_size=48, bos_token_id=None, eos_token_id=None, pad_token_id=0)  # fmt: skip
+SIZES = [(37, 61), (100, 20), (16, 16), (300, 211), (9, 250), (64, 64), (23, 8), (120, 121)]
+
+
+def scaled_up(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights doubled and biases and norms shifted, so every piece moves the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(2.0)
+            else:
+                p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def images(seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+
+
+@pytest.fixture(scope="module")
+def vision_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("siglip2_vision")
+    reference = scaled_up(Siglip2VisionModel(Siglip2VisionConfig(**VISION)))
+    reference.save_pretrained(folder)
+    Siglip2ImageProcessorPil(patch_size=8, max_num_patches=40).save_pretrained(folder)
+    return folder, reference
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def reference_outputs(reference, processor, pictures):
+    """The reference's per-token features and pooled vector of each image, run one at a time."""
+    out = []
+    for picture in pictures:
+        inputs = processor(images=[picture], return_tensors="pt")
+        with torch.no_grad():
+            result = reference(**inputs)
+        n = int(inputs["pixel_attention_mask"].sum())
+        out.append((result.last_hidden_state[0, :n], result.pooler_output[0]))
+    return out
+
+
+def navit_outputs(model: NaViT, pictures, seq_len: int = 80):
+    """navit's per-token features and pooled vector of each image, all packed together."""
+    batch = model.processor(pictures, seq_len=seq_len, max_examples_per_seq=4)
+    assert batch.num_seqs < len(pictures), "several images share a sequence"
+    with torch.no_grad():
+        features, pooled = model.forward_features(batch), model.embed(batch)
+    tokens = []
+    for slot in batch.example_slots().tolist():
+        seq, e = divmod(slot, batch.max_examples_per_seq)
+        tokens.append(features[seq][batch.segment_ids[seq] == e])
+    return list(zip(tokens, pooled))
+
+
+@pytest.mark.parametrize("backend", [*available_backends("cpu"), "flex", "auto"])  # flex: inference on CPU
+def test_vision_model_gives_the_references_outputs_packed_on_every_backend(vision_folder, backend):
+    folder, reference = vision_folder
+    model = load_hf(folder)
+    model.config = model.config.replace(attn_backend=backend)
+    processor = Siglip2ImageProcessorPil.from_pretrained(folder)
+    for (ref_tokens, ref_pooled), (tokens, pooled) in zip(reference_outputs(reference, processor, images()),
+                                                          navit_outputs(model, images())):  # fmt: skip
+        assert tokens.shape == ref_tokens.shape
+        assert relative(tokens, ref_tokens) < TOLERANCE and relative(pooled, ref_pooled) < TOLERANCE
+
+
+def test_the_processor_gives_the_reference_processors_patches(vision_folder):
+    folder, _ = vision_folder
+    model = navit.load_model(folder)
+    reference = Siglip2ImageProcessorPil.from_pretrained(folder)
+    odd = images(1) + [Image.new("L", (70, 30), 90), Image.new("RGB", (2000, 9), (5, 90, 200)), Image.new("RGB", (3, 3))]
+    for picture in odd:
+        expected = reference(images=[picture], do_convert_rgb=True, return_tensors="pt")
+        n = int(expected["pixel_attention_mask"].sum())
+        example = model.processor.to_example(picture)
+        assert example.grid == tuple(expected["spatial_shapes"][0].tolist())
+        torch.testing.assert_close(example.patches, expected["pixel_values"][0, :n], rtol=0, atol=1e-6)
+
+
+def test_a_wrong_piece_does_not_hide_in_the_tolerance(vision_folder):
+    folder, reference = vision_folder
+    model = load_hf(folder)
+    processor = Siglip2ImageProcessorPil.from_pretrained(folder)
+    expected = reference_outputs(reference, processor, images())
+    for field, value in (("act", "gelu"), ("pos_interp", "bicubic")):
+        wrong = NaViT(model.config.replace(**{field: value}), model.processor).eval()
+        wrong.load_state_dict(model.state_dict())
+        errors = [relative(pooled, ref) for (_, ref), (_, pooled) in zip(expected, navit_outputs(wrong, images()))]
+        assert max(errors) > 10 * TOLERANCE, f"{field}={value} would pass unnoticed"
+
+
+def tokenizer_files(folder) -> None:
+    """A small word-level tokenizer, saved in the Hugging Face layout (tests need no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "a", "photo", "of", "picture", "an", "image", "tall", "wide", "round", "square",
+             "ellipse", "rectangle", "."]  # fmt: skip
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def two_tower_folder(tmp_path_factory):
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("siglip2")
+    config = Siglip2Config(text_config=TEXT, vision_config=VISION)
+    reference = scaled_up(Siglip2Model(config), seed=1)
+    reference.save_pretrained(folder)
+    Siglip2ImageProcessorPil(patch_size=8, max_num_patches=40).save_pretrained(folder)
+    tokenizer_files(folder)
+    return folder, reference
+
+
+def test_two_tower_model_gives_the_references_embeddings_and_logits(two_tower_folder):
+    folder, reference = two_tower_folder
+    model = load_hf(folder)
+    assert model.config.text_pool == "last" and not model.config.image_proj
+    tokenizer = model.tokenizer()
+    ids, mask = tokenizer.encode(["a photo of a tall ellipse .", "an image of a wide rectangle", "square"])
+    assert ids.shape == (3, 12)
+    processor = Siglip2ImageProcessorPil.from_pretrained(folder)
+    pictures = images(2)[:4]
+    inputs = processor(images=pictures, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask.long(), **inputs)
+        batch = model.processor(pictures, seq_len=80, max_examples_per_seq=4)
+        img, txt = model(batch, ids, mask)
+        logits = model.logits(img, txt)
+    assert relative(img, expected.image_embeds) < TOLERANCE
+    assert relative(txt, expected.text_embeds) < TOLERANCE
+    assert relative(logits, expected.logits_per_image) < TOLERANCE
+    # Zero-shot over class names, through the same tokenizer and the learned scale and bias.
+    classifier = navit.zeroshot.ZeroShotClassifier(model, tokenizer, ["tall_ellipse", "wide_rectangle"])
+    with torch.no_grad():
+        assert classifier(batch).shape == (4, 2)
+
+
+def test_saving_back_in_the_hugging_face_layout_round_trips(vision_folder, two_tower_folder, tmp_path):
+    for (folder, reference), cls in ((vision_folder, Siglip2VisionModel), (two_tower_folder, Siglip2Model)):
+        model = load_hf(folder)
+        with torch.no_grad():  # a "fine-tuned" change that must survive the trip
+            next(model.parameters()).add_(0.5)
+        out = write_hf(model, tmp_path / cls.__name__)
+        again = cls.from_pretrained(out).eval()
+        assert set(again.state_dict()) == set(reference.state_dict())
+        ours = load_hf(out)
+        for (key, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(ours.state_dict().items())):
+            assert torch.equal(a, b), key
+        assert json.loads((out / "preprocessor_config.json").read_text())["max_num_patches"] == 40
+
+
+def test_mismatched_weights_are_refused_by_name(vision_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = vision_folder
+    for change, message in (
+        (lambda w: w.update({"encoder.layers.0.mlp.fc1.weight": torch.zeros(3, 3)}), "encoder.layers.0.mlp.fc1.weight"),
+        (lambda w: w.update({"extra.weight": torch.zeros(1)}), "'extra.weight' has no counterpart"),
+        (lambda w: w.pop("post_layernorm.bias"), r"lacks weights for \['norm.bias'\]"),
+    ):
+        broken = tmp_path / message[:8].strip("'\\[")
+        broken.mkdir()
+        (broken / "config.json").write_text((folder / "config.json").read_text())
+        weights = {k.removeprefix("vision_model."): v for k, v in load_file(folder / "model.safetensors").items()}
+        change(weights)
+        save_file(weights, broken / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            load_hf(broken)
+
+
+def test_fine_tuning_a_pretrained_model_through_the_cli(vision_folder, tmp_path):
+    from navit.cli import main
+    from navit.inference import load_checkpoint
+
+    folder, _ = vision_folder
+    assert main(["train", "--init-from", str(folder), "--data", "synthetic:40", "--out", str(tmp_path), "--name", "ft",
+                 "--max-steps", "2", "--drop", "beta", "--res-mode", "side", "--res-min", "24", "--res-max", "64",
+                 "--workers", "0", "--max-tokens", "16", "--seq-len", "64", "--budgets", "--log-every", "1"]) == 0  # fmt: skip
+    model, _, meta = load_checkpoint(tmp_path / "ft")
+    assert meta["model"]["pos_embed"] == "grid" and meta["model"]["mlp_dim"] == 70 and model.head.out_features == 6
+    assert meta["processor"]["grid_rule"] == "siglip2" and meta["processor"]["max_tokens"] == 16
+    pretrained = load_hf(folder)
+    moved = (model.blocks[0].attn.qkv.weight - pretrained.blocks[0].attn.qkv.weight).abs().max()
+    assert 0 < moved < 0.1 * pretrained.blocks[0].attn.qkv.weight.abs().max(), "fine-tuned from the weights, not from scratch"
