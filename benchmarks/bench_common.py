@@ -165,6 +165,18 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: st
     return "\n".join(lines)
 
 
+def write_report(res: dict, text: str, out: str | Path) -> None:
+    """Print a benchmark's Markdown and write it beside its JSON results (``out``)."""
+    import json
+
+    print(text)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"\nWrote {out}")
+
+
 def fmt(x: float | None, digits: int = 1) -> str:
     if x is None:
         return "—"

@@ -17,7 +17,6 @@ Prints Markdown, writes ``results/siglip2.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import RESULTS_DIR, fmt, hwm_kb, interleaved, machine_info, md_table, reset_hwm, rss_kb, summarize, synchronize  # noqa: E402
+from bench_common import (  # noqa: E402
+    RESULTS_DIR, fmt, hwm_kb, interleaved, machine_info, md_table, reset_hwm, rss_kb, summarize, synchronize, write_report,
+)
 from packing_padding import sample_sizes  # noqa: E402
 
 
@@ -207,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory and args.device.type == "cpu":
         res["memory"] = {str(n): {impl: memory_point(args, impl, n) for impl in ("transformers", "navit")}
                          for n in args.max_patches}  # fmt: skip
-    text = render(res)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nWrote {out}")
+    write_report(res, render(res), args.out)
     return 0
 
 

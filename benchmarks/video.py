@@ -25,7 +25,6 @@ Prints Markdown, writes ``results/video.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -40,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import navit  # noqa: E402
-from bench_common import RESULTS_DIR, fmt, interleaved, machine_info, md_table, summarize, synchronize  # noqa: E402
+from bench_common import RESULTS_DIR, fmt, interleaved, machine_info, md_table, summarize, synchronize, write_report  # noqa: E402
 from packing_padding import run_stream  # noqa: E402
 
 from navit.data.synthetic_video import SyntheticMotion  # noqa: E402
@@ -268,13 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         res["loader"] = run_loader(args, step_rate)
     if "padding" in args.sections:
         res["padding"] = run_padding(args)
-    text = render(res)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nWrote {out}")
+    write_report(res, render(res), args.out)
     return 0
 
 

@@ -273,12 +273,16 @@ class Processor:
         seq_len: int | None = None,
         max_examples_per_seq: int | None = None,
     ) -> PackedBatch:
-        """Pack ``inputs`` (paths, PIL images, [C, H, W] tensors, or a [N, C, H, W] tensor) into
-        one batch whose rows follow the input order. ``seq_len`` defaults to the largest of
+        """Pack a list of inputs (paths of images or videos, PIL images, [C, H, W] image tensors,
+        [T, C, H, W] clip tensors) into one batch whose rows follow the input order; a single
+        path, PIL image or image tensor may come alone. ``seq_len`` defaults to the largest of
         ``max_tokens``, ``budget`` and the longest example, so nothing is cut."""
-        if isinstance(inputs, (str, os.PathLike, Image.Image)) or (
-            isinstance(inputs, torch.Tensor) and inputs.dim() == 3
-        ):
+        if isinstance(inputs, torch.Tensor) and inputs.dim() != 3:
+            raise TypeError(
+                f"the processor takes a list of inputs, got one tensor of shape {tuple(inputs.shape)}: pass [clip] "
+                "for a [T, C, H, W] clip, or list(images) for a stack of images"
+            )
+        if isinstance(inputs, (str, os.PathLike, Image.Image, torch.Tensor)):
             inputs = [inputs]
         examples = [self.to_example(x, budget=budget, name=_input_name(x, i)) for i, x in enumerate(inputs)]
         if not examples:

@@ -147,6 +147,8 @@ def test_bad_inputs_are_named(tmp_path):
         processor([torch.zeros(3, 8, 8, dtype=torch.long)])
     with pytest.raises(TypeError, match="input 0 is a list"):
         processor([[1, 2]])
+    with pytest.raises(TypeError, match=r"one tensor of shape \(2, 3, 8, 8\): pass \[clip\]"):
+        processor(torch.rand(2, 3, 8, 8))
     with pytest.raises(ValueError, match="mask is 5x5 pixels but the image is 8x8"):
         processor.to_example(Image.new("RGB", (8, 8)), dense={"mask": Image.new("L", (5, 5))})
 
