@@ -14,6 +14,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh")
 POS_MODES = ("absolute", "fractional")
 POS_COMBINES = ("sum", "stack", "product")
 POOL_KINDS = ("map", "mean")
+FINAL_NORMS = ("tokens", "pooled")
 ATTN_BACKENDS = ("auto", "dense", "bucketed", "varlen", "flex")  # see navit.attention.BACKENDS
 
 
@@ -55,10 +56,16 @@ class NaViTConfig:
     position gets the same embedding at every resolution; ``"absolute"`` uses the patch index and
     a table of ``pos_max_len`` entries per axis. ``pos_embed="grid"`` is instead one learned
     ``pos_grid`` × ``pos_grid`` table (SigLIP2 NaFlex, timm NaFlexViT) resized to each image's own
-    patch grid with antialiased ``pos_interp`` interpolation.
+    patch grid with antialiased ``pos_interp`` interpolation; ``pos_keep_aspect`` resizes it to a
+    square of the grid's longer side and crops (timm's aspect-preserving variant).
 
     ``mlp_dim`` sets the MLP width explicitly (default ``int(embed_dim * mlp_ratio)``); ``act`` is
     the MLP activation of the blocks and the pooling head (``gelu_tanh``: the tanh approximation).
+    ``layer_scale`` (an initial value, or None for none) scales each block's two branches by learned
+    per-channel factors. ``prefix_tokens`` learned tokens (a class token, registers) go in front
+    of every example's tokens inside the model; they attend and are attended to within their
+    example but are not pooled and not returned. ``final_norm`` normalises every token before
+    pooling (``"tokens"``) or the pooled vector (``"pooled"``, timm's ``fc_norm``).
     """
 
     patch_size: int = 16
@@ -84,9 +91,13 @@ class NaViTConfig:
     fourier_bands: int = 16
     pos_grid: int = 16
     pos_interp: str = "bilinear"
+    pos_keep_aspect: bool = False
     rope: bool = False
     rope_theta: float = 100.0
     pool: str = "map"
+    final_norm: str = "tokens"
+    layer_scale: float | None = None
+    prefix_tokens: int = 0
     attn_backend: str = "auto"
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -103,13 +114,15 @@ class NaViTConfig:
         choice("pos_mode", POS_MODES)
         choice("pos_combine", POS_COMBINES)
         choice("pool", POOL_KINDS)
+        choice("final_norm", FINAL_NORMS)
         choice("attn_backend", ATTN_BACKENDS)
         for name in ("patch_size", "temporal_patch_size", "num_axes", "in_chans", "embed_dim", "depth",
                      "num_heads", "pos_max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NaViTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"NaViTConfig.num_classes must be >= 0, got {self.num_classes}")
+        for name in ("num_classes", "prefix_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"NaViTConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
@@ -119,6 +132,9 @@ class NaViTConfig:
         if self.pos_embed == "grid" and (self.num_axes != 2 or self.pos_grid < 1):
             raise ValueError(f"pos_embed='grid' is a 2-D table for images: num_axes=2 and pos_grid >= 1 "
                              f"(got num_axes={self.num_axes}, pos_grid={self.pos_grid})")  # fmt: skip
+        if self.pos_keep_aspect and self.pos_embed != "grid":
+            raise ValueError(f"pos_keep_aspect=True keeps the aspect of the position grid: it needs pos_embed='grid', "
+                             f"got {self.pos_embed!r}")  # fmt: skip
         if self.temporal_patch_size > 1 and self.num_axes != 3:
             raise ValueError(
                 f"temporal_patch_size={self.temporal_patch_size} needs a time axis: num_axes=3, got {self.num_axes}"

@@ -76,21 +76,23 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), task, meta
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+def load_model(path: str | Path, device: torch.device | str = "cpu", *, arch: str | None = None) -> nn.Module:
     """A trained model, ready for inference, from a run folder, checkpoint folder or file, or a
-    pretrained model from a local Hugging Face folder (SigLIP2 NaFlex, see :mod:`navit.pretrained`).
+    pretrained model (see :mod:`navit.pretrained`): a local Hugging Face SigLIP2 NaFlex folder, a
+    timm NaFlexViT folder, or a timm weights file with its model name ``arch``.
 
     ``model.processor`` turns files, PIL images and tensors into its batches exactly as in
     training and evaluation; ``model(batch)`` gives logits over ``model.class_names``, one row per
     input. An image-text model comes back as a zero-shot classifier over its class names. A
     pretrained SigLIP2 model comes back as it is: the vision model's ``model(batch)`` is one
     pooled vector per input; the two-tower model has ``encode_image``, ``encode_text`` and its
-    folder's tokenizer (``model.tokenizer()``).
+    folder's tokenizer (``model.tokenizer()``). A timm model gives its logits, or with no
+    classifier its pooled vectors.
     """
-    from navit.pretrained import is_hf_folder, load_hf
+    from navit import pretrained
 
-    if is_hf_folder(path):
-        return load_hf(path).to(device)
+    if pretrained.kind(path, arch) is not None:
+        return pretrained.load_pretrained(path, arch).to(device)
     model, task, _ = load_checkpoint(path, device)
     inference = task.inference_model(model).to(device).eval()
     inference.class_names = task.class_names

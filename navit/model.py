@@ -16,9 +16,10 @@ from torch import nn
 from navit.attention import AttentionBackend, auto_backend, get_backend
 from navit.attention.base import HALF_DTYPES
 from navit.config import NaViTConfig, resolve_config
-from navit.packing import PackedBatch
+from navit.packing import PAD, PackedBatch
 from navit.pooling import MAPPool, MeanPool, slot_index
 from navit.posemb import FactorizedPosEmbed, GridPosEmbed, Rope, apply_rope
+from navit.prefix import PrefixLayout
 from navit.processor import Processor
 
 
@@ -92,18 +93,32 @@ def drop_path(x: torch.Tensor, rate: float, ctx: ForwardContext, training: bool)
     return x * torch.gather(scale, 1, ctx.slot_index)[..., None]
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel factor on a residual branch (CaiT)."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     def __init__(self, cfg: NaViTConfig, drop_path_rate: float) -> None:
         super().__init__()
+        scale = (lambda: LayerScale(cfg.embed_dim, cfg.layer_scale)) if cfg.layer_scale is not None else nn.Identity
         self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
+        self.ls1 = scale()
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg)
+        self.ls2 = scale()
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), ctx), self.drop_path_rate, ctx, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, ctx, self.training)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), ctx)), self.drop_path_rate, ctx, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, ctx, self.training)
 
 
 class NaViT(nn.Module):
@@ -123,7 +138,7 @@ class NaViT(nn.Module):
         self.pos_embed = (
             None
             if cfg.pos_embed == "none"
-            else GridPosEmbed(cfg.embed_dim, cfg.pos_grid, cfg.pos_interp)
+            else GridPosEmbed(cfg.embed_dim, cfg.pos_grid, cfg.pos_interp, cfg.pos_keep_aspect)
             if cfg.pos_embed == "grid"
             else FactorizedPosEmbed(
                 cfg.embed_dim,
@@ -140,6 +155,7 @@ class NaViT(nn.Module):
             if cfg.rope
             else None
         )
+        self.prefix = nn.Parameter(torch.randn(cfg.prefix_tokens, cfg.embed_dim) * 0.02) if cfg.prefix_tokens else None
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
@@ -166,8 +182,10 @@ class NaViT(nn.Module):
         return self.config.embed_dim
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters trained without weight decay: biases, norms, position tables, the MAP probe."""
-        return {n for n, p in self.named_parameters() if p.dim() < 2 or n.startswith("pos_embed.") or n.endswith("probe")}
+        """Parameters trained without weight decay: biases, norms, layer scales, position tables,
+        prefix tokens, the MAP probe."""
+        return {n for n, p in self.named_parameters()
+                if p.dim() < 2 or n.startswith("pos_embed.") or n in ("prefix", "pool.probe")}  # fmt: skip
 
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP shards one by one (the rest is sharded with the root)."""
@@ -177,19 +195,20 @@ class NaViT(nn.Module):
         """FLOPs of a forward over ``batch`` (2 per multiply-add of every matmul; norms, softmax
         and other elementwise work left out), or of a training step's forward and backward.
 
-        Linear layers run on every token of the batch, padding included; attention costs Σ nᵢ²
-        per layer, nᵢ an example's tokens; pooling runs per slot and the head per example. A
-        backward costs twice its forward, except that no gradient flows into the pixels.
+        Linear layers run on every token of the batch, padding included (and the blocks on the
+        ``prefix_tokens`` of every slot); attention costs Σ nᵢ² per layer, nᵢ an example's tokens
+        with its prefix; pooling runs per slot and the head per example. A backward costs twice
+        its forward, except that no gradient flows into the pixels.
         """
         cfg, dim = self.config, self.config.embed_dim
-        tokens = batch.segment_ids.numel()
-        hidden = cfg.hidden_dim
-        square_sum = int((batch.example_lengths().double() ** 2).sum())
-        per_token = cfg.patch_dim * dim + cfg.depth * (4 * dim * dim + 2 * dim * hidden)
-        attention = cfg.depth * 2 * square_sum * dim
+        tokens, slots = batch.segment_ids.numel(), batch.slot_to_example.numel()
+        wide = tokens + cfg.prefix_tokens * slots
+        square_sum = int(((batch.example_lengths().double() + cfg.prefix_tokens) ** 2).sum())
+        embed = tokens * cfg.patch_dim * dim
+        blocks = wide * cfg.depth * (4 * dim * dim + 2 * dim * cfg.hidden_dim) + cfg.depth * 2 * square_sum * dim
         head = batch.num_examples * dim * cfg.num_classes
-        forward = 2 * (tokens * per_token + attention + head) + self.pool.flops(tokens, batch.slot_to_example.numel())
-        return 3 * forward - 2 * tokens * cfg.patch_dim * dim if training else forward
+        forward = 2 * (embed + blocks + head) + self.pool.flops(tokens, slots)
+        return 3 * forward - 2 * embed if training else forward
 
     def attention_backend(self, device: torch.device) -> AttentionBackend:
         name = self.config.attn_backend
@@ -222,7 +241,8 @@ class NaViT(nn.Module):
             )
 
     def forward_features(self, batch: PackedBatch) -> torch.Tensor:
-        """Per-token features [B, L, D] after the final norm; zeros at padding."""
+        """Per-token features [B, L, D] (after the final norm, unless it norms the pooled
+        vectors); zeros at padding."""
         self._check_batch(batch)
         segment_ids = batch.segment_ids
         backend = self.attention_backend(segment_ids.device)
@@ -231,20 +251,36 @@ class NaViT(nn.Module):
         grid = batch.token_grid_sizes() if need_grid else None
         if self.pos_embed is not None:
             x = x + self.pos_embed(batch.coords, grid).to(x.dtype)
+        rope = self.rope(batch.coords, grid) if self.rope is not None else None
+        layout = None
+        if self.prefix is not None:  # each example led by the prefix tokens; no rotation for them
+            layout = PrefixLayout(segment_ids, batch.max_examples_per_seq, self.config.prefix_tokens)
+            x, segment_ids = layout.insert(x, self.prefix), layout.segment_ids
+            if rope is not None:
+                cos, sin = rope
+                keep = (self.prefix.shape[0], *cos.shape[2:])
+                rope = layout.insert(cos, cos.new_ones(keep), 1.0), layout.insert(sin, sin.new_zeros(keep))
         ctx = ForwardContext(
             backend=backend,
             attn_state=run_backend(backend, backend.prepare, segment_ids),
-            rope=self.rope(batch.coords, grid) if self.rope is not None else None,
+            rope=rope,
             slot_index=slot_index(segment_ids, batch.max_examples_per_seq),
             num_slots=batch.max_examples_per_seq,
         )
         for block in self.blocks:
             x = block(x, ctx)
-        return self.norm(x) * batch.token_mask[..., None].to(x.dtype)
+        if layout is not None:
+            x = layout.restore(x)
+        if self.config.final_norm == "tokens":
+            x = self.norm(x)
+        return x * batch.token_mask[..., None].to(x.dtype)
 
     def pool_slots(self, tokens: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Pooled vectors per slot [B, E, D] (fixed shape; empty slots are zero)."""
-        return self.pool(tokens, batch.segment_ids, batch.max_examples_per_seq)
+        slots = self.pool(tokens, batch.segment_ids, batch.max_examples_per_seq)
+        if self.config.final_norm == "pooled":
+            slots = self.norm(slots) * (batch.slot_to_example != PAD)[..., None].to(slots.dtype)
+        return slots
 
     def forward_head(self, tokens: torch.Tensor, batch: PackedBatch, *, pre_logits: bool = False) -> torch.Tensor:
         """Pool per example and apply the head; rows follow the input order."""

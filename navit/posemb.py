@@ -180,15 +180,19 @@ def resize_weights(index: torch.Tensor, size: torch.Tensor, grid: int, interp: s
 class GridPosEmbed(nn.Module):
     """A learned ``grid`` × ``grid`` table resized to each image's own patch grid (SigLIP2 NaFlex
     with ``bilinear``, timm NaFlexViT with ``bicubic``, both antialiased), computed per token from
-    its coordinates and its image's grid size: no loop over images, one matmul for the batch."""
+    its coordinates and its image's grid size: no loop over images, one matmul for the batch.
+    ``keep_aspect``: the table is resized to a square of the longer side and cropped to the
+    image's grid (timm's ``pos_embed_ar_preserving``), so it is never stretched."""
 
-    def __init__(self, dim: int, grid: int = 16, interp: str = "bilinear") -> None:
+    def __init__(self, dim: int, grid: int = 16, interp: str = "bilinear", keep_aspect: bool = False) -> None:
         super().__init__()
-        self.grid, self.interp = grid, interp
+        self.grid, self.interp, self.keep_aspect = grid, interp, keep_aspect
         self.table = nn.Parameter(torch.randn(grid, grid, dim) * 0.02)
 
     def forward(self, coords: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """coords, grid: [B, L, 2] (row, col) and the image's grid -> [B, L, dim]."""
+        if self.keep_aspect:
+            grid = grid.amax(-1, keepdim=True).expand_as(grid)
         rows = resize_weights(coords[..., 0], grid[..., 0], self.grid, self.interp)
         cols = resize_weights(coords[..., 1], grid[..., 1], self.grid, self.interp)
         weights = (rows[..., :, None] * cols[..., None, :]).flatten(-2)  # [B, L, grid²]

@@ -33,7 +33,7 @@ from navit.data.video import ArrayClip, Clip, FrameOp, VideoFile, is_video_name
 from navit.packing import PackedBatch, pack
 from navit.patchify import Example, fit_grid, grid_coords, patchify
 
-GRID_RULES = ("native", "square", "siglip2")
+GRID_RULES = ("native", "square", "fill")
 RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -49,14 +49,14 @@ class Processor:
     * ``grid_rule="native"``: each image keeps its aspect ratio; sides round to the nearest
       multiple of ``patch_size`` and images over ``max_tokens`` patches are scaled down to fit
       (:func:`navit.patchify.fit_grid`). ``"square"``: the ViT baseline, every image squashed to
-      the largest square grid within ``max_tokens``. ``"siglip2"``: the rule of SigLIP2's image
-      processor, every image scaled (up or down) to the largest size whose sides, rounded up to
-      patch multiples, have at most ``max_tokens`` patches.
+      the largest square grid within ``max_tokens``. ``"fill"``: the rule of SigLIP2's image
+      processor and timm's NaFlex evaluation, every image scaled (up or down) to the largest size
+      whose sides, rounded up to patch multiples, have at most ``max_tokens`` patches.
     * ``budget`` (a call argument, not a field): tokens per example at inference; native images
       are scaled up or down, aspect kept, to as close to it as the grid allows, square ones to
       the largest square within it.
     * Pixels are resized with Pillow's ``resample`` filter (``reducing_gap``: Pillow's faster
-      two-step downscale; None resizes in one step, as the Hugging Face processors do), scaled to
+      two-step downscale; None resizes in one step, as the Hugging Face and timm transforms do), scaled to
       [0, 1] and normalised per channel with ``mean`` and ``std``.
     * ``num_axes=3`` (a clip model): a clip is cut into tubelets of ``temporal_patch_size``
       frames; its frames are chosen at ``fps`` frames per second by the timestamps of decoded
@@ -151,8 +151,8 @@ class Processor:
         if budget is not None and budget < 1:
             raise ValueError(f"the token budget must be >= 1, got {budget}")
         spatial = max(1, (budget or self.max_tokens) // tubelets)
-        if self.grid_rule == "siglip2":
-            return siglip2_grid(height, width, self.patch_size, spatial)
+        if self.grid_rule == "fill":
+            return fill_grid(height, width, self.patch_size, spatial)
         if self.grid_rule == "square":
             side = max(1, math.isqrt(spatial))
             return side, side
@@ -321,9 +321,10 @@ def _resize_op(size: tuple[int, int], resample: str, reducing_gap: float | None)
     return lambda frame: _resize(frame, size, resample, reducing_gap)
 
 
-def siglip2_grid(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
-    """SigLIP2's grid rule: binary search for the largest scale at which both sides, rounded up
-    to multiples of the patch size (at least one patch), give at most ``max_patches`` patches."""
+def fill_grid(height: int, width: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """The grid rule of SigLIP2's image processor and of timm's NaFlex ``ResizeToSequence``: binary
+    search for the largest scale at which both sides, rounded up to multiples of the patch size
+    (at least one patch), give at most ``max_patches`` patches."""
 
     def side(scale: float, size: int) -> int:
         return max(1, math.ceil(size * scale / patch_size))

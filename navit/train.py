@@ -32,7 +32,7 @@ from navit.evaluate import evaluate_budgets, write_budget_report
 from navit.inference import checkpoint_meta
 from navit.metrics import MetricsLogger
 from navit.model import inflate_weights
-from navit.pretrained import image_tower, is_hf_folder
+from navit import pretrained
 from navit.processor import Processor
 from navit.tasks import TASKS, StepLoss, Task
 from navit.train_config import TrainConfig
@@ -132,10 +132,10 @@ class Start(NamedTuple):
     weights: dict[str, torch.Tensor]
 
 
-def start_from(path: str) -> Start:
-    """Read a navit run or checkpoint, or a SigLIP2 folder, to fine-tune from."""
-    if is_hf_folder(path):
-        return Start(path, *image_tower(path))
+def start_from(path: str, arch: str | None = None) -> Start:
+    """Read a navit run or checkpoint, or a pretrained SigLIP2 or timm model, to fine-tune from."""
+    if pretrained.kind(path, arch) is not None:
+        return Start(path, *pretrained.image_tower(path, arch))
     checkpoint = resolve_checkpoint(path)
     meta = load_meta(checkpoint)
     if "processor" not in meta:
@@ -235,7 +235,7 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
     train_source, val_source = open_data(cfg)
     task = TASKS[cfg.task.name](cfg.task.options, list(train_source.class_names))
     task.check_data(train_source, cfg.data.train)
-    start = start_from(cfg.model.init_from) if cfg.model.init_from else None
+    start = start_from(cfg.model.init_from, cfg.model.init_arch) if cfg.model.init_from else None
     config = model_config(cfg, train_source, start)
     processor = D.broadcast_object(make_processor(cfg, config, train_source, start) if info.is_main else None, info)
     model = task.build_model(config, processor)

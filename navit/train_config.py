@@ -37,8 +37,11 @@ class ModelSection:
     baseline: str = option("navit", "navit: native aspect ratio (and duration); square: the ViT baseline, every "
                            "image squashed to a square grid of the same mean token count; frame: clips seen as one "
                            "frame each", choices=("navit", "square", "frame"))  # fmt: skip
-    init_from: str | None = option(None, "run or checkpoint to start from (fine-tuning): every weight whose name "
-                                   "and shape match is loaded")  # fmt: skip
+    init_from: str | None = option(None, "run or checkpoint to start from (fine-tuning), or a pretrained model: a "
+                                   "Hugging Face SigLIP2 folder, a timm NaFlexViT folder or weights file; every "
+                                   "weight whose name and shape match is loaded")  # fmt: skip
+    init_arch: str | None = option(None, "timm model name of a bare timm weights file given to --init-from, e.g. "
+                                   "naflexvit_base_patch16_gap (a timm folder's config.json names it)")  # fmt: skip
 
 
 @dataclass

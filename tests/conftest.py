@@ -125,3 +125,48 @@ def run_ranks(worker: Callable, world: int, args: tuple, deadline_s: float = 120
             for process in ranks.processes:
                 process.kill()
             pytest.fail(f"ranks {alive} of {world} still running after {deadline_s:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with reference implementations of pretrained models (SigLIP2, timm NaFlexViT)
+
+PARITY_TOLERANCE = 1e-5  # relative to the largest magnitude of the reference output
+
+
+def scaled_up(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights redrawn at twice the unit-variance scale, biases, norms and layer scales shifted,
+    learned tokens and position tables redrawn at unit scale: every piece moves the outputs,
+    none hides in the tolerance."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "reg_token", "pos_embed", "position_embedding.weight")):
+                p.copy_(torch.randn(p.shape, generator=generator))
+            elif name.endswith("gamma"):  # layer scales start at 1e-5: bring the branches in
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+            elif p.dim() > 1:  # activations of order one and more, where GELU's two forms differ
+                p.copy_(torch.randn(p.shape, generator=generator) * 2 / p.shape[-1] ** 0.5)
+            else:
+                p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def packed_outputs(model, pictures, seq_len: int = 80, per_seq: int = 4):
+    """navit's per-token features, pooled vector and head output of each picture, all packed
+    together (several to a sequence)."""
+    batch = model.processor(pictures, seq_len=seq_len, max_examples_per_seq=per_seq)
+    assert batch.num_seqs < len(pictures), "several images share a sequence"
+    with torch.no_grad():
+        features = model.forward_features(batch)
+        pooled = model.forward_head(features, batch, pre_logits=True)
+        logits = model.head(pooled)
+    tokens = []
+    for slot in batch.example_slots().tolist():
+        seq, e = divmod(slot, batch.max_examples_per_seq)
+        tokens.append(features[seq][batch.segment_ids[seq] == e])
+    return list(zip(tokens, pooled, logits))
+

@@ -40,7 +40,11 @@ ISOLATION_CONFIGS = [
     for pool in ("map", "mean")
     for rope in (False, True)
     for pos_embed, pos_mode in (("learned", "fractional"), ("sincos", "absolute"))
-]
+] + [  # timm NaFlexViT's pieces: register tokens, layer scale, the norm after pooling, its position grid
+    dict(pool="mean", prefix_tokens=2, layer_scale=0.5, final_norm="pooled", pos_embed="grid", pos_interp="bicubic",
+         pos_keep_aspect=True),
+    dict(pool="map", prefix_tokens=3, rope=True, pos_embed="learned", pos_mode="fractional"),
+]  # fmt: skip
 
 
 def config_id(config):
@@ -243,14 +247,15 @@ AXIS_GRIDS = {
 }
 
 
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("rope, prefix", [(False, 0), (True, 0), (True, 2)], ids=["", "rope", "rope-prefix"])
 @pytest.mark.parametrize("num_axes", sorted(AXIS_GRIDS))
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "auto"])
-def test_isolation_over_any_number_of_axes(backend, num_axes, rope):
+def test_isolation_over_any_number_of_axes(backend, num_axes, rope, prefix):
     """The core invariant for 1-, 2- and 3-axis examples (clips of 2-frame tubelets): logits and
     the gradients with respect to the example's patches are the same packed with others as alone."""
     temporal = 2 if num_axes == 3 else 1
-    model = tiny_model(attn_backend=backend, num_axes=num_axes, temporal_patch_size=temporal, rope=rope)
+    model = tiny_model(attn_backend=backend, num_axes=num_axes, temporal_patch_size=temporal, rope=rope,
+                       prefix_tokens=prefix)  # fmt: skip
     generator = torch.Generator().manual_seed(num_axes)
     examples = []
     for grid in AXIS_GRIDS[num_axes]:

@@ -255,6 +255,9 @@ def test_unknown_attention_backend_is_rejected_when_configuring():
         (dict(num_axes=2, temporal_patch_size=2), "temporal_patch_size=2 needs a time axis: num_axes=3"),
         (dict(num_axes=3, embed_dim=32, pos_combine="stack"), "needs embed_dim divisible by num_axes=3, got 32"),
         (dict(num_classes=-1), "num_classes must be >= 0"),
+        (dict(prefix_tokens=-1), "prefix_tokens must be >= 0"),
+        (dict(final_norm="both"), "NaViTConfig.final_norm='both'"),
+        (dict(pos_keep_aspect=True), "pos_keep_aspect=True keeps the aspect of the position grid"),
     ],
 )
 def test_invalid_configs_are_rejected(overrides, message):
@@ -406,3 +409,63 @@ def test_a_batch_of_other_axes_is_refused():
     clip = Example(torch.randn(4, model.config.patch_dim), grid_coords(1, 2, 2), (1, 2, 2))
     with pytest.raises(ValueError, match="3 coordinate axes, but the model has num_axes=2"):
         model(pack([clip], 8).batch)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefix tokens (class and register tokens) in packed sequences.
+
+
+def test_prefix_tokens_lead_every_example_and_come_back_out():
+    from navit.packing import PAD
+    from navit.prefix import PrefixLayout
+
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, PAD, PAD], [0, 1, 1, 1, 2, 2, PAD]])
+    layout = PrefixLayout(segment_ids, num_slots=3, num_prefix=2)
+    assert layout.segment_ids.tolist() == [
+        [0, 0, 0, 0, 0, 1, 1, 1, 1, PAD, PAD, PAD, PAD],  # slot 2 is empty: its prefix is padding
+        [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, PAD],
+    ]
+    values = torch.arange(1.0, 15.0).view(2, 7, 1)
+    prefix = torch.tensor([[100.0], [200.0]], requires_grad=True)
+    wide = layout.insert(values, prefix, fill=-1.0)
+    assert wide[..., 0].tolist() == [
+        [100, 200, 1, 2, 3, 100, 200, 4, 5, 6, 7, -1, -1],  # padding tokens 6, 7 keep their place at the end
+        [100, 200, 8, 100, 200, 9, 10, 11, 100, 200, 12, 13, 14],
+    ]
+    assert torch.equal(layout.restore(wide), values)
+    wide.sum().backward()
+    assert prefix.grad.flatten().tolist() == [5.0, 5.0], "each prefix vector is used once per example"
+
+
+def test_prefix_tokens_are_not_rotated(monkeypatch):
+    import navit.model
+    from navit.posemb import apply_rope
+    from navit.prefix import PrefixLayout
+
+    model = tiny_model(rope=True, prefix_tokens=2)
+    seen = []
+    monkeypatch.setattr(navit.model, "apply_rope", lambda x, cos, sin: seen.append((cos, sin)) or apply_rope(x, cos, sin))
+    batch = batch_of()
+    with torch.no_grad():
+        model(batch)
+    cos, sin = seen[0]
+    layout = PrefixLayout(batch.segment_ids, batch.max_examples_per_seq, 2)
+    is_prefix = (layout.source >= batch.seq_len) & (layout.source < batch.seq_len + 2)
+    assert is_prefix.sum() == 2 * batch.num_examples
+    assert (cos[is_prefix] == 1).all() and (sin[is_prefix] == 0).all()
+    own_cos, own_sin = model.rope(batch.coords, batch.token_grid_sizes())
+    assert torch.equal(layout.restore(cos), own_cos) and torch.equal(layout.restore(sin), own_sin)
+    assert own_sin.abs().max() > 0.1, "the example tokens are rotated"
+
+
+def test_prefix_tokens_and_layer_scale_count_in_flops_and_weight_decay():
+    model = tiny_model(prefix_tokens=3, layer_scale=0.1)
+    plain = tiny_model()
+    batch = batch_of()
+    cfg = model.config
+    wide_tokens = 3 * batch.slot_to_example.numel()
+    lengths = batch.example_lengths().double()
+    extra = cfg.depth * (wide_tokens * (4 * cfg.embed_dim**2 + 2 * cfg.embed_dim * cfg.hidden_dim)
+                         + 2 * cfg.embed_dim * int(((lengths + 3) ** 2 - lengths**2).sum()))  # fmt: skip
+    assert model.flops(batch) - plain.flops(batch) == 2 * extra
+    assert {"prefix", "blocks.0.ls1.gamma", "blocks.1.ls2.gamma"} <= model.no_weight_decay()

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_TOLERANCE, packed_outputs, relative, scaled_up
 from PIL import Image
 
 import navit
@@ -23,24 +24,12 @@ transformers = pytest.importorskip("transformers")
 from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
 from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil  # noqa: E402
 
-TOLERANCE = 1e-5  # relative to the largest magnitude of the reference output
+TOLERANCE = PARITY_TOLERANCE
 VISION = dict(hidden_size=48, intermediate_size=70, num_hidden_layers=2, num_attention_heads=3, patch_size=8,
               num_patches=16)  # fmt: skip
 TEXT = dict(vocab_size=40, hidden_size=48, intermediate_size=56, num_hidden_layers=2, num_attention_heads=3,
             max_position_embeddings=12, projection_size=48, bos_token_id=None, eos_token_id=None, pad_token_id=0)  # fmt: skip
 SIZES = [(37, 61), (100, 20), (16, 16), (300, 211), (9, 250), (64, 64), (23, 8), (120, 121)]
-
-
-def scaled_up(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights doubled and biases and norms shifted, so every piece moves the outputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(2.0)
-            else:
-                p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    return model.eval()
 
 
 def images(seed: int = 0) -> list[Image.Image]:
@@ -58,10 +47,6 @@ def vision_folder(tmp_path_factory):
     return folder, reference
 
 
-def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
 def reference_outputs(reference, processor, pictures):
     """The reference's per-token features and pooled vector of each image, run one at a time."""
     out = []
@@ -76,15 +61,7 @@ def reference_outputs(reference, processor, pictures):
 
 def navit_outputs(model: NaViT, pictures, seq_len: int = 80):
     """navit's per-token features and pooled vector of each image, all packed together."""
-    batch = model.processor(pictures, seq_len=seq_len, max_examples_per_seq=4)
-    assert batch.num_seqs < len(pictures), "several images share a sequence"
-    with torch.no_grad():
-        features, pooled = model.forward_features(batch), model.embed(batch)
-    tokens = []
-    for slot in batch.example_slots().tolist():
-        seq, e = divmod(slot, batch.max_examples_per_seq)
-        tokens.append(features[seq][batch.segment_ids[seq] == e])
-    return list(zip(tokens, pooled))
+    return [(tokens, pooled) for tokens, pooled, _ in packed_outputs(model, pictures, seq_len)]
 
 
 @pytest.mark.parametrize("backend", [*available_backends("cpu"), "flex", "auto"])  # flex: inference on CPU
@@ -215,7 +192,7 @@ def test_fine_tuning_a_pretrained_model_through_the_cli(vision_folder, tmp_path)
                  "--workers", "0", "--max-tokens", "16", "--seq-len", "64", "--budgets", "--log-every", "1"]) == 0  # fmt: skip
     model, _, meta = load_checkpoint(tmp_path / "ft")
     assert meta["model"]["pos_embed"] == "grid" and meta["model"]["mlp_dim"] == 70 and model.head.out_features == 6
-    assert meta["processor"]["grid_rule"] == "siglip2" and meta["processor"]["max_tokens"] == 16
+    assert meta["processor"]["grid_rule"] == "fill" and meta["processor"]["max_tokens"] == 16
     pretrained = load_hf(folder)
     moved = (model.blocks[0].attn.qkv.weight - pretrained.blocks[0].attn.qkv.weight).abs().max()
     assert 0 < moved < 0.1 * pretrained.blocks[0].attn.qkv.weight.abs().max(), "fine-tuned from the weights, not from scratch"

@@ -1,4 +1,4 @@
-"""Pretrained native-resolution models from Hugging Face: SigLIP2 NaFlex, read and written.
+"""SigLIP2 NaFlex from Hugging Face, read and written.
 
 A local folder with ``config.json`` and ``model.safetensors`` (a ``Siglip2VisionModel`` or the
 two-tower ``Siglip2Model``, as ``save_pretrained`` writes them) becomes a :class:`navit.NaViT` or
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,13 @@ from torch import nn
 
 from navit.config import NaViTConfig
 from navit.model import NaViT
+from navit.pretrained.weights import load_checked, match, read_json, read_weights, rename
 from navit.processor import Processor
 from navit.two_tower import ImageTextConfig, ImageTextModel
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 MODEL_TYPES = ("siglip2", "siglip2_vision_model")
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}  # PIL's numbering
-
-
-def is_hf_folder(path: str | os.PathLike[str]) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / "config.json").exists() and not (path / "meta.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +69,7 @@ def processor_for(config: NaViTConfig, folder: Path | None = None) -> Processor:
     if folder is not None and (folder / "preprocessor_config.json").exists():
         values = json.loads((folder / "preprocessor_config.json").read_text())
     return Processor.for_model(
-        config, max_tokens=values.get("max_num_patches", 256), grid_rule="siglip2",
+        config, max_tokens=values.get("max_num_patches", 256), grid_rule="fill",
         resample=RESAMPLE.get(values.get("resample", 2), "bilinear"), reducing_gap=None,
         mean=tuple(values.get("image_mean", (0.5,) * config.in_chans)),
         std=tuple(values.get("image_std", (0.5,) * config.in_chans)),
@@ -114,20 +109,6 @@ QKV_NAMES = [("encoder.layers.{i}.self_attn.", "blocks.{i}.attn.qkv."),
              ("text_model.encoder.layers.{i}.self_attn.", "text.blocks.{i}.qkv.")]  # fmt: skip
 
 
-def _match(key: str, template: str) -> tuple[str, str] | None:
-    """(layer index or "", rest of the key) if ``key`` starts with ``template``."""
-    m = re.match(re.escape(template).replace(re.escape("{i}"), r"(\d+)"), key)
-    return None if m is None else ((m.group(1) if m.groups() else ""), key[m.end():])
-
-
-def _rename(key: str, names: list[tuple[str, str]], to_hf: bool) -> str | None:
-    for hf, ours in names:
-        source, target = (ours, hf) if to_hf else (hf, ours)
-        if (found := _match(key, source)) is not None:
-            return target.replace("{i}", found[0]) + found[1]
-    return None
-
-
 def to_navit(hf: dict[str, torch.Tensor], grid: int, origins: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """A SigLIP2 state dict (the vision model, or the two-tower model) in navit's names;
     ``origins``, if given, receives the Hugging Face name of each navit weight."""
@@ -137,7 +118,7 @@ def to_navit(hf: dict[str, torch.Tensor], grid: int, origins: dict[str, str] | N
     out: dict[str, torch.Tensor] = {}
     for key, value in hf.items():
         before = set(out)
-        if (found := _match(key, QKV_NAMES[1][0]) or _match(key, QKV_NAMES[0][0])) and found[1].startswith(("q_proj", "k_proj", "v_proj")):
+        if (found := match(key, QKV_NAMES[1][0]) or match(key, QKV_NAMES[0][0])) and found[1].startswith(("q_proj", "k_proj", "v_proj")):
             hf_prefix, ours = QKV_NAMES[1] if key.startswith("text_model.") else QKV_NAMES[0]
             part = found[1].split(".", 1)[1]
             target = (ours if key.startswith("text_model.") else image + ours).replace("{i}", found[0]) + part
@@ -157,7 +138,7 @@ def to_navit(hf: dict[str, torch.Tensor], grid: int, origins: dict[str, str] | N
         elif key in ("logit_scale", "logit_bias"):
             out[key] = value.reshape(())
         else:
-            name = _rename(key, TEXT_NAMES, False) if key.startswith("text_model.") else _rename(key, VISION_NAMES, False)
+            name = rename(key, TEXT_NAMES if key.startswith("text_model.") else VISION_NAMES)
             if name is None:
                 raise ValueError(f"SigLIP2 weight {key!r} has no counterpart in navit")
             out[name if key.startswith("text_model.") else image + name] = value
@@ -174,7 +155,7 @@ def to_hf(ours: dict[str, torch.Tensor], two_tower: bool) -> dict[str, torch.Ten
         text = key.startswith(("text.", "text_proj."))
         local = key if text else key.removeprefix("image.")
         qkv = QKV_NAMES[1] if text else QKV_NAMES[0]
-        if (found := _match(local, qkv[1])) is not None:
+        if (found := match(local, qkv[1])) is not None:
             layer = ("" if text else vision) + qkv[0].replace("{i}", found[0])
             for p, part in zip("qkv", value.chunk(3)):
                 out[f"{layer}{p}_proj.{found[1]}"] = part
@@ -193,7 +174,7 @@ def to_hf(ours: dict[str, torch.Tensor], two_tower: bool) -> dict[str, torch.Ten
         elif local in ("logit_scale", "logit_bias"):
             out[local] = value.reshape(1)
         else:
-            name = _rename(local, TEXT_NAMES if text else VISION_NAMES, True)
+            name = rename(local, TEXT_NAMES if text else VISION_NAMES, reverse=True)
             if name is None:
                 raise ValueError(f"navit weight {key!r} has no SigLIP2 counterpart")
             out[name if text else vision + name] = value
@@ -204,24 +185,8 @@ def to_hf(ours: dict[str, torch.Tensor], two_tower: bool) -> dict[str, torch.Ten
 # Folders
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single = folder / "model.safetensors"
-    if single.exists():
-        return load_file(single)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
-    raise FileNotFoundError(f"{folder} has a config.json but no model.safetensors (or its index)")
-
-
 def read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {folder / 'config.json'}: {error}") from error
+    config = read_json(folder / "config.json")
     if config.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"{folder} holds a {config.get('model_type')!r} model; navit reads {MODEL_TYPES}")
     return config
@@ -233,7 +198,7 @@ def image_tower(folder: str | os.PathLike[str]) -> tuple[NaViTConfig, Processor,
     folder = Path(folder)
     config = read_config(folder)
     image = vision_config(config["vision_config"] if config["model_type"] == "siglip2" else config)
-    weights = to_navit(_read_weights(folder), image.pos_grid)
+    weights = to_navit(read_weights(folder), image.pos_grid)
     weights = {k.removeprefix("image."): v for k, v in weights.items() if not k.startswith(("text", "logit_"))}
     return image, processor_for(image, folder), weights
 
@@ -249,16 +214,7 @@ def load_hf(folder: str | os.PathLike[str]) -> nn.Module:
     processor = processor_for(image, folder)
     model = ImageTextModel(navit_config, processor) if two_tower else NaViT(navit_config, processor)
     origins: dict[str, str] = {}
-    weights = to_navit(_read_weights(folder), image.pos_grid, origins)
-    own = model.state_dict()
-    for key, value in weights.items():
-        if key not in own or own[key].shape != value.shape:
-            needs = "no such weight" if key not in own else f"the model needs {tuple(own[key].shape)}"
-            raise ValueError(f"{folder}: weight {origins[key]!r} ({key!r} in navit) has shape {tuple(value.shape)}; {needs}")
-    missing = sorted(set(own) - set(weights))
-    if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks weights for {missing}")
-    model.load_state_dict(weights)
+    load_checked(model, to_navit(read_weights(folder), image.pos_grid, origins), origins, folder)
     if two_tower and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "spiece.model")):
         from navit.text import PretrainedTokenizer
 
