@@ -248,3 +248,26 @@ def reset_hwm() -> bool:
         return True
     except OSError:
         return False
+
+
+def run_parser(doc: str, name: str):
+    """The argument parser of a timed benchmark with the options every one has: ``--device``,
+    ``--precision``, ``--threads``, ``--seed`` and ``--out`` (default ``results/<name>.json``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS_DIR / f"{name}.json"))
+    return p
+
+
+def new_result(script: str, argv: list[str] | None, args) -> dict:
+    """The start of a benchmark's JSON: its command line, its options and the machine."""
+    return {"command": ["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])],
+            "args": {k: v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)
+                     for k, v in vars(args).items()},
+            "machine": machine_info(args.threads)}  # fmt: skip
+

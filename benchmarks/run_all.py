@@ -46,6 +46,10 @@ def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
                "--precision", args.precision, "--out", str(out / "siglip2.json")]
     if args.quick:
         siglip2 += ["--images", "8", "--batch-images", "8", "--repeats", "1", "--no-memory"]
+    segment = [str(HERE / "segment.py"), "--threads", str(args.threads), "--device", args.device,
+               "--precision", args.precision, "--out", str(out / "segment.json")]
+    if args.quick:
+        segment += ["--repeats", "3"]
     # Timing-sensitive benchmarks first (a quiet machine may not stay quiet); packing_padding
     # only counts tokens, so load does not change its results.
     return [
@@ -53,6 +57,7 @@ def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
         ("peers", peers, out / "peers.md"),
         ("video", video, out / "video.md"),
         ("siglip2", siglip2, out / "siglip2.md"),
+        ("segment", segment, out / "segment.md"),
         ("packing_padding", py, None),
     ]
 
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter versions of every benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the timed benchmarks")
-    p.add_argument("--only", nargs="+", choices=["packing_padding", "attention_scaling", "peers", "video", "siglip2"],
+    p.add_argument("--only", nargs="+", choices=["packing_padding", "attention_scaling", "peers", "video", "siglip2", "segment"],
                    help="run only these benchmarks")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda also adds a torch.compile row to the peers tables")

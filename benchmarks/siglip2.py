@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_common import (  # noqa: E402
-    RESULTS_DIR, fmt, hwm_kb, interleaved, machine_info, md_table, reset_hwm, rss_kb, summarize, synchronize, write_report,
+    fmt, hwm_kb, interleaved, md_table, new_result, reset_hwm, rss_kb, run_parser, summarize, synchronize, write_report,
 )
 from packing_padding import sample_sizes  # noqa: E402
 
@@ -175,10 +175,7 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--threads", type=int, default=2)
+    p = run_parser(__doc__, "siglip2")
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--images", type=int, default=32)
@@ -187,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS_DIR / "siglip2.json"))
     p.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -201,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device = torch.device(args.device)
     args.folder = make_folder(args)
     images = make_images(args)
-    res = {"command": ["python", "benchmarks/siglip2.py", *(argv if argv is not None else sys.argv[1:])],
-           "args": {k: str(v) if k in ("device", "folder") else v for k, v in vars(args).items()},
-           "machine": machine_info(args.threads), "transformers": transformers.__version__}  # fmt: skip
+    res = {**new_result("siglip2.py", argv, args), "transformers": transformers.__version__}
     res["speed"] = run_speed(args, args.folder, images)
     if args.memory and args.device.type == "cpu":
         res["memory"] = {str(n): {impl: memory_point(args, impl, n) for impl in ("transformers", "navit")}

@@ -24,7 +24,6 @@ Prints Markdown, writes ``results/video.json``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import tempfile
@@ -39,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import navit  # noqa: E402
-from bench_common import RESULTS_DIR, fmt, interleaved, machine_info, md_table, summarize, synchronize, write_report  # noqa: E402
+from bench_common import fmt, interleaved, md_table, new_result, run_parser, summarize, synchronize, write_report  # noqa: E402
 from packing_padding import run_stream  # noqa: E402
 
 from navit.data.synthetic_video import SyntheticMotion  # noqa: E402
@@ -236,11 +235,8 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run_parser(__doc__, "video")
     p.add_argument("--sections", nargs="+", default=["train", "loader", "padding"], choices=["train", "loader", "padding"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--num-seqs", type=int, default=4)
@@ -252,13 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-clips", type=int, default=400)
     p.add_argument("--loader-buffer", type=int, default=64)
     p.add_argument("--padding-examples", type=int, default=20000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS_DIR / "video.json"))
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    res = {"command": ["python", "benchmarks/video.py", *(argv if argv is not None else sys.argv[1:])],
-           "args": {k: str(v) if k == "device" else v for k, v in vars(args).items()}, "machine": machine_info(args.threads)}  # fmt: skip
+    res = new_result("video.py", argv, args)
     step_rate = None
     if "train" in args.sections:
         res["train"] = run_train(args)

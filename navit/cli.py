@@ -169,18 +169,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise SystemExit(f"navit predict: {error}") from error
     inference = task.inference_model(model)
     failures = 0
-    results = predict_files(inference, task, expand_inputs(args.inputs), topk=args.topk, budget=args.budget,
-                            batch_size=args.batch_size)  # fmt: skip
-    for result in results:
-        failures += result["error"] is not None
-        if args.json:
-            print(json.dumps(result), flush=True)
-        elif result["error"]:
-            print(f"{result['path']}: ERROR {result['error']}", file=sys.stderr)
-        else:
-            labels = ", ".join(f"{x['label']} {100 * x['score']:.1f}%" for x in result["labels"])
-            print(f"{result['path']} ({result['tokens']} tokens): {labels}")
+    try:
+        results = predict_files(inference, task, expand_inputs(args.inputs), topk=args.topk, budget=args.budget,
+                                batch_size=args.batch_size, out=args.out)  # fmt: skip
+        for result in results:
+            failures += result["error"] is not None
+            if args.json:
+                print(json.dumps(result), flush=True)
+            elif result["error"]:
+                print(f"{result['path']}: ERROR {result['error']}", file=sys.stderr)
+            elif "labels" in result:
+                labels = ", ".join(f"{x['label']} {100 * x['score']:.1f}%" for x in result["labels"])
+                print(f"{result['path']} ({result['tokens']} tokens): {labels}")
+            else:
+                top = list(result["classes"].items())[: args.topk]
+                shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in top)
+                print(f"{result['path']} ({result['tokens']} tokens): {result['mask']}, {result['overlay']}; {shares}")
+    except ValueError as error:
+        raise SystemExit(f"navit predict: {error}") from error
     return 1 if failures else 0
+
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -201,6 +209,15 @@ def cmd_synth_video(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"navit data synth-video: {error}") from error
     print(f"wrote {len(source)} clips in {len(source.class_names)} classes to {args.out}")
+    return 0
+
+
+def cmd_synth_seg(args: argparse.Namespace) -> int:
+    from navit.data.segmentation import SyntheticSegmentation, write_segmentation_folder
+
+    source = SyntheticSegmentation(num_images=args.num_images, seed=args.seed)
+    write_segmentation_folder(source, args.out)
+    print(f"wrote {len(source)} images with masks in {len(source.class_names)} classes to {args.out}")
     return 0
 
 
@@ -227,14 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=2, help="data-loader worker processes (default: 2)")
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = sub.add_parser("predict", help="top-k labels for image and video files, folders or globs")
+    predict = sub.add_parser("predict", help="top-k labels (or segmentation masks) for image and video files, "
+                             "folders or globs")  # fmt: skip
     predict.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
     predict.add_argument("inputs", nargs="+", help="image or video files, folders (searched recursively) or globs")
-    predict.add_argument("--topk", type=int, default=5, help="labels per input (default: 5)")
+    predict.add_argument("--topk", type=int, default=5, help="labels (segmentation: classes listed) per input (default: 5)")
+    predict.add_argument("--out", help="segmentation: folder for each input's mask PNG (class indices, the input's size) "
+                         "and colour overlay PNG")  # fmt: skip
     predict.add_argument("--budget", type=int, help="tokens per input (default: native resolution)")
     predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
     predict.add_argument("--json", action="store_true",
-                         help='one JSON object per input: {"path", "labels": [{"label", "score"}], "tokens", "error"}')  # fmt: skip
+                         help='one JSON object per input: {"path", "tokens", "error"} and "labels": [{"label", '
+                         '"score"}] (segmentation: "mask", "overlay" and "classes": {name: share of pixels})')  # fmt: skip
     predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=cmd_predict)
 
@@ -252,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth_video.add_argument("--ext", default=".mp4", choices=(".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpg"),
                              help="container (default: .mp4)")  # fmt: skip
     synth_video.set_defaults(func=cmd_synth_video)
+    synth_seg = data_sub.add_parser("synth-seg", help="write the built-in segmentation set as images/, masks/ "
+                                    "and classes.txt")  # fmt: skip
+    synth_seg.add_argument("--out", required=True, help="output folder")
+    synth_seg.add_argument("--num-images", type=int, default=2000, help="images to write (default: 2000)")
+    synth_seg.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    synth_seg.set_defaults(func=cmd_synth_seg)
     return parser
 
 

@@ -120,12 +120,17 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
 @torch.no_grad()
 def predict_files(
     model: nn.Module, task: Task, paths: list[str], *, topk: int = 5, budget: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = 32, out: str | Path | None = None,
 ) -> Iterable[dict[str, Any]]:  # fmt: skip
-    """One result per path, in order and batch by batch: ``{"path", "labels", "tokens", "error"}``
-    (the task's outputs). A file that cannot be read gets an ``error`` and the rest go on."""
+    """One result per path, in order and batch by batch: ``{"path", "tokens", "error"}`` and the
+    task's outputs (``"labels"``; for segmentation the ``"mask"`` and ``"overlay"`` files it writes
+    into ``out``, named after each input, and the share of each class). A file that cannot be
+    read gets an ``error`` and the rest go on."""
+    if task.writes_files and out is None:
+        raise ValueError(f"a {task.name} model writes its predictions as files: give an output folder (--out)")
     processor = model.processor
     device = next(model.parameters()).device
+    names = output_names(paths)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         results: list[dict[str, Any]] = []
@@ -134,12 +139,26 @@ def predict_files(
             try:
                 examples.append(processor.to_example(path, budget=budget, name=path))
                 rows.append(len(results))
-                results.append({"path": path, "labels": [], "tokens": examples[-1].num_tokens, "error": None})
+                results.append({"path": path, "tokens": examples[-1].num_tokens, "error": None})
             except Exception as error:  # reported per file
-                results.append({"path": path, "labels": [], "tokens": 0, "error": str(error)})
+                results.append({"path": path, "tokens": 0, "error": str(error)})
         if examples:
             seq_len = max(processor.max_tokens, budget or 0)
             batch = pack(examples, seq_len).batch.to(device)
-            for row, output in zip(rows, task.predict(model, batch, topk=topk)):
+            inputs = [chunk[row] for row in rows]
+            for row, output in zip(rows, task.predict(model, batch, topk=topk, inputs=inputs)):
+                if task.writes_files:
+                    output = task.save_prediction(output, chunk[row], Path(out), names[start + row])
                 results[row].update(output)
         yield from results
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """A distinct file-name stem per path: its own, numbered from the second of a kind on."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names

@@ -197,7 +197,7 @@ class NaViT(nn.Module):
 
         Linear layers run on every token of the batch, padding included (and the blocks on the
         ``prefix_tokens`` of every slot); attention costs Σ nᵢ² per layer, nᵢ an example's tokens
-        with its prefix; pooling runs per slot and the head per example. A backward costs twice
+        with its prefix; pooling and the head as :meth:`head_flops` says. A backward costs twice
         its forward, except that no gradient flows into the pixels.
         """
         cfg, dim = self.config, self.config.embed_dim
@@ -206,9 +206,13 @@ class NaViT(nn.Module):
         square_sum = int(((batch.example_lengths().double() + cfg.prefix_tokens) ** 2).sum())
         embed = tokens * cfg.patch_dim * dim
         blocks = wide * cfg.depth * (4 * dim * dim + 2 * dim * cfg.hidden_dim) + cfg.depth * 2 * square_sum * dim
-        head = batch.num_examples * dim * cfg.num_classes
-        forward = 2 * (embed + blocks + head) + self.pool.flops(tokens, slots)
+        forward = 2 * (embed + blocks) + self.head_flops(batch)
         return 3 * forward - 2 * embed if training else forward
+
+    def head_flops(self, batch: PackedBatch) -> int:
+        """FLOPs of pooling and the head over ``batch`` (the head runs once per example)."""
+        tokens, slots = batch.segment_ids.numel(), batch.slot_to_example.numel()
+        return 2 * batch.num_examples * self.config.embed_dim * self.config.num_classes + self.pool.flops(tokens, slots)
 
     def attention_backend(self, device: torch.device) -> AttentionBackend:
         name = self.config.attn_backend

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from navit import distributed as D
+from navit import pretrained
 from navit.checkpoint import load_meta, load_train_state, load_weights, resolve_checkpoint, save_checkpoint
 from navit.config import NaViTConfig
 from navit.data.loader import LoaderBatch, PackedLoader
@@ -32,10 +33,10 @@ from navit.evaluate import evaluate_budgets, write_budget_report
 from navit.inference import checkpoint_meta
 from navit.metrics import MetricsLogger
 from navit.model import inflate_weights
-from navit import pretrained
 from navit.processor import Processor
 from navit.tasks import TASKS, StepLoss, Task
 from navit.train_config import TrainConfig
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":

@@ -25,8 +25,9 @@ from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDroppe
 
 DROP_KINDS = ("none", "constant", "uniform", "beta", "resolution")
 DATA_FORMS = (
-    "synthetic[:N[:SEED]] (built-in shapes), a folder with one sub-folder per class, a .csv/.jsonl "
-    "manifest (path,label[,caption]) or .tar shards (a file, a glob or a {000..009} range)"
+    "synthetic[:N[:SEED]] (built-in shapes; synthetic-video, synthetic-seg likewise), a folder with one "
+    "sub-folder per class (segmentation: images/ and masks/), a .csv/.jsonl manifest (path,label[,caption]; "
+    "segmentation: path,mask) or .tar shards (a file, a glob or a {000..009} range)"
 )
 
 

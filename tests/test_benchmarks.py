@@ -87,6 +87,18 @@ def test_siglip2_benchmark_checks_agreement_and_times_both(tmp_path):
     assert set(result["memory"]["64"]) == {"transformers", "navit"}
 
 
+def test_segment_benchmark_times_packed_and_padded_layouts_of_the_same_images(tmp_path):
+    out = tmp_path / "segment.json"
+    run_script("segment.py", "--depth", "1", "--seq-len", "256", "--num-seqs", "2", "--max-tokens", "128",
+               "--repeats", "1", "--warmup", "0", "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())["run"]
+    assert set(result["rows"]) == {"navit", "padded-longest", "padded-fixed"}
+    computed = {name: row["computed_tokens"] for name, row in result["rows"].items()}
+    assert computed["navit"] == 2 * 256 <= computed["padded-longest"] <= computed["padded-fixed"]
+    assert result["real_tokens"] == sum(result["tokens"]) and all(r > 0 for r in result["ratios"].values())
+    assert (tmp_path / "segment.md").exists()
+
+
 def test_peer_layout_rules_count_their_padding(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from packing_padding import next_fit_padding, per_image_padding

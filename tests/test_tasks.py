@@ -57,7 +57,7 @@ class Aspect(Task):
         return {"within_half": hits / examples, "tokens_per_example": tokens / examples, "examples": examples}
 
     @torch.no_grad()
-    def predict(self, model, batch, *, topk=5):
+    def predict(self, model, batch, *, topk=5, inputs=None):
         return [{"log_aspect": round(float(v), 4)} for v in model(batch)[:, 0]]
 
 
@@ -77,12 +77,12 @@ def test_a_new_task_trains_evaluates_saves_and_predicts_through_the_cli(monkeypa
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(run), "--json", str(image)]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert set(row) == {"path", "labels", "tokens", "error", "log_aspect"} and math.isfinite(row["log_aspect"])
+    assert set(row) == {"path", "tokens", "error", "log_aspect"} and math.isfinite(row["log_aspect"])
 
 
 def test_task_options_are_checked_by_their_task():
-    with pytest.raises(ValueError, match="unknown task 'segment'"):
-        get_task("segment")
+    with pytest.raises(ValueError, match="unknown task 'detect'"):
+        get_task("detect")
     with pytest.raises(ValueError, match=r"unknown option\(s\) of task 'classify' \['text_depth'\]"):
         get_task("classify", {"text_depth": 2})
     with pytest.raises(ValueError, match="label_smoothing must be in"):

@@ -16,6 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 PathOrBytes = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
+#: File extensions (lower case, with dot) treated as images.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 #: Background that transparent pixels are composited onto (mid grey: no bias towards black/white).
 BACKGROUND_RGB = (128, 128, 128)
 

@@ -51,14 +51,14 @@ class LoadedItem:
 
 
 def collate_targets(targets: list[dict[str, Any]]) -> dict[str, Any]:
-    """Targets of a batch, key by key: numbers become a tensor [N], tensors are stacked, anything
-    else (captions) stays a list."""
+    """Targets of a batch, key by key: numbers become a tensor [N], tensors of one shape are
+    stacked, anything else (captions, masks of each image's size) stays a list."""
     out: dict[str, Any] = {}
     for key in targets[0] if targets else ():
         values = [t[key] for t in targets]
         if all(isinstance(v, (bool, int, float)) for v in values):
             out[key] = torch.tensor(values)
-        elif all(isinstance(v, torch.Tensor) for v in values):
+        elif all(isinstance(v, torch.Tensor) and v.shape == values[0].shape for v in values):
             out[key] = torch.stack(values)
         else:
             out[key] = values

@@ -22,13 +22,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-from navit.data.decode import load_rgb
+from navit.data.decode import IMAGE_EXTENSIONS, load_rgb
+from navit.data.segmentation import SegmentationFolder, SegmentationManifest, SyntheticSegmentation, manifest_has_masks
 from navit.data.synthetic import SyntheticShapes
 from navit.data.synthetic_video import SyntheticMotion
 from navit.data.video import VIDEO_EXTENSIONS, VideoFile, is_video_name, require_av
-
-#: File extensions (lower case, with dot) treated as images.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".jsonl", ".ndjson")
 
@@ -604,6 +602,10 @@ class Subset:
     def has_video(self) -> bool:
         return getattr(self.source, "has_video", False)
 
+    @property
+    def has_masks(self) -> bool:
+        return getattr(self.source, "has_masks", False)
+
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -648,6 +650,10 @@ class Relabeled:
     @property
     def has_video(self) -> bool:
         return getattr(self.source, "has_video", False)
+
+    @property
+    def has_masks(self) -> bool:
+        return getattr(self.source, "has_masks", False)
 
     def label(self, index: int) -> int:
         return self._mapping[self.source.label(index)]
@@ -754,6 +760,11 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
     * ``"synthetic"``: :class:`SyntheticShapes` with its default size, seed 0;
       ``"synthetic:N"``: N images, seed 0; ``"synthetic:N:S"``: N images, seed S.
     * ``"synthetic-video[:N[:S]]"``: :class:`SyntheticMotion` clips, likewise.
+    * ``"synthetic-seg[:N[:S]]"``: :class:`~navit.data.segmentation.SyntheticSegmentation`
+      images with masks, likewise.
+    * a directory with ``images/`` and ``masks/``: a
+      :class:`~navit.data.segmentation.SegmentationFolder`; a manifest with a ``mask`` column:
+      a :class:`~navit.data.segmentation.SegmentationManifest`.
     * an existing directory: :class:`ImageFolder`.
     * ``*.csv`` / ``*.jsonl`` / ``*.ndjson``: :class:`Manifest`.
     * ``*.tar``, a glob of tars (``shards/*.tar``) or a brace range (``s-{00..09}.tar``):
@@ -764,14 +775,14 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
         raise ValueError(f"empty data source spec {spec!r}")
     text = text.strip()
     kind = text.split(":")[0]
-    if kind in ("synthetic", "synthetic-video"):
+    if kind in ("synthetic", "synthetic-video", "synthetic-seg"):
         parts = text.split(":")[1:]
         if len(parts) > 2 or not all(_INT_RE.match(p) and int(p) >= 0 for p in parts):
             raise ValueError(
                 f"bad synthetic spec {text!r}: expected '{kind}', '{kind}:N' or "
                 f"'{kind}:N:SEED' with non-negative integers"
             )
-        cls = SyntheticShapes if kind == "synthetic" else SyntheticMotion
+        cls = {"synthetic": SyntheticShapes, "synthetic-video": SyntheticMotion, "synthetic-seg": SyntheticSegmentation}[kind]
         if not parts:
             return cls()
         if int(parts[0]) < 1:
@@ -779,15 +790,17 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
         return cls(int(parts[0]), seed=int(parts[1]) if len(parts) == 2 else 0)
     path = os.path.expanduser(text)
     if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, "masks")):
+            return SegmentationFolder(path)
         return ImageFolder(path)
     lower = path.lower()
     if lower.endswith(MANIFEST_EXTENSIONS):
-        return Manifest(path)
+        return SegmentationManifest(path) if os.path.isfile(path) and manifest_has_masks(path) else Manifest(path)
     if lower.endswith(".tar") and (os.path.isfile(path) or glob.has_magic(path) or _BRACE_RANGE.search(path)):
         return TarShards(path)
     if not os.path.exists(path) and not glob.has_magic(path):
         raise FileNotFoundError(
-            f"data source {text!r} does not exist (expected 'synthetic[:N]', 'synthetic-video[:N]', a "
+            f"data source {text!r} does not exist (expected 'synthetic[:N]', 'synthetic-video[:N]', 'synthetic-seg[:N]', a "
             "directory of class folders, a .csv/.jsonl manifest, or .tar shards)"
         )
     raise ValueError(

@@ -147,19 +147,29 @@ def draw_scene(width: int, height: int, bg_start: tuple[int, int, int], bg_end: 
                gradient_angle: float, polygon: list[tuple[float, float]], color: tuple[int, int, int],
                noise_std: float, noise_rng: np.random.Generator | None) -> Image.Image:  # fmt: skip
     """A filled polygon on a linear gradient background, with optional grey pixel noise."""
-    gx, gy = math.cos(gradient_angle), math.sin(gradient_angle)
+    img = gradient(width, height, bg_start, bg_end, gradient_angle)
+    ImageDraw.Draw(img).polygon(polygon, fill=color)
+    return grain(img, noise_std, noise_rng)
+
+
+def gradient(width: int, height: int, start: tuple[int, int, int], end: tuple[int, int, int], angle: float) -> Image.Image:
+    """A linear gradient from colour ``start`` to ``end`` along direction ``angle`` (radians)."""
+    gx, gy = math.cos(angle), math.sin(angle)
     proj = np.arange(width, dtype=np.float32)[None, :] * gx + np.arange(height, dtype=np.float32)[:, None] * gy
     proj -= proj.min()
     span = float(proj.max())
     t = proj / span if span > 0 else proj
-    start = np.asarray(bg_start, dtype=np.float32)
-    background = start + t[:, :, None] * (np.asarray(bg_end, dtype=np.float32) - start)
-    img = Image.fromarray(np.clip(background + 0.5, 0, 255).astype(np.uint8))
-    ImageDraw.Draw(img).polygon(polygon, fill=color)
-    if noise_rng is not None and noise_std > 0:
-        grain = noise_rng.standard_normal((height, width, 1), dtype=np.float32) * noise_std
-        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + grain + 0.5, 0, 255).astype(np.uint8))
-    return img
+    first = np.asarray(start, dtype=np.float32)
+    background = first + t[:, :, None] * (np.asarray(end, dtype=np.float32) - first)
+    return Image.fromarray(np.clip(background + 0.5, 0, 255).astype(np.uint8))
+
+
+def grain(img: Image.Image, noise_std: float, noise_rng: np.random.Generator | None) -> Image.Image:
+    """``img`` with grey per-pixel noise of ``noise_std`` levels (unchanged without ``noise_rng``)."""
+    if noise_rng is None or noise_std <= 0:
+        return img
+    noise = noise_rng.standard_normal((img.height, img.width, 1), dtype=np.float32) * noise_std
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise + 0.5, 0, 255).astype(np.uint8))
 
 
 #: Colour words of :func:`color_name`, for dark RGB colours (every channel <= DARK_MAX).

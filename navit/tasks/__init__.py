@@ -12,10 +12,12 @@ from typing import Any
 from navit.tasks.base import StepLoss, Task
 from navit.tasks.classify import Classification
 from navit.tasks.contrastive import Contrastive
+from navit.tasks.segment import Segmentation
 
 TASKS: dict[str, type[Task]] = {
     Classification.name: Classification,
     Contrastive.name: Contrastive,
+    Segmentation.name: Segmentation,
 }
 
 

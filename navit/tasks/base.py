@@ -44,6 +44,8 @@ class Task:
     dense_keys: ClassVar[tuple[str, ...]] = ()
     #: The metric that ``evaluate`` reports and reports are ranked by.
     metric: ClassVar[str] = "accuracy"
+    #: Whether predictions are files (masks) that ``navit predict`` writes with :meth:`save_prediction`.
+    writes_files: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, class_names: list[str] | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -98,6 +100,14 @@ class Task:
         """``{metric: ..., "tokens_per_example": ..., "examples": ...}`` over ``loader``."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, batch: PackedBatch, *, topk: int = 5) -> list[dict[str, Any]]:
-        """One JSON-able output per example of ``batch``, in input order."""
+    def predict(
+        self, model: nn.Module, batch: PackedBatch, *, topk: int = 5, inputs: list[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """One output per example of ``batch``, in input order (``inputs``: what each example was
+        made from, a path or an image, for tasks whose outputs live at the input's own size)."""
         raise NotImplementedError
+
+    def save_prediction(self, result: dict[str, Any], source: Any, out: Any, name: str) -> dict[str, Any]:
+        """Write what a prediction holds beyond JSON into folder ``out`` (files named after
+        ``name``) and return it JSON-able; only for tasks that set ``writes_files``."""
+        return result

@@ -96,7 +96,9 @@ class Classification(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         return evaluate_labels(model, loader, device)
 
-    def predict(self, model: nn.Module, batch: PackedBatch, *, topk: int = 5) -> list[dict[str, Any]]:
+    def predict(
+        self, model: nn.Module, batch: PackedBatch, *, topk: int = 5, inputs: list[Any] | None = None
+    ) -> list[dict[str, Any]]:
         logits = model(batch).float()
         scores = logits.softmax(-1) if self.options.loss == "softmax" else logits.sigmoid()
         return predict_labels(scores, self.class_names, topk)

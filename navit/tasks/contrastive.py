@@ -89,5 +89,7 @@ class Contrastive(Task):
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         return evaluate_labels(model, loader, device)
 
-    def predict(self, model: nn.Module, batch: PackedBatch, *, topk: int = 5) -> list[dict[str, Any]]:
+    def predict(
+        self, model: nn.Module, batch: PackedBatch, *, topk: int = 5, inputs: list[Any] | None = None
+    ) -> list[dict[str, Any]]:
         return predict_labels(model(batch).float().softmax(-1), self.class_names, topk)
