@@ -103,3 +103,13 @@ def test_torchrun_trains_on_uneven_shards_and_resumes_on_one_rank(strategy, imag
                "--data", str(image_folder), "--out", str(tmp_path), *TINY_TRAIN, "--max-steps", "9"])  # fmt: skip
     assert "resumed from" in out.stdout and "restarts" in out.stdout
     assert (run_dir / "checkpoints" / "step_00000009").exists()
+
+
+def test_torchrun_trains_and_evaluates_segmentation_under_ddp(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run([*torchrun, "-m", "navit", "train", "--task", "segment", "--data", "synthetic-seg:24", "--out", str(tmp_path),
+         *TINY_TRAIN, "--distributed", "ddp", "--name", "seg", "--max-steps", "3"])  # fmt: skip
+    report = json.loads((Path(tmp_path) / "seg" / "eval.json").read_text())
+    assert set(report) == {"native", "4", "16"} and report["native"]["examples"] == 5
+    assert 0 < report["native"]["pixel_accuracy"] <= 1
+

@@ -57,7 +57,7 @@ def read_mask(path: str, num_classes: int | None, name: str | None = None) -> Im
     if unknown.size:
         limit = f"the {num_classes} classes" if num_classes else "the 255 class indices a mask can hold"
         raise ValueError(f"mask {label} has values {unknown[:8].tolist()} beyond {limit} (255 = ignore)")
-    return Image.fromarray(values.astype(np.uint8), mode="L")
+    return Image.fromarray(values.astype(np.uint8))
 
 
 #: The turn of each EXIF orientation (as PIL's ``exif_transpose`` applies it).

@@ -146,13 +146,14 @@ class Segmentation(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
         model.eval()
+        segmenter = getattr(model, "module", model)  # label_maps is post-processing: DDP's wrapper lacks it
         classes = len(self.class_names)
         counts = torch.zeros(classes, classes, dtype=torch.long)
         examples = tokens = 0
         for item in loader:
             item = item.to(device)
             masks = item.targets["mask"]
-            maps = model.label_maps(model(item.batch), item.batch, [tuple(m.shape) for m in masks])
+            maps = segmenter.label_maps(model(item.batch), item.batch, [tuple(m.shape) for m in masks])
             for prediction, truth in zip(maps, masks):
                 counts += confusion(prediction, truth, classes)
             examples += len(masks)
@@ -183,7 +184,7 @@ class Segmentation(Task):
         out.mkdir(parents=True, exist_ok=True)
         mask = result["mask"]
         mask_path, overlay_path = out / f"{name}_mask.png", out / f"{name}_overlay.png"
-        palette_mask(Image.fromarray(mask, mode="L")).save(mask_path)
+        palette_mask(Image.fromarray(mask)).save(mask_path)
         overlay(_picture(source), mask, self.options.overlay_alpha).save(overlay_path)
         return {**result, "mask": str(mask_path), "overlay": str(overlay_path)}
 
