@@ -1,4 +1,4 @@
-"""The ``navit`` command: train | eval | predict | data synth.
+"""The ``navit`` command: train | eval | predict | experiment | data synth.
 
 Training options come from :class:`navit.train_config.TrainConfig`: defaults, then a YAML file
 (``--config``), then command-line flags, each overriding the one before. ``--resume`` starts from
@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         frames = args.frames if args.frames is not None else (cfg.eval.frames if cfg else [])
         seq_len = cfg.packing.seq_len if cfg else model.processor.max_tokens
         results = evaluate_budgets(
-            task.inference_model(model), task, source, model.processor, budgets=budgets, frames=frames,
+            task.inference_model(model), task, source, model.processor, budgets=budgets, frames=frames, by=args.by,
             seq_len=seq_len, device=device, workers=args.workers,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, OSError) as error:
@@ -189,6 +189,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise SystemExit(f"navit predict: {error}") from error
     return 1 if failures else 0
 
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from navit.experiments import EXPERIMENTS, Setting
+
+    if args.seeds < 1:
+        raise SystemExit(f"navit experiment: --seeds must be >= 1, got {args.seeds}")
+    setting = Setting(args.data, Path(args.out), quick=args.quick, seeds=args.seeds, val_data=args.val_data)
+    try:
+        EXPERIMENTS[args.name]().run(setting)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"navit experiment {args.name}: {error}") from error
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -237,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: the run's own validation split)")  # fmt: skip
     evaluate.add_argument("--budgets", type=int, nargs="*", metavar="N",
                           help="tokens per example to evaluate at, besides native (default: the run's)")  # fmt: skip
+    evaluate.add_argument("--by", choices=("resize", "drop"), default="resize",
+                          help="meet each budget by resizing the input to it, or by dropping all but that many of "
+                          "its native tokens at random (default: resize)")  # fmt: skip
     evaluate.add_argument("--frames", type=int, nargs="*", metavar="N",
                           help="clips: frames per clip to evaluate at, besides native (default: the run's)")  # fmt: skip
     evaluate.add_argument("--out", help="folder for eval.json and the plot (default: the run folder)")
@@ -258,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
                          '"score"}] (segmentation: "mask", "overlay" and "classes": {name: share of pixels})')  # fmt: skip
     predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=cmd_predict)
+
+    from navit.experiments import EXPERIMENTS
+
+    experiment = sub.add_parser("experiment", help="reproduce one of the paper's claims: results.json, report.md, plots",
+                                description="Train every arm of an experiment on every seed and say whether the paper's "
+                                "claim holds here.")  # fmt: skip
+    experiment.add_argument("name", choices=sorted(EXPERIMENTS), help="the claim: " + "; ".join(
+        f"{name}: {cls.paper}" for name, cls in EXPERIMENTS.items()))  # fmt: skip
+    experiment.add_argument("--data", default="synthetic-hard:6000",
+                            help="labelled images: a class-folder tree, a manifest, shards or a built-in set "
+                            "(default: synthetic-hard:6000)")  # fmt: skip
+    experiment.add_argument("--val-data", help="validation data (default: the same 20%% of --data for every run)")
+    experiment.add_argument("--out", default="experiments", help="folder for NAME/ (default: experiments)")
+    experiment.add_argument("--seeds", type=int, default=2, help="runs of each arm, seeds 0..N-1 (default: 2)")
+    experiment.add_argument("--quick", action="store_true", help="a tiny version for tests (its numbers mean nothing)")
+    experiment.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from navit.posemb import rope_pairs_per_axis
 
-POS_EMBED_KINDS = ("learned", "sincos", "fourier", "grid", "none")
+POS_EMBED_KINDS = ("learned", "sincos", "fourier", "grid", "table", "none")
 POS_INTERPS = ("bilinear", "bicubic")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 POS_MODES = ("absolute", "fractional")
@@ -56,8 +56,10 @@ class NaViTConfig:
     position gets the same embedding at every resolution; ``"absolute"`` uses the patch index and
     a table of ``pos_max_len`` entries per axis. ``pos_embed="grid"`` is instead one learned
     ``pos_grid`` × ``pos_grid`` table (SigLIP2 NaFlex, timm NaFlexViT) resized to each image's own
-    patch grid with antialiased ``pos_interp`` interpolation; ``pos_keep_aspect`` resizes it to a
-    square of the grid's longer side and crops (timm's aspect-preserving variant).
+    patch grid with antialiased ``pos_interp`` interpolation (as ViT resizes its embedding to a new
+    resolution); ``pos_keep_aspect`` resizes it to a square of the grid's longer side and crops
+    (timm's aspect-preserving variant). ``pos_embed="table"`` is one learned ``pos_max_len`` ×
+    ``pos_max_len`` table indexed by (row, col) (Pix2Struct), by ``pos_mode`` positions.
 
     ``mlp_dim`` sets the MLP width explicitly (default ``int(embed_dim * mlp_ratio)``); ``act`` is
     the MLP activation of the blocks and the pooling head (``gelu_tanh``: the tanh approximation).
@@ -129,6 +131,8 @@ class NaViTConfig:
             )
         if self.mlp_dim is not None and self.mlp_dim < 1:
             raise ValueError(f"NaViTConfig.mlp_dim must be >= 1, got {self.mlp_dim}")
+        if self.pos_embed == "table" and self.num_axes != 2:
+            raise ValueError(f"pos_embed='table' is a 2-D table for images: num_axes=2, got {self.num_axes}")
         if self.pos_embed == "grid" and (self.num_axes != 2 or self.pos_grid < 1):
             raise ValueError(f"pos_embed='grid' is a 2-D table for images: num_axes=2 and pos_grid >= 1 "
                              f"(got num_axes={self.num_axes}, pos_grid={self.pos_grid})")  # fmt: skip

@@ -28,15 +28,19 @@ def evaluate_budgets(
     *,
     budgets: list[int],
     frames: list[int] = (),
+    by: str = "resize",
     seq_len: int = 256,
     device: torch.device | str = "cpu",
     workers: int = 0,
 ) -> dict[str, dict[str, float]]:
     """The task's metric at native resolution (capped at the processor's ``max_tokens``), at each
     token budget and, for data with clips, at each number of frames per clip, keyed
-    ``"native"``, ``str(budget)`` and ``f"{n} frames"``."""
+    ``"native"``, ``str(budget)`` and ``f"{n} frames"``. A budget is met ``by`` resizing each
+    example to it, or by dropping all but that many of its native tokens."""
+    if by not in ("resize", "drop"):
+        raise ValueError(f"by={by!r}; expected 'resize' or 'drop'")
     device = torch.device(device)
-    settings = [("native", {})] + [(str(b), {"budget": b}) for b in budgets]
+    settings = [("native", {})] + [(str(b), {"budget" if by == "resize" else "keep": b}) for b in budgets]
     if getattr(source, "has_video", False):
         settings += [(f"{n} frames", {"max_frames": n}) for n in frames]
     results = {}

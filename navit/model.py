@@ -18,7 +18,7 @@ from navit.attention.base import HALF_DTYPES
 from navit.config import NaViTConfig, resolve_config
 from navit.packing import PAD, PackedBatch
 from navit.pooling import MAPPool, MeanPool, slot_index
-from navit.posemb import FactorizedPosEmbed, GridPosEmbed, Rope, apply_rope
+from navit.posemb import FactorizedPosEmbed, GridPosEmbed, Rope, TablePosEmbed, apply_rope
 from navit.prefix import PrefixLayout
 from navit.processor import Processor
 
@@ -140,6 +140,8 @@ class NaViT(nn.Module):
             if cfg.pos_embed == "none"
             else GridPosEmbed(cfg.embed_dim, cfg.pos_grid, cfg.pos_interp, cfg.pos_keep_aspect)
             if cfg.pos_embed == "grid"
+            else TablePosEmbed(cfg.embed_dim, mode=cfg.pos_mode, max_len=cfg.pos_max_len)
+            if cfg.pos_embed == "table"
             else FactorizedPosEmbed(
                 cfg.embed_dim,
                 num_axes=cfg.num_axes,

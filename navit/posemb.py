@@ -197,3 +197,19 @@ class GridPosEmbed(nn.Module):
         cols = resize_weights(coords[..., 1], grid[..., 1], self.grid, self.interp)
         weights = (rows[..., :, None] * cols[..., None, :]).flatten(-2)  # [B, L, grid²]
         return weights.to(self.table.dtype) @ self.table.flatten(0, 1)
+
+
+class TablePosEmbed(nn.Module):
+    """One learned ``max_len`` × ``max_len`` table indexed by each token's (row, col) position
+    (Pix2Struct's 2-D absolute embedding): not factorized, so every cell is learned on its own and
+    cells that training never reached stay at their initialisation."""
+
+    def __init__(self, dim: int, *, mode: str = "absolute", max_len: int = 64) -> None:
+        super().__init__()
+        self.mode, self.max_len = mode, max_len
+        self.table = nn.Parameter(torch.randn(max_len, max_len, dim) * 0.02)
+
+    def forward(self, coords: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """coords, grid: [B, L, 2] (row, col) and the image's grid -> [B, L, dim]."""
+        index = axis_positions(coords, grid, self.mode, self.max_len).floor().long().clamp(0, self.max_len - 1)
+        return self.table[index[..., 0], index[..., 1]]

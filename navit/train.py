@@ -82,16 +82,25 @@ class Run:
     metrics: MetricsLogger | None = None
     progress: Progress = field(default_factory=Progress)
 
+    def budget(self) -> tuple[float, float, str]:
+        """(done, total, unit) of what ends the run: steps, FLOPs or examples. FLOPs are this
+        rank's times the world size (ranks step in lock-step on packed batches of one shape)."""
+        optim = self.cfg.optim
+        if optim.max_steps:
+            return self.progress.step, optim.max_steps, "step"
+        if optim.max_flops:
+            done = self.progress.flops_base + self.progress.flops * self.info.world_size
+            return done / 1e9, optim.max_flops / 1e9, "GFLOP"
+        return self.progress.examples, self.total_examples, "ex"
+
     @property
     def finished(self) -> bool:
-        if self.cfg.optim.max_steps:
-            return self.progress.step >= self.cfg.optim.max_steps
-        return self.progress.examples >= self.total_examples
+        done, total, _ = self.budget()
+        return done >= total
 
     def fraction_done(self) -> float:
-        if self.cfg.optim.max_steps:
-            return self.progress.step / self.cfg.optim.max_steps
-        return self.progress.examples / self.total_examples
+        done, total, _ = self.budget()
+        return done / total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +112,7 @@ def open_data(cfg: TrainConfig) -> tuple[Any, Any]:
     classes by name, so a validation folder that lacks a class shifts nothing."""
     source = open_source(cfg.data.train)
     if not cfg.data.val:
-        return split_holdout(source, cfg.data.val_fraction, cfg.run.seed)
+        return split_holdout(source, cfg.data.val_fraction, cfg.data.split_seed)
     return source, with_class_names(open_source(cfg.data.val), source.class_names, f"--val-data {cfg.data.val}")
 
 
@@ -172,7 +181,7 @@ def make_processor(cfg: TrainConfig, config: NaViTConfig, train_source: Any, sta
     native = Processor.for_model(config, max_tokens=d.max_tokens, fps=d.fps, frame_stride=d.frame_stride,
                                  max_frames=d.max_frames, **style)  # fmt: skip
     if cfg.model.baseline == "square":
-        return native.replace(grid_rule="square", max_tokens=square_tokens(train_source, native))
+        return native.replace(grid_rule="square", max_tokens=cfg.model.square_tokens or square_tokens(train_source, native))
     if cfg.model.baseline == "frame":
         if not getattr(train_source, "has_video", False):
             raise ValueError("--baseline frame sees one frame per clip, but the training data has no clips")
@@ -433,12 +442,11 @@ def train_loop(run: Run) -> float:
     """Step until the configured examples (or steps) are done; returns the seconds it took."""
     cfg, info = run.cfg, run.info
     start, window, stream = time.perf_counter(), Window(), endless(run.loader)
-    by_steps = bool(cfg.optim.max_steps)
-    total = cfg.optim.max_steps if by_steps else run.total_examples
-    done = (lambda: run.progress.step) if by_steps else (lambda: min(run.progress.examples, total))
+    _, total, unit = run.budget()
+    done = lambda: min(run.budget()[0], total)  # noqa: E731
     run.model.train()
-    with tqdm(total=total, initial=done(), desc="train", unit="step" if by_steps else "ex", dynamic_ncols=True,
-              mininterval=1.0, disable=not info.is_main) as bar:  # fmt: skip
+    with tqdm(total=total, initial=done(), desc="train", unit=unit, dynamic_ncols=True, mininterval=1.0,
+              disable=not info.is_main) as bar:  # fmt: skip
         while not run.finished:
             item = next(stream).to(run.device)
             before = done()

@@ -25,7 +25,7 @@ from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDroppe
 
 DROP_KINDS = ("none", "constant", "uniform", "beta", "resolution")
 DATA_FORMS = (
-    "synthetic[:N[:SEED]] (built-in shapes; synthetic-video, synthetic-seg likewise), a folder with one "
+    "synthetic[:N[:SEED]] (built-in shapes; synthetic-hard, synthetic-video, synthetic-seg likewise), a folder with one "
     "sub-folder per class (segmentation: images/ and masks/), a .csv/.jsonl manifest (path,label[,caption]; "
     "segmentation: path,mask) or .tar shards (a file, a glob or a {000..009} range)"
 )
@@ -38,6 +38,8 @@ class ModelSection:
     baseline: str = option("navit", "navit: native aspect ratio (and duration); square: the ViT baseline, every "
                            "image squashed to a square grid of the same mean token count; frame: clips seen as one "
                            "frame each", choices=("navit", "square", "frame"))  # fmt: skip
+    square_tokens: int | None = option(None, "square baseline: tokens per image, a square number (default: the "
+                                       "square grid nearest the mean token count at native aspect ratio)")  # fmt: skip
     init_from: str | None = option(None, "run or checkpoint to start from (fine-tuning), or a pretrained model: a "
                                    "Hugging Face SigLIP2 folder, a timm NaFlexViT folder or weights file; every "
                                    "weight whose name and shape match is loaded")  # fmt: skip
@@ -50,6 +52,8 @@ class DataSection:
     train: str = option("synthetic:5000", f"training data: {DATA_FORMS}")
     val: str | None = option(None, "validation data (same forms); default: a stratified split of the training data")
     val_fraction: float = option(0.2, "share of the training data held out for validation when --val-data is not given")
+    split_seed: int = option(0, "seed of that held-out split (kept apart from --seed, so runs of several seeds "
+                             "are measured on the same validation images)")  # fmt: skip
     max_tokens: int = option(64, "most tokens of one example in training and native-resolution evaluation; "
                              "larger images are scaled down, aspect kept")  # fmt: skip
     res_mode: str = option("native", "resolution sampling: native (as is), side (sample the side) or area "
@@ -58,6 +62,8 @@ class DataSection:
     res_max: int = option(256, "largest sampled side in pixels (res_mode side/area)")
     res_dist: str = option("truncnorm", "distribution of sampled sides: uniform, or a normal biased to low "
                            "resolution truncated to the range", choices=RES_DISTS)  # fmt: skip
+    res_mean: float = option(0.0, "centre of the truncated normal as a share of the range (0: res_min, "
+                             "0.5: the middle, 1: res_max); its spread is half the range")  # fmt: skip
     fps: float | None = option(None, "clips: frames per second to sample, by the timestamps of decoded frames "
                                "(default: every frame)")  # fmt: skip
     frame_stride: int = option(1, "clips: then keep every n-th of those frames")
@@ -70,6 +76,7 @@ class DataSection:
     drop_rate: float = option(0.25, "drop rate (constant) or mean rate (beta)")
     drop_max: float = option(0.5, "largest drop rate (uniform, beta, resolution)")
     drop_schedule: str = option("constant", "how the drop rates move over training", choices=DropSchedule.KINDS)
+    drop_schedule_start: float = option(1.0, "multiplier of the drop rates at the start of training")
     drop_schedule_end: float = option(1.0, "multiplier of the drop rates at the end of training (linear, sigmoid)")
     drop_tube: bool = option(False, "clips: drop whole tubes (the same row and column at every time)")
     workers: int = option(1, "data-loader worker processes")
@@ -88,6 +95,8 @@ class PackingSection:
 class OptimSection:
     epochs: float = option(10, "passes over the training examples (with token dropping too)")
     max_steps: int | None = option(None, "stop after this many steps instead (and schedule the learning rate over them)")
+    max_flops: float | None = option(None, "stop after this many training FLOPs instead (over all ranks, as the "
+                                     "model counts them; the learning rate is scheduled over them)")  # fmt: skip
     lr: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr: float = option(1e-5, "learning rate at the end of the cosine decay")
     weight_decay: float = option(0.05, "AdamW weight decay (not on the parameters the model exempts)")
@@ -197,8 +206,20 @@ class TrainConfig:
         for section, name in positive:
             if getattr(section, name) < (0 if name == "workers" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'workers' else 1}, got {getattr(section, name)}")
-        if optim.epochs <= 0 and not optim.max_steps:
+        if optim.epochs <= 0 and not (optim.max_steps or optim.max_flops):
             raise ValueError(f"epochs must be > 0, got {optim.epochs}")
+        if optim.max_steps and optim.max_flops:
+            raise ValueError("give max_steps or max_flops, not both")
+        if optim.max_flops is not None and optim.max_flops <= 0:
+            raise ValueError(f"max_flops must be > 0, got {optim.max_flops}")
+        if optim.max_flops and data.drop != "none" and data.drop_schedule != "constant":
+            raise ValueError(f"drop_schedule={data.drop_schedule!r} follows the examples of the run, which max_flops "
+                             "does not fix: give epochs instead")  # fmt: skip
+        square = self.model.square_tokens
+        if square is not None and (square < 1 or math.isqrt(square) ** 2 != square):
+            raise ValueError(f"square_tokens={square} must be a square number (e.g. 16, 36, 64)")
+        if square is not None and self.model.baseline != "square":
+            raise ValueError(f"square_tokens={square} sizes the square baseline: add --baseline square")
         model = self.model_config()
         resolution = self.resolution()
         if resolution.res_mode != "native" and resolution.res_min < model.patch_size:
@@ -216,7 +237,7 @@ class TrainConfig:
 
     def resolution(self) -> ResolutionSampler:
         d = self.data
-        return ResolutionSampler(d.res_mode, d.res_min, d.res_max, d.res_dist)
+        return ResolutionSampler(d.res_mode, d.res_min, d.res_max, d.res_dist, d.res_mean)
 
     def dropper(self) -> TokenDropper | None:
         d = self.data
@@ -230,7 +251,7 @@ class TrainConfig:
         return None if rates is None else TokenDropper(rates(), seed=self.run.seed, tube=d.drop_tube)
 
     def drop_schedule(self) -> DropSchedule:
-        return DropSchedule(self.data.drop_schedule, 1.0, self.data.drop_schedule_end)
+        return DropSchedule(self.data.drop_schedule, self.data.drop_schedule_start, self.data.drop_schedule_end)
 
     def total_examples(self, train_size: int) -> int:
         """Examples the run trains on: ``epochs`` passes over ``train_size`` examples."""

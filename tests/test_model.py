@@ -116,9 +116,10 @@ def test_mean_pool_averages_each_images_tokens():
         torch.testing.assert_close(embeddings[j], features[owner == j].mean(0))
 
 
-@pytest.mark.parametrize("strategy", ["first_fit", "first_fit_decreasing"])
-def test_outputs_follow_input_order(strategy):
-    model = tiny_model()
+@pytest.mark.parametrize("strategy, pos_embed", [("first_fit", "learned"), ("first_fit_decreasing", "learned"),
+                                                ("first_fit", "table"), ("first_fit", "grid")])
+def test_outputs_follow_input_order(strategy, pos_embed):
+    model = tiny_model(pos_embed=pos_embed)
     images = random_images(SIZES, seed=1)
     permutation = [3, 0, 5, 1, 4, 2]
     with torch.no_grad():

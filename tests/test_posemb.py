@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from navit.config import POS_COMBINES, POS_MODES
-from navit.posemb import FactorizedPosEmbed, Rope, apply_rope
+from navit.posemb import FactorizedPosEmbed, Rope, TablePosEmbed, apply_rope
 
 DIM, MAX_LEN = 32, 16
 KINDS = ("learned", "sincos", "fourier")
@@ -39,6 +39,24 @@ def assert_all_distinct(vectors: torch.Tensor) -> None:
     distance = torch.cdist(vectors.double(), vectors.double())
     distance.fill_diagonal_(float("inf"))
     assert distance.min() > 1e-6 * vectors.abs().max(), "two positions share an embedding"
+
+
+def test_table_learns_each_cell_on_its_own():
+    # Pix2Struct's 2-D table: cell (r, c) is row r, column c of the table, not a sum of a row and
+    # a column part, so (r, c) and (c, r) differ and a gradient reaches only the cells used.
+    table = TablePosEmbed(DIM, mode="absolute", max_len=MAX_LEN)
+    coords, grid = grid_coords(3, 5)
+    out = table(coords, grid)
+    torch.testing.assert_close(out[0], table.table[coords[0, :, 0], coords[0, :, 1]])
+    assert_all_distinct(out[0])
+    out.sum().backward()
+    touched = table.table.grad.abs().sum(-1) > 0
+    assert touched[:3, :5].all() and touched.sum() == 15
+    fractional = TablePosEmbed(DIM, mode="fractional", max_len=MAX_LEN)
+    coords, grid = at((1, 2), grid=(4, 8))
+    torch.testing.assert_close(fractional(coords, grid)[0, 0], fractional.table[4, 4])  # 1/4 and 2/8 of 16
+    with pytest.raises(ValueError, match="beyond the absolute"):
+        table(*grid_coords(MAX_LEN + 1, 2))
 
 
 @pytest.mark.parametrize("kind, mode, combine", VARIANTS)

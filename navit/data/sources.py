@@ -25,6 +25,7 @@ from PIL import Image
 from navit.data.decode import IMAGE_EXTENSIONS, load_rgb
 from navit.data.segmentation import SegmentationFolder, SegmentationManifest, SyntheticSegmentation, manifest_has_masks
 from navit.data.synthetic import SyntheticShapes
+from navit.data.synthetic_hard import SyntheticLargest
 from navit.data.synthetic_video import SyntheticMotion
 from navit.data.video import VIDEO_EXTENSIONS, VideoFile, is_video_name, require_av
 
@@ -754,6 +755,10 @@ def shard(source: ImageSource, rank: int, world_size: int) -> Subset:
 # ---------------------------------------------------------------------------------------------
 # open_source
 # ---------------------------------------------------------------------------------------------
+SYNTHETIC = {"synthetic": SyntheticShapes, "synthetic-video": SyntheticMotion, "synthetic-seg": SyntheticSegmentation,
+             "synthetic-hard": SyntheticLargest}  # fmt: skip
+
+
 def open_source(spec: str | os.PathLike[str]) -> ImageSource:
     """Open a data source from a short string.
 
@@ -762,6 +767,8 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
     * ``"synthetic-video[:N[:S]]"``: :class:`SyntheticMotion` clips, likewise.
     * ``"synthetic-seg[:N[:S]]"``: :class:`~navit.data.segmentation.SyntheticSegmentation`
       images with masks, likewise.
+    * ``"synthetic-hard[:N[:S]]"``: :class:`~navit.data.synthetic_hard.SyntheticLargest`, a
+      harder set whose label does not depend on aspect ratio, likewise.
     * a directory with ``images/`` and ``masks/``: a
       :class:`~navit.data.segmentation.SegmentationFolder`; a manifest with a ``mask`` column:
       a :class:`~navit.data.segmentation.SegmentationManifest`.
@@ -775,14 +782,14 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
         raise ValueError(f"empty data source spec {spec!r}")
     text = text.strip()
     kind = text.split(":")[0]
-    if kind in ("synthetic", "synthetic-video", "synthetic-seg"):
+    if kind in SYNTHETIC:
         parts = text.split(":")[1:]
         if len(parts) > 2 or not all(_INT_RE.match(p) and int(p) >= 0 for p in parts):
             raise ValueError(
                 f"bad synthetic spec {text!r}: expected '{kind}', '{kind}:N' or "
                 f"'{kind}:N:SEED' with non-negative integers"
             )
-        cls = {"synthetic": SyntheticShapes, "synthetic-video": SyntheticMotion, "synthetic-seg": SyntheticSegmentation}[kind]
+        cls = SYNTHETIC[kind]
         if not parts:
             return cls()
         if int(parts[0]) < 1:

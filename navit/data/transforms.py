@@ -13,6 +13,7 @@ one at which the clip's tubelets fit the token budget.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,6 +55,8 @@ class ResolutionSampler:
             )
         if self.res_std <= 0:
             raise ValueError(f"res_std must be > 0, got {self.res_std}")
+        if not 0.0 <= self.res_mean <= 1.0:
+            raise ValueError(f"res_mean must be in [0, 1] (a share of the resolution range), got {self.res_mean}")
 
     def _unit_sample(self, rng: np.random.Generator) -> float:
         """A draw in [0, 1] from the configured distribution."""
@@ -84,7 +87,9 @@ class ExampleTransform:
 
     With ``rng`` (training): an aspect-preserving random crop of ``crop_scale`` of the area, a
     horizontal flip with ``flip``, a sampled resolution, then token dropping. Without (eval):
-    the processor alone, at native resolution or at ``budget`` tokens. Keys in ``dense_keys``
+    the processor alone, at native resolution or at ``budget`` tokens; or with ``keep``, at native
+    resolution with all but ``keep`` tokens dropped (a random choice seeded by the example's
+    name, the same in every run: token dropping at inference). Keys in ``dense_keys``
     (label images such as segmentation masks) get the same crop, flip and grid, with nearest
     neighbour resizing, and become per-token fields of the example.
     """
@@ -94,6 +99,7 @@ class ExampleTransform:
     crop_scale: tuple[float, float] = (1.0, 1.0)
     flip: bool = False
     budget: int | None = None
+    keep: int | None = None
     dense_keys: tuple[str, ...] = ()
     frames_min: int = 1
     max_frames: int | None = None  # frames of a clip at evaluation (default: the processor's)
@@ -102,8 +108,11 @@ class ExampleTransform:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        if self.budget is not None and self.budget < 1:
-            raise ValueError(f"budget must be >= 1, got {self.budget}")
+        for name in ("budget", "keep"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget is not None and self.keep is not None:
+            raise ValueError("give budget (resize to it) or keep (drop tokens to it), not both")
         if not 1 <= self.frames_min <= self.processor.max_frames:
             raise ValueError(f"frames_min={self.frames_min} must be in [1, max_frames={self.processor.max_frames}]")
 
@@ -179,4 +188,7 @@ class ExampleTransform:
         if dropper is not None and rng is not None:
             generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
             example = dropper([example], generator=generator, scale=drop_scale)[0]
+        if self.keep is not None and rng is None and example.num_tokens > self.keep:
+            generator = torch.Generator().manual_seed(zlib.crc32((name or "").encode()))
+            example = example.select(torch.randperm(example.num_tokens, generator=generator)[: self.keep].sort().values)
         return example

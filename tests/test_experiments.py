@@ -1,0 +1,262 @@
+"""``navit experiment``: each claim's quick version end to end, verdicts, and the training knobs
+the experiments need (FLOP budgets, resolution centre, drop schedules, square baselines, the
+fixed split, token dropping at inference)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from navit.cli import main
+from navit.data.sources import open_source
+from navit.data.synthetic_hard import KINDS, SyntheticLargest
+from navit.data.transforms import ExampleTransform, ResolutionSampler
+from navit.experiments import EXPERIMENTS
+from navit.experiments.attention_share import measure
+from navit.experiments.base import compare
+from navit.experiments.compute import flops_to_reach
+from navit.processor import Processor
+from navit.train import open_data, train
+from navit.train_config import TrainConfig
+
+DATA = "synthetic-hard:60"
+
+
+def run_quick(tmp_path, name, seeds=1, capsys=None):
+    assert main(["experiment", name, "--data", DATA, "--out", str(tmp_path), "--quick", "--seeds", str(seeds)]) == 0
+    folder = tmp_path / name
+    results = json.loads((folder / "results.json").read_text())
+    report = (folder / "report.md").read_text()
+    for line in report.splitlines():
+        if line.startswith("!["):
+            Image.open(folder / line.split("(")[1].rstrip(")")).verify()  # a real PNG
+    return results, report
+
+
+def flat_settings(run):
+    return {(section, k): json.dumps(v, sort_keys=True) for section, values in run["settings"].items()
+            for k, v in values.items()}  # fmt: skip
+
+
+def assert_arms_differ_only_where_they_say(runs):
+    """Two runs differ only in options one of them sets (and the run name and seed)."""
+    from navit.train_config import flat_options
+
+    names = {flat: f.name for flat, (section, f) in flat_options().items()}
+    first = flat_settings(runs[0])
+    for run in runs[1:]:
+        differing = {key for key, value in flat_settings(run).items() if first[key] != value}
+        allowed = {names.get(k, k) for k in [*run["options"], *runs[0]["options"]]} | {"name", "seed", "args"}
+        assert {k for _, k in differing} <= allowed, (run["arm"], differing)
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts.
+
+
+def test_a_difference_inside_the_seed_spread_is_a_tie():
+    assert compare([0.60, 0.62], [0.50, 0.55]) == "holds"
+    assert compare([0.50, 0.55], [0.60, 0.62]) == "does not hold"
+    assert compare([0.60, 0.70], [0.55, 0.62]) == "tie within the seed spread"
+    assert compare([0.6], [0.6]) == "tie within the seed spread"
+
+
+def test_flops_to_reach_interpolates_in_log_flops():
+    curve = [(1e12, 0.30), (2e12, 0.40), (4e12, 0.50)]
+    assert flops_to_reach(curve, 0.45) == pytest.approx(math.sqrt(2) * 2e12)
+    assert flops_to_reach(curve, 0.25) == 1e12  # reached at the first budget already
+    assert flops_to_reach(curve, 0.55) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Each experiment, quick.
+
+
+def test_compute_trains_every_arm_to_its_flop_budget(tmp_path):
+    results, report = run_quick(tmp_path, "compute")
+    runs = results["runs"]
+    assert len(runs) == 4 * 3 and {r["group"] for r in runs} == {"NaViT", "ViT 16 tok", "ViT 36 tok", "ViT 64 tok"}
+    budgets = sorted({r["settings"]["optim"]["max_flops"] for r in runs})
+    assert budgets[1] == pytest.approx(2 * budgets[0]) and budgets[2] == pytest.approx(4 * budgets[0])
+    for run in runs:  # each stops at the first step past its budget: a step is under 1 GFLOP here
+        assert run["settings"]["optim"]["max_flops"] <= run["train_flops"] < run["settings"]["optim"]["max_flops"] + 1e9
+        assert run["accuracy_vs_tokens"].keys() >= {"native", "16", "36", "64"}
+    vit16 = [r for r in runs if r["group"] == "ViT 16 tok"]
+    vit64 = [r for r in runs if r["group"] == "ViT 64 tok"]
+    assert vit16[0]["accuracy_vs_tokens"]["native"]["tokens_per_example"] == 16
+    assert vit64[0]["accuracy_vs_tokens"]["native"]["tokens_per_example"] == 64
+    # at equal FLOPs, 16-token ViT sees about 4x the images of the 64-token one
+    assert vit16[-1]["examples_seen"] > 2.5 * vit64[-1]["examples_seen"]
+    assert_arms_differ_only_where_they_say(runs)
+    assert "NaViT matches ViT's best accuracy with <= 1/4 of its compute" in report
+    assert {v["claim"] for v in results["verdicts"]} >= {"NaViT sees more images per FLOP (paper: ~5x)"}
+
+
+@pytest.mark.parametrize("name, arms", [("resolution", 6), ("token-drop", 7), ("posemb", 10)])
+def test_each_arm_changes_only_its_own_options(tmp_path, name, arms):
+    results, report = run_quick(tmp_path, name)
+    runs = results["runs"]
+    assert len(runs) == arms and len({r["arm"] for r in runs}) == arms
+    assert_arms_differ_only_where_they_say(runs)
+    assert len({r["settings"]["model"]["args"].get("pos_embed", "learned") for r in runs}) == (5 if name == "posemb" else 1)
+    for verdict in results["verdicts"]:
+        assert verdict["verdict"] and f"| {verdict['claim']} |" in report
+
+
+def test_token_drop_schedules_see_the_same_images_with_less_or_more_dropping(tmp_path):
+    results, _ = run_quick(tmp_path, "token-drop")
+    runs = {r["arm"]: r for r in results["runs"]}
+    schedules = [runs[a] for a in ("fixed-half", "increasing", "decreasing")]
+    assert len({r["examples_seen"] for r in schedules}) == 1
+    assert runs["none"]["tokens_seen"] / runs["none"]["examples_seen"] > runs["constant"]["tokens_seen"] / runs["constant"]["examples_seen"]
+
+
+def test_budget_evaluates_one_model_by_resizing_and_by_dropping(tmp_path, capsys):
+    results, report = run_quick(tmp_path, "budget", seeds=2)
+    runs = results["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for run in runs:
+        for budget in ("8", "16", "24"):
+            dropped = run["accuracy_vs_dropped_tokens"][budget]
+            assert dropped["tokens_per_example"] <= int(budget)
+            assert dropped["examples"] == run["accuracy_vs_tokens"][budget]["examples"]  # the same validation images
+        assert run["accuracy_vs_dropped_tokens"]["native"] == run["accuracy_vs_tokens"]["native"]
+    assert "| 8 |" in report and "resizing beats dropping at 8 tokens" in report
+    # run again: finished runs of the same settings are reused, not retrained
+    capsys.readouterr()
+    again, _ = run_quick(tmp_path, "budget", seeds=2)
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in runs]
+
+
+def test_bad_experiment_arguments_fail_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--seeds must be >= 1"):
+        main(["experiment", "budget", "--seeds", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["experiment", "budget", "--data", str(tmp_path / "missing"), "--out", str(tmp_path), "--quick"])
+
+
+def test_attention_share_falls_with_width_and_matches_the_count():
+    rows = [measure(width, quick=True, repeats=1) for width in (64, 256)]
+    assert rows[0]["attention_flops_share"] > rows[1]["attention_flops_share"] > 0
+    for row in rows:  # per layer, forward: 4·Σn²·d for attention, 8·L·d² + 4·L·d·h for the rest
+        assert 0 <= row["attention_time_share"] < 1
+    d = 64
+    assert rows[0]["attention_flops_share"] < 12 * 256 * d / (12 * 256 * d + 3 * 2 * 12 * d * d)
+
+
+def test_every_experiment_has_a_claim_and_a_paper_reference():
+    assert sorted(EXPERIMENTS) == ["attention-share", "budget", "compute", "posemb", "resolution", "token-drop"]
+    for cls in EXPERIMENTS.values():
+        assert cls.claim and cls.paper
+
+
+# --------------------------------------------------------------------------------------------
+# The training knobs the experiments use.
+
+
+def small(tmp_path, **options):
+    values = dict(data=DATA, model_args={"embed_dim": 32, "depth": 1, "num_heads": 2}, seq_len=128, num_seqs=2,
+                  max_tokens=36, warmup_steps=1, workers=0, budgets=[], out=str(tmp_path), log_every=1)  # fmt: skip
+    return TrainConfig.from_dict({**values, **options})
+
+
+def test_max_flops_ends_the_run_at_its_budget(tmp_path):
+    summary = train(small(tmp_path, max_flops=2e8, name="flops"))
+    steps = summary["steps"]
+    assert summary["train_flops"] >= 2e8
+    records = [json.loads(line) for line in (tmp_path / "flops" / "metrics.jsonl").read_text().splitlines()]
+    before_last = [r for r in records if r["step"] == steps - 1]
+    assert not before_last or before_last[0]["train_flops"] < 2e8
+    # the run evaluated by dropping tokens to a budget, from the command line
+    assert main(["eval", "--checkpoint", str(tmp_path / "flops"), "--budgets", "5", "--by", "drop", "--workers", "0",
+                 "--out", str(tmp_path / "dropped")]) == 0  # fmt: skip
+    dropped = json.loads((tmp_path / "dropped" / "eval.json").read_text())
+    assert dropped["5"]["tokens_per_example"] == 5 and dropped["native"]["tokens_per_example"] > 5
+
+
+def test_max_flops_refuses_what_it_cannot_schedule(tmp_path):
+    with pytest.raises(ValueError, match="give max_steps or max_flops"):
+        small(tmp_path, max_flops=1e9, max_steps=3)
+    with pytest.raises(ValueError, match="drop_schedule='linear' follows the examples"):
+        small(tmp_path, max_flops=1e9, drop="constant", drop_schedule="linear")
+
+
+def test_square_tokens_sets_the_square_baseline_grid(tmp_path):
+    summary = train(small(tmp_path, baseline="square", square_tokens=16, max_steps=1, budgets=[]))
+    assert summary["accuracy_vs_tokens"]["native"]["tokens_per_example"] == 16
+    with pytest.raises(ValueError, match="square_tokens=20 must be a square number"):
+        small(tmp_path, baseline="square", square_tokens=20)
+    with pytest.raises(ValueError, match="add --baseline square"):
+        small(tmp_path, square_tokens=16)
+
+
+def test_runs_of_every_seed_hold_out_the_same_images(tmp_path):
+    held = [open_data(small(tmp_path, seed=seed))[1] for seed in (0, 1)]
+    assert [held[0].describe(i) for i in range(len(held[0]))] == [held[1].describe(i) for i in range(len(held[1]))]
+    other = open_data(small(tmp_path, split_seed=1))[1]
+    assert [other.describe(i) for i in range(len(other))] != [held[0].describe(i) for i in range(len(held[0]))]
+
+
+def test_res_mean_moves_the_centre_of_the_sampled_sides():
+    rng = np.random.default_rng(0)
+    sides = {m: [ResolutionSampler("side", 64, 256, "truncnorm", m).sample_size(100, 100, rng)[0] for _ in range(400)]
+             for m in (0.0, 0.5, 1.0)}  # fmt: skip
+    low, mid, high = (float(np.mean(sides[m])) for m in (0.0, 0.5, 1.0))
+    assert low < 140 and 145 < mid < 175 and high > 180
+    with pytest.raises(ValueError, match="res_mean must be in"):
+        ResolutionSampler("side", 64, 256, "truncnorm", 1.5)
+    assert TrainConfig.from_dict({"res_mode": "side", "res_mean": 0.75}).resolution().res_mean == 0.75
+
+
+def test_increasing_schedule_starts_without_dropping():
+    cfg = TrainConfig.from_dict({"drop": "constant", "drop_rate": 0.5, "drop_schedule": "linear",
+                                 "drop_schedule_start": 0.0, "drop_schedule_end": 1.0})  # fmt: skip
+    schedule = cfg.drop_schedule()
+    assert schedule(0.0) == 0.0 and schedule(0.5) == 0.5 and schedule(1.0) == 1.0
+
+
+def test_keep_drops_tokens_at_inference_the_same_way_every_time():
+    processor = Processor(patch_size=16, max_tokens=64)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    full = ExampleTransform(processor)({"image": image}, name="a")
+    kept = ExampleTransform(processor, keep=10)({"image": image}, name="a")
+    again = ExampleTransform(processor, keep=10)({"image": image}, name="a")
+    other = ExampleTransform(processor, keep=10)({"image": image}, name="b")
+    assert kept.num_tokens == 10 and kept.grid == full.grid
+    assert torch.equal(kept.coords, again.coords) and not torch.equal(kept.coords, other.coords)
+    index = kept.coords[:, 0] * full.grid[1] + kept.coords[:, 1]
+    assert torch.equal(kept.patches, full.patches[index])  # a subset of the native tokens, unchanged
+    with pytest.raises(ValueError, match="not both"):
+        ExampleTransform(processor, keep=10, budget=16)
+
+
+# --------------------------------------------------------------------------------------------
+# The harder built-in set.
+
+
+def test_synthetic_hard_labels_the_kind_of_the_largest_shape():
+    source = open_source("synthetic-hard:60")
+    assert isinstance(source, SyntheticLargest) and source.class_names == list(KINDS)
+    labels = [source.label(i) for i in range(60)]
+    assert np.bincount(labels).tolist() == [10] * 6
+    aspects, distractors = {c: [] for c in range(6)}, []
+    for i in range(60):
+        item = source.item(i)
+        first, *rest = item["shapes"]
+        assert first["kind"] == KINDS[item["label"]] and len(rest) <= 4
+        distractors.append(len(rest))
+        assert all(s["radius"] <= 0.7 * first["radius"] and s["kind"] != first["kind"] for s in rest)
+        x, y = first["center"]
+        pixel = np.asarray(item["image"].convert("RGB"))[int(y), int(x)]
+        assert pixel.max() < 110  # the largest shape is drawn (dark) at its centre
+        aspects[item["label"]].append(math.log(item["image"].width / item["image"].height))
+    assert np.mean(np.asarray(distractors) >= 2) > 0.8
+    assert np.array_equal(np.asarray(source.item(7)["image"]), np.asarray(source.item(7)["image"]))
+    means = [np.mean(a) for a in aspects.values()]
+    assert max(means) - min(means) < 1.5  # aspect ratio does not give the label away
