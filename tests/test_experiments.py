@@ -27,7 +27,7 @@ from navit.train_config import TrainConfig
 DATA = "synthetic-hard:60"
 
 
-def run_quick(tmp_path, name, seeds=1, capsys=None):
+def run_quick(tmp_path, name, seeds=1):
     assert main(["experiment", name, "--data", DATA, "--out", str(tmp_path), "--quick", "--seeds", str(seeds)]) == 0
     folder = tmp_path / name
     results = json.loads((folder / "results.json").read_text())

@@ -238,15 +238,11 @@ class Experiment:
         return results
 
 
-def by_arm(runs: list[dict[str, Any]], key: str = "accuracy") -> dict[str, list[float]]:
-    """Arm name -> the values of ``key`` over seeds (``key`` may be ``"accuracy_vs_tokens:64"``)."""
+def by_arm(runs: list[dict[str, Any]], key: str = "accuracy", *, budget: str | None = None) -> dict[str, list[float]]:
+    """Arm name -> the values of ``key`` over seeds, or with ``budget`` the accuracy at that budget."""
     out: dict[str, list[float]] = {}
     for run in runs:
-        if ":" in key:
-            outer, inner = key.split(":", 1)
-            value = run[outer][inner]["accuracy"]
-        else:
-            value = run[key]
+        value = run[key] if budget is None else run["accuracy_vs_tokens"][budget]["accuracy"]
         out.setdefault(run["arm"], []).append(value)
     return out
 

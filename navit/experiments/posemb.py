@@ -43,7 +43,7 @@ class PosEmb(Experiment):
 
     def analyse(self, runs: list[dict[str, Any]], setting: Setting) -> Analysis:
         budgets = [str(b) for b in (*TRAIN, *UNSEEN)]
-        at = {b: by_arm(runs, f"accuracy_vs_tokens:{b}") for b in budgets}
+        at = {b: by_arm(runs, budget=b) for b in budgets}
         names = list(at[budgets[0]])
         lines = ["| embedding | " + " | ".join(f"@ {b}{' (unseen)' if int(b) in UNSEEN else ''}" for b in budgets) + " |",
                  "|---|" + "---|" * len(budgets)]  # fmt: skip

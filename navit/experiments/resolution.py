@@ -41,7 +41,7 @@ class Resolution(Experiment):
 
     def analyse(self, runs: list[dict[str, Any]], setting: Setting) -> Analysis:
         budgets = [str(b) for b in self.options(setting)["budgets"]]
-        at = {b: by_arm(runs, f"accuracy_vs_tokens:{b}") for b in budgets}
+        at = {b: by_arm(runs, budget=b) for b in budgets}
         seen = by_arm(runs, "examples_seen")
         names = list(seen)
         lines = ["| arm | " + " | ".join(f"acc @ {b} tok (%)" for b in budgets) + " | images seen |",

@@ -48,7 +48,7 @@ class TokenDrop(Experiment):
     def analyse(self, runs: list[dict[str, Any]], setting: Setting) -> Analysis:
         budgets = [str(b) for b in self.options(setting)["budgets"]]
         acc, seen, flops = by_arm(runs), by_arm(runs, "examples_seen"), by_arm(runs, "train_flops")
-        at = {b: by_arm(runs, f"accuracy_vs_tokens:{b}") for b in budgets}
+        at = {b: by_arm(runs, budget=b) for b in budgets}
         lines = ["| arm | accuracy (%) | " + " | ".join(f"@ {b} tok" for b in budgets) + " | images seen | TFLOPs |",
                  "|---|---|" + "---|" * (len(budgets) + 2)]  # fmt: skip
         for name in acc:
