@@ -271,3 +271,56 @@ def new_result(script: str, argv: list[str] | None, args) -> dict:
                      for k, v in vars(args).items()},
             "machine": machine_info(args.threads)}  # fmt: skip
 
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one ``fn()`` by torch's flop-counter formulas (matmuls and attention; 2 per
+    multiply-add), with formulas added for the CPU flash-attention kernels torch lacks.
+
+    A dispatch mode of its own rather than ``FlopCounterMode``, whose module tracker fails on some
+    peers' modules (timm's attention pool: "Expected gradient function to be set"). The count runs
+    with ``nn.TransformerEncoder``'s inference fast path off: its fused kernel hides the matmuls
+    from any counter, and the unfused path does the same arithmetic."""
+    import torch
+    from torch.utils import flop_counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    register_cpu_attention_flops()
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_counter.flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Count.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with Count():
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    return Count.total
+
+
+def register_cpu_attention_flops() -> None:
+    import torch
+    from torch.utils import flop_counter as fc
+
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(forward)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)
+
+    @fc.register_flop_formula(backward)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)

@@ -1,13 +1,13 @@
 """Adapters that let ``peers.py`` drive navit and public NaViT/NaFlex implementations alike.
 
-Every adapter builds a ViT-Ti-sized classifier (width 192, 3 heads, MLP 768, patch 16, depth
-configurable) and turns one :class:`StepImages` (the *same* images for everyone) into its own
+Every adapter builds a classifier of the same size (:data:`WIDTHS`: ViT-Ti 192 wide with 3
+heads, ViT-S 384/6, ViT-B 768/12; MLP 4x, patch 16, depth configurable) and turns one :class:`StepImages` (the *same* images for everyone) into its own
 input format. Peers are imported, never copied; an adapter whose library is missing reports why
 and is skipped.
 
 Implementations
 ---------------
-navit          ``navit.create_model("navit_ti16", depth=...)`` on a pre-packed ``PackedBatch``
+navit          ``navit.create_model("navit_<width>16", depth=...)`` on a pre-packed ``PackedBatch``
                (``navit.pack`` of pre-patchified images); attention backend ``auto`` (CPU:
                bucketed with adaptive dense fallback).
 navit-dense    the same model with ``attn_backend="dense"`` (one [B, 1, L, L] mask).
@@ -26,6 +26,8 @@ timm-naflex    ``timm.models.naflexvit.NaFlexVit`` (per-image padding: every ima
 ceiling        a plain ViT with no mask at all on square images with the batch's mean token
                count: ``nn.TransformerEncoder`` (batch_first, norm_first, GELU, same dims) with
                patch embedding, learned position embedding and mean pooling.
+ceiling-same   navit's own model (qk-norm, MAP pooling) on the same squares, one image per row,
+               attention unmasked: the mask-free ViT of navit's architecture.
 navit-compiled navit (auto) under ``torch.compile`` (``--compile``).
 navit-squares  navit (auto) fed the ceiling's square images, packed (diagnostic: navit's own
                overhead at exactly the ceiling's attention work, without the Σnᵢ² > N·mean²
@@ -42,12 +44,33 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import navit
 from navit.patchify import Example
 
-EMBED_DIM, NUM_HEADS, MLP_DIM, PATCH = 192, 3, 768, 16
+PATCH = 16
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model size every implementation gets (patch 16, MLP 4x width)."""
+
+    name: str
+    width: int
+    heads: int
+
+    @property
+    def mlp(self) -> int:
+        return 4 * self.width
+
+    @property
+    def navit_preset(self) -> str:
+        return f"navit_{self.name}16"
+
+
+WIDTHS = {d.name: d for d in (Dims("ti", 192, 3), Dims("s", 384, 6), Dims("b", 768, 12))}
 
 
 @dataclass
@@ -95,7 +118,7 @@ class Prepared:
 class Impl:
     key: str
     label: str
-    build: Callable[[int, int], nn.Module]  # (num_classes, depth) -> model
+    build: Callable[..., nn.Module]  # (num_classes, depth, dims) -> model
     prepare: Callable[[StepImages], Prepared]
     forward: Callable[[nn.Module, Any], torch.Tensor]
     missing: str | None = None  # why it cannot run here
@@ -120,10 +143,10 @@ def navit_prepare(step: StepImages) -> Prepared:
 
 
 def navit_impl(key: str, label: str, **overrides: Any) -> Impl:
-    def build(num_classes: int, depth: int) -> nn.Module:
-        return navit.create_model("navit_ti16", num_classes=num_classes, depth=depth, **overrides)
+    def build(num_classes: int, depth: int, dims: Dims) -> nn.Module:
+        return navit.create_model(dims.navit_preset, num_classes=num_classes, depth=depth, **overrides)
 
-    detail = "navit.create_model('navit_ti16'" + "".join(f", {k}={v!r}" for k, v in overrides.items()) + ")"
+    detail = "navit.create_model(preset" + "".join(f", {k}={v!r}" for k, v in overrides.items()) + ")"
     return Impl(key, label, build, navit_prepare, lambda m, x: m(x), detail=detail)
 
 
@@ -149,12 +172,12 @@ def lucidrains_impls() -> list[Impl]:
         except Exception:
             version = "?"
 
-    def build(num_classes: int, depth: int) -> nn.Module:
+    def build(num_classes: int, depth: int, dims: Dims) -> nn.Module:
         # image_size only sizes the factorized position tables: 64 patches per side is enough
         # for every grid in the benchmark mixes (<= 256 tokens, aspect <= 4:1).
         return LucidNaViT(
-            image_size=64 * PATCH, patch_size=PATCH, num_classes=num_classes, dim=EMBED_DIM,
-            depth=depth, heads=NUM_HEADS, dim_head=EMBED_DIM // NUM_HEADS, mlp_dim=MLP_DIM,
+            image_size=64 * PATCH, patch_size=PATCH, num_classes=num_classes, dim=dims.width,
+            depth=depth, heads=dims.heads, dim_head=dims.width // dims.heads, mlp_dim=dims.mlp,
             dropout=0.0, emb_dropout=0.0, token_dropout_prob=None,
         )
 
@@ -200,12 +223,12 @@ def timm_impl() -> Impl:
         return Impl("timm-naflex", "timm NaFlexViT", None, None, None,
                     missing=f"timm with NaFlexViT not importable ({type(error).__name__}: {error})")
 
-    def build(num_classes: int, depth: int) -> nn.Module:
+    def build(num_classes: int, depth: int, dims: Dims) -> nn.Module:
         # Built from NaFlexVitCfg directly: timm.create_model drops None-valued overrides, so
         # init_values=None (no LayerScale, like navit) could not be passed through it.
         cfg = NaFlexVitCfg(
-            patch_size=PATCH, embed_dim=EMBED_DIM, depth=depth, num_heads=NUM_HEADS,
-            mlp_ratio=MLP_DIM / EMBED_DIM, qkv_bias=True, qk_norm=True, init_values=None,
+            patch_size=PATCH, embed_dim=dims.width, depth=depth, num_heads=dims.heads,
+            mlp_ratio=dims.mlp / dims.width, qkv_bias=True, qk_norm=True, init_values=None,
             class_token=False, reg_tokens=0, global_pool="map", pos_embed="factorized",
         )
         return NaFlexVit(cfg, num_classes=num_classes)
@@ -233,17 +256,17 @@ def timm_impl() -> Impl:
 class PlainViT(nn.Module):
     """Standard ViT on a fixed square grid: no mask, no padding, mean pooling."""
 
-    def __init__(self, num_classes: int, depth: int, tokens: int) -> None:
+    def __init__(self, num_classes: int, depth: int, dims: Dims, tokens: int) -> None:
         super().__init__()
-        self.patch_embed = nn.Linear(PATCH * PATCH * 3, EMBED_DIM)
-        self.pos_embed = nn.Parameter(torch.randn(1, tokens, EMBED_DIM) * 0.02)
+        self.patch_embed = nn.Linear(PATCH * PATCH * 3, dims.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dims.width) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            EMBED_DIM, NUM_HEADS, MLP_DIM, dropout=0.0, activation="gelu",
+            dims.width, dims.heads, dims.mlp, dropout=0.0, activation="gelu",
             layer_norm_eps=1e-6, batch_first=True, norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(EMBED_DIM, eps=1e-6)
-        self.head = nn.Linear(EMBED_DIM, num_classes)
+        self.norm = nn.LayerNorm(dims.width, eps=1e-6)
+        self.head = nn.Linear(dims.width, num_classes)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(patches) + self.pos_embed
@@ -263,8 +286,8 @@ def ceiling_impl() -> Impl:
         n = step.num_images * side * side
         return Prepared(patches, step.labels, n, n, note=f"{side}x{side} tokens per image")
 
-    def build(num_classes: int, depth: int, tokens: int = 0) -> nn.Module:
-        return PlainViT(num_classes, depth, tokens)
+    def build(num_classes: int, depth: int, dims: Dims, tokens: int = 0) -> nn.Module:
+        return PlainViT(num_classes, depth, dims, tokens)
 
     impl = Impl("ceiling", "plain ViT (no mask)", build, prepare, lambda m, x: m(x),
                 detail="torch nn.TransformerEncoder(batch_first, norm_first, GELU) ViT, square "
@@ -290,40 +313,80 @@ def navit_squares_impl() -> Impl:
 
     impl = navit_impl("navit-squares", "navit on the ceiling's squares")
     impl.prepare = prepare
-    impl.detail = "navit.create_model('navit_ti16') on the ceiling's square images, packed (diagnostic)"
+    impl.detail = "navit.create_model(preset) on the ceiling's square images, packed (diagnostic)"
     return impl
+
+
+class Unmasked:
+    """Attention without any mask or gather: one image per row, every row full."""
+
+    name = "unmasked"
+    traceable = True
+
+    def prepare(self, segment_ids: torch.Tensor) -> None:
+        return None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: None) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def ceiling_same_impl() -> Impl:
+    """navit's own model (qk-norm, MAP pooling, factorized position embedding) with the masking
+    taken out: the ceiling's squares one per row, attention unmasked. What navit's architecture
+    costs with nothing to pack."""
+
+    def prepare(step: StepImages) -> Prepared:
+        side = ceiling_side(step)
+        g = torch.Generator().manual_seed(1234)
+        coords = navit.patchify.grid_coords(side, side)
+        tokens = [Example(torch.rand(side * side, PATCH * PATCH * 3, generator=g), coords, (side, side))
+                  for _ in range(step.num_images)]
+        batch = navit.pack(tokens, side * side, num_seqs=step.num_images, max_examples_per_seq=1).batch
+        n = batch.num_real_tokens
+        return Prepared(batch, step.labels, n, n, note=f"{side}x{side} tokens per image, one per row")
+
+    def build(num_classes: int, depth: int, dims: Dims) -> nn.Module:
+        model = navit.create_model(dims.navit_preset, num_classes=num_classes, depth=depth)
+        model.attention_backend = lambda device: Unmasked()  # this instance only
+        return model
+
+    return Impl("ceiling-same", "mask-free ViT, navit's architecture", build, prepare, lambda m, x: m(x),
+                detail="navit's model (qk-norm, MAP pool) on the ceiling's squares, one per row, "
+                "attention with no mask (same architecture, nothing packed)")
 
 
 class LinearLayersOnly(nn.Module):
     """The model's linear layers and nothing else, so a step costs exactly their GEMMs."""
 
-    def __init__(self, num_classes: int, depth: int) -> None:
+    def __init__(self, num_classes: int, depth: int, dims: Dims) -> None:
         super().__init__()
-        self.patch_embed = nn.Linear(PATCH * PATCH * 3, EMBED_DIM)
+        self.width = dims.width
+        self.patch_embed = nn.Linear(PATCH * PATCH * 3, dims.width)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([nn.Linear(EMBED_DIM, 3 * EMBED_DIM), nn.Linear(EMBED_DIM, EMBED_DIM),
-                           nn.Linear(EMBED_DIM, MLP_DIM), nn.Linear(MLP_DIM, EMBED_DIM)])
+            nn.ModuleList([nn.Linear(dims.width, 3 * dims.width), nn.Linear(dims.width, dims.width),
+                           nn.Linear(dims.width, dims.mlp), nn.Linear(dims.mlp, dims.width)])
             for _ in range(depth)
         )
-        self.head = nn.Linear(EMBED_DIM, num_classes)
+        self.head = nn.Linear(dims.width, num_classes)
 
     def forward(self, inputs: tuple[torch.Tensor, int]) -> torch.Tensor:
         patches, num_images = inputs
         x = self.patch_embed(patches)
         for qkv, proj, fc1, fc2 in self.blocks:
-            x = proj(qkv(x).unflatten(-1, (3, EMBED_DIM)).sum(-2))  # q, k and v all feed proj
+            x = proj(qkv(x).unflatten(-1, (3, self.width)).sum(-2))  # q, k and v all feed proj
             x = fc2(fc1(x))
         return self.head(x.mean(0)).expand(num_images, -1)
 
 
-def linear_only_flops(tokens: int, depth: int, train: bool) -> float:
+def linear_only_flops(tokens: int, depth: int, dims: Dims, train: bool) -> float:
     """GEMM FLOPs of one LinearLayersOnly call on ``tokens`` tokens (head on one row: ignored).
 
     Training adds two GEMMs per layer for the input and weight gradients, except the patch
     embedding, whose input needs no gradient.
     """
-    block = EMBED_DIM * 3 * EMBED_DIM + EMBED_DIM * EMBED_DIM + 2 * EMBED_DIM * MLP_DIM
-    patch = PATCH * PATCH * 3 * EMBED_DIM
+    block = dims.width * 3 * dims.width + dims.width * dims.width + 2 * dims.width * dims.mlp
+    patch = PATCH * PATCH * 3 * dims.width
     return 2.0 * tokens * ((3 if train else 1) * depth * block + (2 if train else 1) * patch)
 
 
@@ -351,23 +414,23 @@ def all_impls(diagnostics: bool = True, compiled: bool = False) -> list[Impl]:
         impls.append(impl)
     if diagnostics:
         impls.append(navit_impl("navit-lean", "navit (no qk-norm, mean pool)", qk_norm=False, pool="mean"))
-    impls += [*lucidrains_impls(), timm_impl(), ceiling_impl()]
+    impls += [*lucidrains_impls(), timm_impl(), ceiling_impl(), ceiling_same_impl()]
     if diagnostics:
         impls += [navit_squares_impl(), linear_only_impl()]
     return impls
 
 
-def build_model(impl: Impl, num_classes: int, depth: int, step: StepImages) -> nn.Module:
+def build_model(impl: Impl, num_classes: int, depth: int, dims: Dims, step: StepImages) -> nn.Module:
     if impl.extra.get("needs_tokens"):
         side = ceiling_side(step)
-        return impl.build(num_classes, depth, side * side)
-    return impl.build(num_classes, depth)
+        return impl.build(num_classes, depth, dims, side * side)
+    return impl.build(num_classes, depth, dims)
 
 
 def check_real_tokens_match(prepared: dict[str, Prepared], step: StepImages) -> None:
     """Every mask-based implementation must see exactly the step's real tokens."""
     for key, p in prepared.items():
-        if key not in ("ceiling", "navit-squares") and p.real_tokens != step.real_tokens:
+        if key not in ("ceiling", "ceiling-same", "navit-squares") and p.real_tokens != step.real_tokens:
             raise AssertionError(f"{key} sees {p.real_tokens} real tokens, expected {step.real_tokens}")
 
 

@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick    # ~3-4 min
     /opt/peers-venv/bin/python benchmarks/run_all.py   # with the peers installed (timm, vit-pytorch)
     python benchmarks/run_all.py --device cuda --precision bf16   # on a GPU -> results/cuda-bf16/
+    python benchmarks/run_all.py --suite gpu --budget 400   # the bf16 GPU check of gpu_check.sh
 
 Each benchmark runs as its own subprocess of the same interpreter, one after the other (never in
 parallel: they time CPU work). Their Markdown output is collected into SUMMARY.md together with
@@ -62,20 +63,74 @@ def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
     ]
 
 
+# The GPU check: (name, script, options, seconds it may take on one H200, smoke options that run
+# the same step in seconds on a CPU). Budgets add up to 7 minutes, so with the tests before them
+# gpu_check.sh ends inside 8.
+GPU_SUITE = [
+    ("attention_scaling", "attention_scaling.py",
+     ["--seq-lens", "256", "1024", "2048", "4096", "8192", "--dense-max-len", "8192", "--repeats", "10"], 50,
+     ["--seq-lens", "128", "256", "--repeats", "1", "--warmup", "0"]),
+    ("peers_vit_b", "peers.py",
+     ["--width", "b", "--sections", "train", "infer", "lsweep", "--mixes", "uniform", "paper", "native",
+      "--num-seqs", "8", "--lsweep-lens", "1024", "2048", "4096", "8192", "--lsweep-tokens", "16384",
+      "--repeats", "10", "--infer-repeats", "10", "--lsweep-repeats", "5", "--retry-noisy", "0"], 140,
+     ["--width", "s", "--depth", "1", "--sections", "train", "infer", "lsweep", "--mixes", "uniform",
+      "--seq-len", "256", "--num-seqs", "2", "--max-examples-per-seq", "8", "--impls", "navit", "navit-dense",
+      "ceiling-same", "--lsweep-lens", "256", "512", "--lsweep-tokens", "1024", "--repeats", "1",
+      "--infer-repeats", "1", "--lsweep-repeats", "1", "--warmup", "0", "--retry-noisy", "0"]),
+    ("peers_compiled", "peers.py",
+     ["--compile", "--sections", "train", "infer", "--mixes", "paper", "--impls", "navit", "navit-compiled",
+      "ceiling-same", "timm-naflex", "--repeats", "10", "--infer-repeats", "10", "--retry-noisy", "0"], 90,
+     ["--sections", "train", "--mixes", "paper", "--impls", "navit", "ceiling-same", "--depth", "1",
+      "--seq-len", "256", "--num-seqs", "2", "--max-examples-per-seq", "8", "--repeats", "1", "--warmup", "0",
+      "--retry-noisy", "0"]),
+    ("video", "video.py", ["--sections", "train", "padding", "--repeats", "10"], 40,
+     ["--sections", "train", "padding", "--depth", "1", "--seq-len", "256", "--num-seqs", "2", "--max-tokens", "64",
+      "--max-frames", "6", "--repeats", "1", "--warmup", "0", "--padding-examples", "2000"]),
+    ("siglip2", "siglip2.py", ["--repeats", "5"], 60,
+     ["--width", "64", "--depth", "1", "--images", "4", "--batch-images", "2", "--max-patches", "16", "64",
+      "--seq-len", "128", "--repeats", "1", "--no-memory"]),
+    ("segment", "segment.py", ["--repeats", "10"], 30,
+     ["--depth", "1", "--seq-len", "256", "--num-seqs", "2", "--max-tokens", "128", "--repeats", "1",
+      "--warmup", "0"]),
+]
+
+
+def gpu_suite(args, out: Path) -> list[tuple[str, list[str], Path | None, float]]:
+    """The GPU check's steps (``--smoke``: the same steps at toy sizes and without torch.compile,
+    to test the check on a CPU)."""
+    steps = []
+    for name, script, options, budget, smoke in GPU_SUITE:
+        dtype = "--dtype" if script == "attention_scaling.py" else "--precision"
+        cmd = [str(HERE / script), "--threads", str(args.threads), "--device", args.device, dtype, args.precision,
+               *(smoke if args.smoke else options), "--out", str(out / f"{name}.json")]
+        steps.append((name, cmd, None if script == "attention_scaling.py" else out / f"{name}.md", budget))
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter versions of every benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the timed benchmarks")
-    p.add_argument("--only", nargs="+", choices=["packing_padding", "attention_scaling", "peers", "video", "siglip2", "segment"],
-                   help="run only these benchmarks")
+    p.add_argument("--only", nargs="+", help="run only these steps (names as in SUMMARY.md)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda also adds a torch.compile row to the peers tables")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--suite", choices=["all", "gpu"], default="all",
+                   help="gpu: the bf16 GPU check (ViT-B widths, L up to 8192, torch.compile, video, SigLIP2), "
+                   "each step with its own time budget")
+    p.add_argument("--smoke", action="store_true", help="with --suite gpu: toy sizes, to test the check on a CPU")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run: a step still running when its budget or this one is spent "
+                   "is stopped and reported, and the next one starts")
+    p.add_argument("--out-dir", type=Path, default=None, help="where results go (default: results/, or "
+                   "results/<device>-<precision>/ for any other setting)")
     args = p.parse_args(argv)
     # The CPU fp32 results live in results/; any other setting in its own folder beside them.
     default = args.device == "cpu" and args.precision == "fp32"
-    out = RESULTS_DIR if default else RESULTS_DIR / f"{args.device}-{args.precision}"
+    out = args.out_dir or (RESULTS_DIR if default else RESULTS_DIR / f"{args.device}-{args.precision}")
     out.mkdir(parents=True, exist_ok=True)
+    steps = gpu_suite(args, out) if args.suite == "gpu" else [(*b, None) for b in benchmarks(args, out)]
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_all = time.perf_counter()
@@ -84,30 +139,41 @@ def main(argv: list[str] | None = None) -> int:
     load0 = load_average()
     sections = []
     failed = 0
-    for name, cmd, md_file in benchmarks(args, out):
+    for name, cmd, md_file, budget in steps:
         if args.only and name not in args.only:
             continue
         full = [sys.executable, *cmd]
         shown = " ".join(["python", *[os.path.relpath(c) if c.startswith(str(HERE)) else c for c in cmd]])
-        print(f"=== {name}: {shown}", flush=True)
+        left = None if args.budget is None else args.budget - (time.perf_counter() - t_all)
+        limit = min((t for t in (budget, left) if t is not None), default=None)
+        if left is not None and left < 5:
+            print(f"=== {name}: skipped, the run's budget is spent", flush=True)
+            failed += 1
+            sections.append((name, shown, "skipped", 0.0, "**Skipped: the run's time budget was spent.**"))
+            continue
+        print(f"=== {name}: {shown}" + ("" if limit is None else f" (at most {limit:.0f} s)"), flush=True)
         t0 = time.perf_counter()
         log_path = out / f"{name}.log"
         with open(log_path, "w") as log:
-            proc = subprocess.run(full, stdout=subprocess.PIPE, stderr=log, text=True)
+            try:
+                proc = subprocess.run(full, stdout=subprocess.PIPE, stderr=log, text=True, timeout=limit)
+                rc, stdout = proc.returncode, proc.stdout
+            except subprocess.TimeoutExpired as stopped:
+                rc = "timeout"
+                stdout = stopped.stdout.decode(errors="replace") if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
         elapsed = time.perf_counter() - t0
-        stdout = proc.stdout
         if md_file is None:
             (out / f"{name}.md").write_text(stdout)
             body = stdout
         else:
-            body = md_file.read_text() if md_file.exists() and proc.returncode == 0 else stdout
-        if proc.returncode != 0:
+            body = md_file.read_text() if md_file.exists() and rc == 0 else stdout
+        if rc != 0:
             failed += 1
             tail = log_path.read_text()[-3000:]
-            body = f"**FAILED with exit status {proc.returncode}**\n\n```\n{tail}\n```\n\n{body}"
-        print(f"    exit {proc.returncode} in {elapsed:.0f} s (stderr: {log_path.relative_to(HERE.parent)})",
-              flush=True)
-        sections.append((name, shown, proc.returncode, elapsed, body))
+            why = f"stopped after its {limit:.0f} s budget" if rc == "timeout" else f"exit status {rc}"
+            body = f"**FAILED: {why}**\n\n```\n{tail}\n```\n\n{body}"
+        print(f"    exit {rc} in {elapsed:.0f} s (stderr: {log_path})", flush=True)
+        sections.append((name, shown, rc, elapsed, body))
 
     total = time.perf_counter() - t_all
     import torch
@@ -117,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Started {started}; total {total / 60:.1f} min; `{Path(sys.executable)}` (torch {torch.__version__}), "
         f"{os.cpu_count()} cores, threads {args.threads}, device {args.device}, {args.precision}, load average at start "
-        f"{'—' if load0 is None else f'{load0:.2f}'}{', quick mode' if args.quick else ''}.",
+        f"{'—' if load0 is None else f'{load0:.2f}'}{', quick mode' if args.quick else ''}"
+        f"{f', suite {args.suite}' + (' (smoke sizes)' if args.smoke else '') if args.suite != 'all' else ''}.",
         "",
     ]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])

@@ -25,16 +25,45 @@ from navit.processor import Processor
 
 @dataclass
 class ForwardContext:
-    """What every block needs about the batch, computed once per forward."""
+    """What every block needs about the batch, computed once per forward.
+
+    With a ``slot_order`` (a backend's own token order, see :func:`prepare_attention`) the
+    blocks see [1, S, D] tokens in that order, and so do ``rope`` and ``example_index``.
+    """
 
     backend: AttentionBackend
     attn_state: Any
     rope: tuple[torch.Tensor, torch.Tensor] | None
-    slot_index: torch.Tensor  # [B, L] slot per token, padding -> E
-    num_slots: int
+    example_index: torch.Tensor  # per token, its (sequence, slot) as one id; padding -> a spare id per row
+    num_ids: int
+    slot_order: Any = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.slot_order is not None:
+            out = run_backend(self.backend, self.backend.attend_slots, q[0], k[0], v[0], self.attn_state)
+            return out[None]
         return run_backend(self.backend, self.backend.attend, q, k, v, self.attn_state)
+
+
+def example_ids(segment_ids: torch.Tensor, max_examples_per_seq: int) -> tuple[torch.Tensor, int]:
+    """Per token [B, L], one id for its (sequence, slot), padding a spare id of its sequence; and
+    how many ids there are."""
+    rows = segment_ids.shape[0]
+    slots = max_examples_per_seq + 1
+    offsets = slots * torch.arange(rows, device=segment_ids.device)[:, None]
+    return slot_index(segment_ids, max_examples_per_seq) + offsets, rows * slots
+
+
+def prepare_attention(backend: AttentionBackend, segment_ids: torch.Tensor) -> tuple[Any, Any]:
+    """The backend's state for this batch, and its slot order when the blocks can keep their
+    tokens in it (backends with ``prepare_slots``, in eager mode): see navit.attention.bucketed.
+    Under ``torch.compile`` the packed [B, L] order stays, so one graph serves every batch of a
+    packed shape."""
+    prepare_slots = getattr(backend, "prepare_slots", None)
+    if prepare_slots is None or torch.compiler.is_compiling():
+        return run_backend(backend, backend.prepare, segment_ids), None
+    state = run_backend(backend, prepare_slots, segment_ids)
+    return state, (state if state.in_slot_order else None)
 
 
 def run_backend(backend: AttentionBackend, fn: Callable[..., Any], *args: Any) -> Any:
@@ -88,9 +117,9 @@ def drop_path(x: torch.Tensor, rate: float, ctx: ForwardContext, training: bool)
     """Stochastic depth per *example* (not per sequence): examples packed together drop independently."""
     if rate == 0.0 or not training:
         return x
-    keep = torch.rand(x.shape[0], ctx.num_slots + 1, device=x.device) >= rate
+    keep = torch.rand(ctx.num_ids, device=x.device) >= rate
     scale = keep.to(x.dtype) / (1.0 - rate)
-    return x * torch.gather(scale, 1, ctx.slot_index)[..., None]
+    return x * scale[ctx.example_index][..., None]
 
 
 class LayerScale(nn.Module):
@@ -197,10 +226,11 @@ class NaViT(nn.Module):
         """FLOPs of a forward over ``batch`` (2 per multiply-add of every matmul; norms, softmax
         and other elementwise work left out), or of a training step's forward and backward.
 
-        Linear layers run on every token of the batch, padding included (and the blocks on the
-        ``prefix_tokens`` of every slot); attention costs Σ nᵢ² per layer, nᵢ an example's tokens
-        with its prefix; pooling and the head as :meth:`head_flops` says. A backward costs twice
-        its forward, except that no gradient flows into the pixels.
+        Linear layers count on every token of the batch, padding included (and the blocks on the
+        ``prefix_tokens`` of every slot), as the dense and flex backends compute them (the bucketed
+        backend's slot order skips the padding); attention costs Σ nᵢ² per layer, nᵢ an example's
+        tokens with its prefix; pooling and the head as :meth:`head_flops` says. A backward costs
+        twice its forward, except that no gradient flows into the pixels.
         """
         cfg, dim = self.config, self.config.embed_dim
         tokens, slots = batch.segment_ids.numel(), batch.slot_to_example.numel()
@@ -213,8 +243,8 @@ class NaViT(nn.Module):
 
     def head_flops(self, batch: PackedBatch) -> int:
         """FLOPs of pooling and the head over ``batch`` (the head runs once per example)."""
-        tokens, slots = batch.segment_ids.numel(), batch.slot_to_example.numel()
-        return 2 * batch.num_examples * self.config.embed_dim * self.config.num_classes + self.pool.flops(tokens, slots)
+        pool = self.pool.flops(batch.num_seqs, batch.seq_len, batch.max_examples_per_seq)
+        return 2 * batch.num_examples * self.config.embed_dim * self.config.num_classes + pool
 
     def attention_backend(self, device: torch.device) -> AttentionBackend:
         name = self.config.attn_backend
@@ -266,15 +296,16 @@ class NaViT(nn.Module):
                 cos, sin = rope
                 keep = (self.prefix.shape[0], *cos.shape[2:])
                 rope = layout.insert(cos, cos.new_ones(keep), 1.0), layout.insert(sin, sin.new_zeros(keep))
-        ctx = ForwardContext(
-            backend=backend,
-            attn_state=run_backend(backend, backend.prepare, segment_ids),
-            rope=rope,
-            slot_index=slot_index(segment_ids, batch.max_examples_per_seq),
-            num_slots=batch.max_examples_per_seq,
-        )
+        state, order = prepare_attention(backend, segment_ids)
+        example_index, num_ids = example_ids(segment_ids, batch.max_examples_per_seq)
+        if order is not None:
+            x, example_index = order.enter(x)[None], order.enter(example_index)[None]
+            rope = tuple(order.enter(t)[None] for t in rope) if rope is not None else None
+        ctx = ForwardContext(backend, state, rope, example_index, num_ids, order)
         for block in self.blocks:
             x = block(x, ctx)
+        if order is not None:
+            x = order.leave(x[0], segment_ids.shape)
         if layout is not None:
             x = layout.restore(x)
         if self.config.final_norm == "tokens":

@@ -30,8 +30,8 @@ class MeanPool(nn.Module):
         counts = counts.scatter_add(1, index, torch.ones_like(index, dtype=tokens.dtype))
         return (sums / counts.clamp(min=1)[..., None])[:, :num_slots]
 
-    def flops(self, tokens: int, slots: int) -> int:
-        """Matmul FLOPs of a forward over ``tokens`` tokens and ``slots`` slots: none."""
+    def flops(self, rows: int, length: int, num_slots: int) -> int:
+        """Matmul FLOPs of a forward over [rows, length] tokens with ``num_slots`` slots per row: none."""
         return 0
 
 
@@ -45,7 +45,9 @@ class MAPPool(nn.Module):
     is q·(W_k x + b_k) = (W_kᵀ q)·x + const, and the pooled value Σ pᵢ (W_v xᵢ + b_v) =
     W_v (Σ pᵢ xᵢ) + b_v (Σ pᵢ = 1). So each head pools the raw tokens and projects once per slot,
     which costs O(N·D·H) instead of the O(N·D²) of projecting all N tokens, with the same
-    parameters and the same result.
+    parameters and the same result. The pooling itself is one batched matmul of the tokens with
+    their per-slot, per-head softmax weights ([B, (E+1)·H, L] @ [B, L, D]): no [N, H, D]
+    intermediate, which at ViT-B width (12 heads) would be 12 times the tokens' memory.
     """
 
     def __init__(self, dim: int, num_heads: int, hidden: int, eps: float = 1e-6, act: nn.Module | None = None) -> None:
@@ -58,11 +60,14 @@ class MAPPool(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), act or nn.GELU(), nn.Linear(hidden, dim))
 
-    def flops(self, tokens: int, slots: int) -> int:
-        """Matmul FLOPs of a forward over ``tokens`` tokens and ``slots`` pooling slots."""
+    def flops(self, rows: int, length: int, num_slots: int) -> int:
+        """Matmul FLOPs of a forward over [rows, length] tokens with ``num_slots`` slots per row."""
         dim, heads, hidden = self.probe.numel(), self.num_heads, self.mlp[0].out_features
         once = 2 * dim * dim  # the probe's query and its key-folded form
-        return 2 * (tokens * dim * heads + slots * (2 * dim * dim + 2 * dim * hidden) + once)
+        scores = rows * length * dim * heads
+        pooling = rows * (num_slots + 1) * heads * length * dim  # the padding slot included
+        per_slot = 2 * dim * dim + 2 * dim * hidden
+        return 2 * (scores + pooling + rows * num_slots * per_slot + once)
 
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
         b, length, dim = tokens.shape
@@ -82,10 +87,10 @@ class MAPPool(nn.Module):
         weights = torch.exp(scores - torch.gather(slot_max, 1, index_h))
         denom = weights.new_zeros(b, num_slots + 1, heads).scatter_add(1, index_h, weights)
         weights = weights / torch.gather(denom, 1, index_h)  # [B, L, H]
-        # Rows of one flat index_add: its backward is a plain row gather.
-        rows = (index + torch.arange(b, device=index.device)[:, None] * (num_slots + 1)).reshape(-1)
-        weighted = (weights[..., None] * tokens[:, :, None, :]).reshape(b * length, heads * dim)
-        pooled_tokens = tokens.new_zeros(b * (num_slots + 1), heads * dim).index_add(0, rows, weighted)
+        # Each slot's weights over its row's tokens, per head: [B, L, E+1, H], zero off the slot.
+        member = torch.nn.functional.one_hot(index, num_slots + 1).to(weights.dtype)
+        by_slot = (member[..., None] * weights[:, :, None, :]).reshape(b, length, (num_slots + 1) * heads)
+        pooled_tokens = torch.bmm(by_slot.transpose(1, 2), tokens)  # [B, (E+1)·H, D]
         pooled_tokens = pooled_tokens.view(b, num_slots + 1, heads, dim)[:, :num_slots]
         values = torch.einsum("bshD,hdD->bshd", pooled_tokens, w_value) + b_value
         x = self.proj(values.reshape(b, num_slots, dim))

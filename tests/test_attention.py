@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import navit.attention.bucketed as bucketed
+import navit.model
 import navit.attention.flex as flex
 import navit.attention.varlen as varlen
 from navit import pack, pack_images
@@ -355,6 +356,45 @@ def test_flex_backend_forward_matches_dense_on_cpu():
         expected = dense.forward_features(batch)
     real = batch.token_mask
     assert_rel_close(out[real], expected[real], 1e-5, "flex features")
+
+
+def test_the_model_keeps_its_tokens_in_bucket_order_across_layers(monkeypatch):
+    """With the bucketed backend the blocks run in the plan's slot order (images grouped by exact
+    length, no padding slots): tokens move in once and out once per forward, attention never
+    takes the per-call gather path, and features, logits and gradients are the dense backend's."""
+    model = tiny_model(attn_backend="bucketed", rope=True, drop_path=0.0)
+    dense = with_backend(model, "dense")
+    batch = pack_images(random_images(SIZES + [(40, 8), (8, 8), (16, 16)], seed=4), PATCH, 24)
+    weights = torch.randn(batch.num_examples, model.config.num_classes)
+    ref_features, ref_logits, ref_grads = features_logits_grads(dense, batch, weights)
+    moves = {"enter": 0, "leave": 0}
+    for name in moves:
+        original = getattr(bucketed.BucketPlan, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            moves[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(bucketed.BucketPlan, name, counted)
+    monkeypatch.setattr(BucketedBackend, "attend", lambda *args: pytest.fail("attention took the gather path"))
+    contexts = []
+    drop_path = navit.model.drop_path
+    monkeypatch.setattr(navit.model, "drop_path", lambda x, rate, ctx, training: contexts.append(ctx) or drop_path(x, rate, ctx, training))
+    plans = []
+    prepare_slots = BucketedBackend.prepare_slots
+    monkeypatch.setattr(BucketedBackend, "prepare_slots", lambda self, ids: plans.append(prepare_slots(self, ids)) or plans[-1])
+    features, logits, grads = features_logits_grads(model, batch, weights)
+    assert moves == {"enter": 4, "leave": 1}  # tokens, example ids, rope cos and sin; tokens back
+    (plan,) = plans
+    assert all(bucket.key_mask is None for bucket in plan.buckets)  # exact lengths: nothing masked
+    assert sum(g * m for g, m in (b.size for b in plan.buckets)) == batch.num_real_tokens
+    real = batch.token_mask
+    # Stochastic depth reads each token's example id in the same order as the tokens.
+    ids, _ = navit.model.example_ids(batch.segment_ids, batch.max_examples_per_seq)
+    assert torch.equal(plan.leave(contexts[0].example_index[0], ids.shape)[real], ids[real])
+    assert_rel_close(features[real], ref_features[real], 1e-5, "features")
+    assert_rel_close(logits, ref_logits, 1e-5, "logits")
+    assert_param_grads_close(grads, ref_grads, 1e-5)
 
 
 # Image layouts of one packed shape (3 sequences of 32 tokens, at most 4 images each).

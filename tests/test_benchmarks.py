@@ -7,6 +7,7 @@ implementation, ratios, the device and precision they were asked for), not any t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +22,6 @@ def run_script(name: str, *args: str) -> None:
     proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
-
-
-def test_peers_runs_train_and_inference_in_bf16(tmp_path):
-    out = tmp_path / "peers.json"
-    run_script(
-        "peers.py", "--quick", "--sections", "train", "infer", "--mixes", "paper",
-        "--impls", "navit", "navit-dense", "ceiling", "--depth", "1", "--seq-len", "256",
-        "--num-seqs", "2", "--max-examples-per-seq", "8", "--repeats", "1", "--infer-repeats", "1",
-        "--warmup", "0", "--precision", "bf16", "--out", str(out),
-    )
-    result = json.loads(out.read_text())
-    assert result["args"]["precision"] == "bf16" and result["args"]["device"] == "cpu"
-    for mode in ("train", "infer"):
-        table = result["mixes"]["paper"][mode]
-        assert set(table["rows"]) == {"navit", "navit-dense", "ceiling"}
-        assert set(table["ratios"]) == {"navit-dense", "ceiling"}
-        assert all(row["real_tokens_per_s"] > 0 for row in table["rows"].values())
-    assert "(CPU, bf16)" in out.with_suffix(".md").read_text()
 
 
 def test_attention_scaling_times_every_cpu_backend(tmp_path):
@@ -87,18 +70,6 @@ def test_siglip2_benchmark_checks_agreement_and_times_both(tmp_path):
     assert set(result["memory"]["64"]) == {"transformers", "navit"}
 
 
-def test_segment_benchmark_times_packed_and_padded_layouts_of_the_same_images(tmp_path):
-    out = tmp_path / "segment.json"
-    run_script("segment.py", "--depth", "1", "--seq-len", "256", "--num-seqs", "2", "--max-tokens", "128",
-               "--repeats", "1", "--warmup", "0", "--out", str(out))  # fmt: skip
-    result = json.loads(out.read_text())["run"]
-    assert set(result["rows"]) == {"navit", "padded-longest", "padded-fixed"}
-    computed = {name: row["computed_tokens"] for name, row in result["rows"].items()}
-    assert computed["navit"] == 2 * 256 <= computed["padded-longest"] <= computed["padded-fixed"]
-    assert result["real_tokens"] == sum(result["tokens"]) and all(r > 0 for r in result["ratios"].values())
-    assert (tmp_path / "segment.md").exists()
-
-
 def test_peer_layout_rules_count_their_padding(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from packing_padding import next_fit_padding, per_image_padding
@@ -115,14 +86,140 @@ def test_linear_only_flops_match_torch_flop_counter(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from peer_models import LinearLayersOnly, linear_only_flops
+    from peer_models import WIDTHS, LinearLayersOnly, linear_only_flops
 
-    model = LinearLayersOnly(num_classes=10, depth=2)
+    model = LinearLayersOnly(num_classes=10, depth=2, dims=WIDTHS["ti"])
     patches = torch.rand(64, 16 * 16 * 3)
     with FlopCounterMode(display=False) as train:
         model((patches, 3)).sum().backward()
     with torch.no_grad(), FlopCounterMode(display=False) as infer:
         model((patches, 3))
     # The head works on one pooled row, which the count leaves out.
-    assert linear_only_flops(64, 2, train=True) == pytest.approx(train.get_total_flops(), rel=1e-3)
-    assert linear_only_flops(64, 2, train=False) == pytest.approx(infer.get_total_flops(), rel=1e-3)
+    assert linear_only_flops(64, 2, WIDTHS["ti"], train=True) == pytest.approx(train.get_total_flops(), rel=1e-3)
+    assert linear_only_flops(64, 2, WIDTHS["ti"], train=False) == pytest.approx(infer.get_total_flops(), rel=1e-3)
+
+
+def test_flop_count_of_a_navit_step_is_what_the_model_says(monkeypatch):
+    """MFU divides by these counts: torch's formulas (with the CPU flash-attention ones the
+    benchmarks add) must see every matmul and attention score navit's own ``flops`` counts. The
+    images fill their sequences: ``flops`` counts the linear layers on padding too."""
+    import torch
+
+    import navit
+    from navit.patchify import Example, grid_coords
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from bench_common import count_flops
+
+    torch.manual_seed(0)
+    model = navit.create_model("navit_ti16", depth=2, num_classes=10)
+    examples = [Example(torch.rand(64, 768), grid_coords(8, 8), (8, 8)) for _ in range(8)]
+    batch = navit.pack(examples, 256, num_seqs=2, max_examples_per_seq=4).batch
+    with torch.no_grad():
+        assert count_flops(lambda: model.eval()(batch)) == model.flops(batch)
+    # torch counts a flash backward as 2.5 forwards (it recomputes the scores), navit as 2.
+    attention_forward = 2 * 2 * 2 * 8 * 64**2 * 192  # layers x (QK^T, PV) x 2 per MAC x sum n^2 x width
+    assert count_flops(lambda: model.train()(batch).sum().backward()) == (
+        model.flops(batch, training=True) + attention_forward // 2
+    )
+
+
+def test_uniform_mix_fills_each_image_to_the_token_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import peers
+
+    args = peers.parse_args(["--mixes", "uniform", "--num-seqs", "2"])
+    step, originals = peers.make_step("uniform", args)
+    counts = [t.num_tokens for t in step.tokens]
+    assert all(0.9 * peers.MAX_TOKENS <= n <= peers.MAX_TOKENS for n in counts), counts
+    # Scaled up as well as down: the originals are often smaller than what they become.
+    assert any(o.shape[1] * o.shape[2] < 16 * 16 * n for o, n in zip(originals, counts))
+    aspects = {round(p.shape[2] / p.shape[1], 1) for p in step.pixels}
+    assert len(aspects) > 2  # real aspect ratios, not squares
+
+
+@pytest.fixture(scope="module")
+def gpu_check_smoke(tmp_path_factory):
+    """benchmarks/gpu_check.sh end to end on this CPU: every step at toy sizes."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--device", "cpu", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    return proc, out
+
+
+def test_gpu_check_runs_every_step_and_writes_its_tables(gpu_check_smoke):
+    proc, out = gpu_check_smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "passed" in (out / "tests.log").read_text()
+    assert "torch" in (out / "environment.txt").read_text()
+    summary = (out / "SUMMARY.md").read_text()
+    for step in ("attention_scaling", "peers_vit_b", "peers_compiled", "video", "siglip2", "segment"):
+        assert f"| {step} |" in summary and (out / f"{step}.md").exists(), step
+    assert "FAILED" not in summary
+    attention = json.loads((out / "attention_scaling.json").read_text())
+    assert attention["config"]["dtype"] == "bf16" and [r["seq_len"] for r in attention["results"]] == [128, 256]
+    peers = json.loads((out / "peers_vit_b.json").read_text())
+    assert peers["args"]["precision"] == "bf16" and peers["args"]["width"] == "s"
+    assert "ViT-S" in (out / "peers_vit_b.md").read_text()
+    for mode in ("train", "infer"):
+        table = peers["mixes"]["uniform"][mode]
+        assert set(table["rows"]) == {"navit", "navit-dense", "ceiling-same"}
+        assert table["ratios"]["ceiling-same"]["target"] == (0.95 if mode == "train" else None)
+        # MFU: counted FLOPs per second over the square-matmul rate, for every row.
+        assert all(0 < row["mfu"] < 2 and row["gflop"] > 0 for row in table["rows"].values())
+        # The mask-free ViT does its squares' work, navit its real tokens: navit computes fewer FLOPs
+        # than dense masking, which scores all B*L^2 pairs.
+        assert table["rows"]["navit"]["gflop"] < table["rows"]["navit-dense"]["gflop"]
+    assert [p["seq_len"] for p in peers["lsweep"]["points"]] == [256, 512]
+    video = json.loads((out / "video.json").read_text())
+    assert video["train"]["ratios"]["padded"] > 0 and "loader" not in video
+    siglip2 = json.loads((out / "siglip2.json").read_text())
+    assert all(row["agreement"] < 1e-1 for row in siglip2["speed"].values())  # bf16
+    segment = json.loads((out / "segment.json").read_text())["run"]
+    assert set(segment["rows"]) == {"navit", "padded-longest", "padded-fixed"}
+    computed = {name: row["computed_tokens"] for name, row in segment["rows"].items()}
+    assert computed["navit"] == 2 * 256 <= computed["padded-longest"] <= computed["padded-fixed"]
+
+
+def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr
+    assert not (tmp_path / "tests.log").exists()  # stopped before running anything
+
+
+def test_a_step_over_its_budget_is_stopped_and_the_next_still_runs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run_all
+
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    writer = tmp_path / "writer.py"
+    writer.write_text("import sys\nprint('| table |')\n")
+    monkeypatch.setattr(run_all, "GPU_SUITE", [("slow", str(sleeper), [], 2, []), ("next", str(writer), [], 30, [])])
+    assert run_all.main(["--suite", "gpu", "--out-dir", str(tmp_path / "out")]) == 1
+    summary = (tmp_path / "out" / "SUMMARY.md").read_text()
+    assert "stopped after its 2 s budget" in summary and "| slow |" in summary
+    assert "| next | " in summary and "| table |" in summary
+
+
+def test_flop_count_sees_the_matmuls_of_torch_transformer_fast_path(monkeypatch):
+    """The plain ViT ceiling runs nn.TransformerEncoder, whose inference fast path is one fused op."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from bench_common import count_flops
+    from peer_models import WIDTHS, PlainViT
+
+    dims, images, tokens, depth = WIDTHS["s"], 4, 81, 2
+    model = PlainViT(10, depth, dims, tokens).eval()
+    patches = torch.rand(images, tokens, 16 * 16 * 3)
+    n = images * tokens
+    layer = n * (4 * dims.width**2 + 2 * dims.width * dims.mlp) + 2 * images * tokens**2 * dims.width
+    expected = 2 * (n * 16 * 16 * 3 * dims.width + depth * layer + images * dims.width * 10)
+    with torch.no_grad():
+        assert count_flops(lambda: model(patches)) == expected

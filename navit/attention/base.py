@@ -3,6 +3,11 @@
 A backend turns a batch's segment ids into whatever it needs (``prepare``, once per forward) and
 then computes attention for every layer (``attend``) so that no token sees another image's tokens
 or padding. Outputs at padding positions are unspecified.
+
+A backend may also offer ``prepare_slots(segment_ids)``, whose state has ``in_slot_order``,
+``enter`` and ``leave``, and ``attend_slots(q, k, v, state)`` on [S, H, D] tokens in that order:
+then the model moves its tokens into the backend's order once per forward instead of every
+layer (the bucketed backend does; see navit.attention.bucketed).
 """
 
 from __future__ import annotations
