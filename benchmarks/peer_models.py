@@ -1,7 +1,8 @@
 """Adapters that let ``peers.py`` drive navit and public NaViT/NaFlex implementations alike.
 
 Every adapter builds a classifier of the same size (:data:`WIDTHS`: ViT-Ti 192 wide with 3
-heads, ViT-S 384/6, ViT-B 768/12; MLP 4x, patch 16, depth configurable) and turns one :class:`StepImages` (the *same* images for everyone) into its own
+heads, ViT-S 384/6, ViT-B 768/12; MLP 4x, patch 16, depth configurable) and turns one
+:class:`StepImages` (the *same* images for everyone) into its own
 input format. Peers are imported, never copied; an adapter whose library is missing reports why
 and is skipped.
 
@@ -64,6 +65,10 @@ class Dims:
     @property
     def mlp(self) -> int:
         return 4 * self.width
+
+    @property
+    def label(self) -> str:
+        return f"ViT-{self.name.capitalize()}"
 
     @property
     def navit_preset(self) -> str:

@@ -4,7 +4,8 @@ Every implementation gets the *same* images and the *same* model size (``--width
 wide with 3 heads, by default; ViT-S; ViT-B; MLP 4x, patch 16, depth 6); they run interleaved
 within every repeat, so machine noise hits all alike, and the report is about RATIOS (absolute
 times on a small shared VM are unreliable). Every row also gets its model FLOPs utilisation: the
-FLOPs torch's flop counter counts in one step, per second, over one large square matmul's rate. See ``peer_models.py`` for the implementations and how each is fed.
+FLOPs torch's flop counter counts in one step, per second, over one large square matmul's rate.
+See ``peer_models.py`` for the implementations and how each is fed.
 
 Sections (``--sections``, default all):
 
@@ -708,7 +709,7 @@ def render_markdown(res: dict) -> str:
         f"{m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores, torch threads {a['threads']}; "
         f"load average at start {fmt(m['load_average_start'], 2)}; total {res['elapsed_s']:.0f} s.",
         "",
-        f"Model: ViT-{dims.name.upper()} widths (width {dims.width}, {dims.heads} heads, MLP {dims.mlp}), patch 16, "
+        f"Model: {dims.label} widths (width {dims.width}, {dims.heads} heads, MLP {dims.mlp}), patch 16, "
         f"depth {a['depth']}, {a['num_classes']} classes. "
         f"Batch: {a['num_seqs']} sequences × L={a['seq_len']} (max {a['max_examples_per_seq']} images per "
         f"sequence), first-fit packed; timings: {a['warmup']} warm-up + median of {a['repeats']} (train) / "
