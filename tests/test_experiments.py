@@ -260,3 +260,20 @@ def test_synthetic_hard_labels_the_kind_of_the_largest_shape():
     assert np.array_equal(np.asarray(source.item(7)["image"]), np.asarray(source.item(7)["image"]))
     means = [np.mean(a) for a in aspects.values()]
     assert max(means) - min(means) < 1.5  # aspect ratio does not give the label away
+
+
+def test_attention_share_removes_only_the_attention_core():
+    """The step it subtracts keeps the real backend's plans and token order (the bucketed slot
+    order, where the linear layers skip padding): only softmax(QK^T)V is gone."""
+    import torch
+
+    from navit.attention.bucketed import BucketedBackend
+    from navit.experiments.attention_share import SkipAttention
+    from navit.model import prepare_attention
+
+    skip = SkipAttention(BucketedBackend())
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 1, 1, 1, 1]])
+    state, order = prepare_attention(skip, segment_ids)
+    assert order is not None and order.enter(torch.zeros(2, 6, 1)).shape[0] == 11  # real tokens only
+    v = torch.randn(11, 2, 4)
+    assert skip.attend_slots(v, v, v, state) is v and skip.attend(v, v, v, state) is v

@@ -24,14 +24,21 @@ WIDTHS = (64, 128, 256, 384, 768)
 
 
 class SkipAttention:
-    """A backend that returns V: the step without the attention core."""
+    """The model's own backend with the attention core replaced by returning V: the same plans
+    and token order (the bucketed backend's slot order included), without softmax(QKᵀ)V."""
 
-    name, traceable = "skip", True
+    name = "skip"
 
-    def prepare(self, segment_ids):
-        return None
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:  # prepare, prepare_slots, traceable
+        return getattr(self._backend, name)
 
     def attend(self, q, k, v, state):
+        return v
+
+    def attend_slots(self, q, k, v, state):
         return v
 
 
@@ -61,7 +68,7 @@ def measure(width: int, quick: bool, repeats: int) -> dict[str, float]:
     real = model.attention_backend
 
     def step(skip: bool) -> None:
-        model.attention_backend = (lambda device: SkipAttention()) if skip else real
+        model.attention_backend = (lambda device: SkipAttention(real(device))) if skip else real
         model.zero_grad(set_to_none=True)
         model(batch).float().square().mean().backward()
 
