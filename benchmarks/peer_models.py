@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import navit
+from navit.attention.dense import DenseBackend
 from navit.patchify import Example
 
 PATCH = 16
@@ -301,13 +301,18 @@ def ceiling_impl() -> Impl:
     return impl
 
 
+def ceiling_squares(step: StepImages) -> tuple[int, list[Example]]:
+    """The ceiling's images as navit examples: one square of the mean token count per image."""
+    side = ceiling_side(step)
+    g = torch.Generator().manual_seed(1234)
+    coords = navit.patchify.grid_coords(side, side)
+    return side, [Example(torch.rand(side * side, PATCH * PATCH * 3, generator=g), coords, (side, side))
+                  for _ in range(step.num_images)]
+
+
 def navit_squares_impl() -> Impl:
     def prepare(step: StepImages) -> Prepared:
-        side = ceiling_side(step)
-        g = torch.Generator().manual_seed(1234)
-        coords = navit.patchify.grid_coords(side, side)
-        tokens = [Example(torch.rand(side * side, PATCH * PATCH * 3, generator=g), coords, (side, side))
-                  for _ in range(step.num_images)]
+        side, tokens = ceiling_squares(step)
         # Sequences just long enough for an equal share of squares, so padding stays as small as
         # the ceiling's (none) and both do the same work: ceil(N / B) squares per sequence.
         per_seq = math.ceil(step.num_images / step.num_seqs)
@@ -322,18 +327,13 @@ def navit_squares_impl() -> Impl:
     return impl
 
 
-class Unmasked:
-    """Attention without any mask or gather: one image per row, every row full."""
+class Unmasked(DenseBackend):
+    """Dense attention with no mask at all: one image per row, every row full."""
 
     name = "unmasked"
-    traceable = True
 
     def prepare(self, segment_ids: torch.Tensor) -> None:
-        return None
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: None) -> torch.Tensor:
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return None  # attend's mask: none
 
 
 def ceiling_same_impl() -> Impl:
@@ -342,11 +342,7 @@ def ceiling_same_impl() -> Impl:
     costs with nothing to pack."""
 
     def prepare(step: StepImages) -> Prepared:
-        side = ceiling_side(step)
-        g = torch.Generator().manual_seed(1234)
-        coords = navit.patchify.grid_coords(side, side)
-        tokens = [Example(torch.rand(side * side, PATCH * PATCH * 3, generator=g), coords, (side, side))
-                  for _ in range(step.num_images)]
+        side, tokens = ceiling_squares(step)
         batch = navit.pack(tokens, side * side, num_seqs=step.num_images, max_examples_per_seq=1).batch
         n = batch.num_real_tokens
         return Prepared(batch, step.labels, n, n, note=f"{side}x{side} tokens per image, one per row")
