@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from navit.cli import main
@@ -20,6 +21,7 @@ from navit.experiments import EXPERIMENTS
 from navit.experiments.attention_share import measure
 from navit.experiments.base import compare
 from navit.experiments.compute import flops_to_reach
+from navit.experiments.posemb import best_of
 from navit.processor import Processor
 from navit.train import open_data, train
 from navit.train_config import TrainConfig
@@ -64,6 +66,10 @@ def test_a_difference_inside_the_seed_spread_is_a_tie():
     assert compare([0.50, 0.55], [0.60, 0.62]) == "does not hold"
     assert compare([0.60, 0.70], [0.55, 0.62]) == "tie within the seed spread"
     assert compare([0.6], [0.6]) == "tie within the seed spread"
+    # the best of several must beat each of the others beyond the spread
+    assert best_of({"sum": [0.60, 0.62], "stack": [0.50, 0.55], "product": [0.40, 0.45]}, "c").verdict == "sum"
+    tie = best_of({"sum": [0.60, 0.62], "stack": [0.50, 0.61], "product": [0.40, 0.45]}, "c")
+    assert tie.verdict == "tie within the seed spread" and "stack 55.50 ± 7.78%" in tie.detail
 
 
 def test_flops_to_reach_interpolates_in_log_flops():
@@ -97,7 +103,7 @@ def test_compute_trains_every_arm_to_its_flop_budget(tmp_path):
     assert {v["claim"] for v in results["verdicts"]} >= {"NaViT sees more images per FLOP (paper: ~5x)"}
 
 
-@pytest.mark.parametrize("name, arms", [("resolution", 6), ("token-drop", 7), ("posemb", 10)])
+@pytest.mark.parametrize("name, arms", [("resolution", 6), ("token-drop", 7), ("posemb", 14)])
 def test_each_arm_changes_only_its_own_options(tmp_path, name, arms):
     results, report = run_quick(tmp_path, name)
     runs = results["runs"]
@@ -132,6 +138,16 @@ def test_budget_evaluates_one_model_by_resizing_and_by_dropping(tmp_path, capsys
     again, _ = run_quick(tmp_path, "budget", seeds=2)
     assert capsys.readouterr().out.count("reusing") == 2
     assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in runs]
+    # settings that change only the speed (loader workers, threads) do not make a run stale; others do
+    configs = sorted((tmp_path / "budget" / "runs").glob("*/config.yaml"))
+    for config, (section, key, value) in zip(configs, [("data", "workers", 3), ("optim", "lr", 0.5)]):
+        settings = yaml.safe_load(config.read_text())
+        settings[section][key] = value
+        settings["run"]["threads"] = 1
+        config.write_text(yaml.safe_dump(settings))
+    run_quick(tmp_path, "budget", seeds=2)
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 1 and "navit seed 0: reusing" in out and "training navit seed 1" in out
 
 
 def test_bad_experiment_arguments_fail_in_one_line(tmp_path):

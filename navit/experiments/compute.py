@@ -17,7 +17,7 @@ from navit.experiments.base import (Analysis, Arm, Experiment, Setting, Verdict,
 
 VIT_TOKENS = (16, 36, 64)
 LEVELS = (1, 2, 4)
-UNIT = 4800
+UNIT = 3200
 
 
 class Compute(Experiment):
