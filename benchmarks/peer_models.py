@@ -380,17 +380,6 @@ class LinearLayersOnly(nn.Module):
         return self.head(x.mean(0)).expand(num_images, -1)
 
 
-def linear_only_flops(tokens: int, depth: int, dims: Dims, train: bool) -> float:
-    """GEMM FLOPs of one LinearLayersOnly call on ``tokens`` tokens (head on one row: ignored).
-
-    Training adds two GEMMs per layer for the input and weight gradients, except the patch
-    embedding, whose input needs no gradient.
-    """
-    block = dims.width * 3 * dims.width + dims.width * dims.width + 2 * dims.width * dims.mlp
-    patch = PATCH * PATCH * 3 * dims.width
-    return 2.0 * tokens * ((3 if train else 1) * depth * block + (2 if train else 1) * patch)
-
-
 def linear_only_impl() -> Impl:
     def prepare(step: StepImages) -> Prepared:
         tokens = step.num_seqs * step.seq_len  # what navit computes on, padding included
@@ -437,5 +426,5 @@ def check_real_tokens_match(prepared: dict[str, Prepared], step: StepImages) -> 
 
 __all__ = [
     "Impl", "Prepared", "StepImages", "PlainViT", "all_impls", "build_model",
-    "PATCH", "check_real_tokens_match", "ceiling_side", "linear_only_flops", "navit_prepare", "navit_squares_impl",
+    "PATCH", "check_real_tokens_match", "ceiling_side", "navit_prepare", "navit_squares_impl",
 ]

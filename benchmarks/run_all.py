@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out_dir or (RESULTS_DIR if default else RESULTS_DIR / f"{args.device}-{args.precision}")
     out.mkdir(parents=True, exist_ok=True)
     steps = gpu_suite(args, out) if args.suite == "gpu" else [(*b, None) for b in benchmarks(args, out)]
+    unknown = sorted(set(args.only or ()) - {step[0] for step in steps})
+    if unknown:
+        p.error(f"--only {' '.join(unknown)}: no such step in suite {args.suite}; steps: {', '.join(s[0] for s in steps)}")
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_all = time.perf_counter()

@@ -81,24 +81,6 @@ def test_peer_layout_rules_count_their_padding(monkeypatch):
     assert per_image_padding(np.array([10, 30, 20, 20, 5]), 2) == pytest.approx(1 - 80 / 100)
 
 
-def test_linear_only_flops_match_torch_flop_counter(monkeypatch):
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from peer_models import WIDTHS, LinearLayersOnly, linear_only_flops
-
-    model = LinearLayersOnly(num_classes=10, depth=2, dims=WIDTHS["ti"])
-    patches = torch.rand(64, 16 * 16 * 3)
-    with FlopCounterMode(display=False) as train:
-        model((patches, 3)).sum().backward()
-    with torch.no_grad(), FlopCounterMode(display=False) as infer:
-        model((patches, 3))
-    # The head works on one pooled row, which the count leaves out.
-    assert linear_only_flops(64, 2, WIDTHS["ti"], train=True) == pytest.approx(train.get_total_flops(), rel=1e-3)
-    assert linear_only_flops(64, 2, WIDTHS["ti"], train=False) == pytest.approx(infer.get_total_flops(), rel=1e-3)
-
-
 def test_flop_count_of_a_navit_step_is_what_the_model_says(monkeypatch):
     """MFU divides by these counts: torch's formulas (with the CPU flash-attention ones the
     benchmarks add) must see every matmul and attention score navit's own ``flops`` counts. The
@@ -205,6 +187,15 @@ def test_a_step_over_its_budget_is_stopped_and_the_next_still_runs(tmp_path, mon
     summary = (tmp_path / "out" / "SUMMARY.md").read_text()
     assert "stopped after its 2 s budget" in summary and "| slow |" in summary
     assert "| next | " in summary and "| table |" in summary
+
+
+def test_run_all_refuses_an_unknown_step_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run_all
+
+    with pytest.raises(SystemExit) as stopped:
+        run_all.main(["--suite", "gpu", "--only", "peers", "--out-dir", str(tmp_path)])  # peers_vit_b in this suite
+    assert stopped.value.code == 2 and "--only peers: no such step in suite gpu" in capsys.readouterr().err
 
 
 def test_flop_count_sees_the_matmuls_of_torch_transformer_fast_path(monkeypatch):
