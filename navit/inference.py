@@ -19,7 +19,7 @@ from navit.data.sources import IMAGE_EXTENSIONS
 from navit.data.video import VIDEO_EXTENSIONS
 from navit.packing import pack
 from navit.processor import Processor
-from navit.tasks import Task, get_task
+from navit.tasks import Task, get_task, task_of
 
 
 def checkpoint_meta(task: Task, model: nn.Module, processor: Processor) -> dict[str, Any]:
@@ -33,17 +33,22 @@ def checkpoint_meta(task: Task, model: nn.Module, processor: Processor) -> dict[
     }
 
 
-def save_model(model: nn.Module, folder: str | Path, *, class_names: list[str] | None = None) -> Path:
-    """Save ``model`` (a classifier :class:`navit.NaViT` or an image-text model), its processor
-    and its class names as a checkpoint folder that :func:`load_model` reads."""
-    from navit.two_tower import ImageTextModel
-
-    contrastive = isinstance(model, ImageTextModel)
+def save_model(
+    model: nn.Module, folder: str | Path, *, class_names: list[str] | None = None, task: Task | str | None = None
+) -> Path:
+    """Save ``model``, its task, processor and class names as a checkpoint folder that
+    :func:`load_model` reads. The task is by default the one that builds models of ``model``'s
+    class (a :class:`navit.NaViT` classifies, a segmenter segments, an image-text model is
+    contrastive) with its default options; pass a :class:`~navit.tasks.Task` to keep its options
+    and class names (e.g. a classifier trained with one sigmoid per class)."""
+    if not isinstance(task, Task):
+        task = get_task(task or task_of(model))
+    contrastive = task.name == "contrastive"
     classes = model.config.image.num_classes if contrastive else model.config.num_classes
-    names = list(class_names) if class_names is not None else [str(i) for i in range(classes)]
+    names = list(class_names if class_names is not None else task.class_names or map(str, range(classes)))
     if not contrastive and len(names) != classes:
         raise ValueError(f"the model has {classes} classes but {len(names)} class names were given")
-    task = get_task("contrastive" if contrastive else "classify", None, names)
+    task = type(task)(task.options, names)
     return write_checkpoint(folder, model.state_dict(), checkpoint_meta(task, model, model.processor))
 
 

@@ -90,7 +90,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, length, dim = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # Under CUDA autocast LayerNorm returns float32: q and k go back to v's dtype, as the
+        # kernels (varlen) need one half-precision dtype.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         out = ctx.attend(q, k, v)  # [B, L, H, D]

@@ -73,7 +73,7 @@ class AxisEmbedding(nn.Module):
             return torch.cat([angles.sin(), angles.cos()], dim=-1)
         # NeRF-style Fourier features of the position in [0, 1), then a learned projection.
         angles = (pos / self.max_len)[..., None] * self.bands
-        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1))
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
 
 
 class FactorizedPosEmbed(nn.Module):

@@ -521,6 +521,32 @@ def test_half_precision_backend_matches_dense_under_the_same_bf16_autocast(backe
     assert_param_grads_close(grads, ref_grads, 5e-2)
 
 
+@pytest.fixture
+def cuda_autocast_layer_norm(monkeypatch):
+    """CUDA autocast runs layer_norm in float32 and returns float32, where CPU autocast keeps
+    bf16: the same policy on CPU, so that qk-norm hands the backend what it gets on a GPU."""
+    layer_norm = torch.nn.functional.layer_norm
+
+    def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled("cpu"):
+            return layer_norm(x, shape, weight, bias, eps)
+        with torch.autocast("cpu", enabled=False):
+            return layer_norm(x.float(), shape, *(None if t is None else t.float() for t in (weight, bias)), eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", fp32_layer_norm)
+
+
+def test_varlen_backend_runs_qk_norm_under_cuda_autocast(varlen_on_cpu, cuda_autocast_layer_norm):
+    # qk-norm's float32 q and k must reach the kernel in v's dtype (the varlen kernel refuses
+    # mixed or float32 inputs; the default config has qk-norm on).
+    dense = tiny_model(attn_backend="dense", qk_norm=True)
+    batch = pack_images(random_images(SIZES, seed=3), PATCH, 24, max_examples_per_seq=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = dense(batch)
+        logits = with_backend(dense, "varlen")(batch)
+    assert_rel_close(logits.float(), expected.float(), 1e-2, "varlen logits under autocast")
+
+
 def test_varlen_backend_refuses_cpu_with_a_pointer_to_bucketed():
     with pytest.raises(RuntimeError, match="CUDA only; use 'bucketed'|needs torch>=2.9"):
         VarlenBackend().prepare(torch.zeros(1, 4, dtype=torch.long))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from types import SimpleNamespace
@@ -471,3 +472,16 @@ def test_prefix_tokens_and_layer_scale_count_in_flops_and_weight_decay():
                          + 2 * cfg.embed_dim * int(((lengths + 3) ** 2 - lengths**2).sum()))  # fmt: skip
     assert model.flops(batch) - plain.flops(batch) == 2 * extra
     assert {"prefix", "blocks.0.ls1.gamma", "blocks.1.ls2.gamma"} <= model.no_weight_decay()
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos", "fourier", "grid", "table"])
+def test_a_model_cast_to_bf16_weights_runs_every_position_embedding(pos_embed):
+    # Half-precision weights are a supported way to run (the backends read the weights' dtype):
+    # positions computed in float32 must meet the embedding's weights in their dtype.
+    model = tiny_model(pos_embed=pos_embed)
+    batch = pack_images(random_images([(16, 24), (40, 8)], seed=4), PATCH, 32)
+    with torch.no_grad():
+        expected = model(batch)
+        logits = copy.deepcopy(model).bfloat16()(batch)
+    assert logits.dtype == torch.bfloat16
+    assert_rel_close(logits.float(), expected, 5e-2, f"bf16 weights, {pos_embed} positions")

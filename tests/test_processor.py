@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_config, tiny_model
+
 import navit
 from navit.data.loader import PackedLoader
 from navit.data.sources import ImageFolder
 from navit.data.transforms import ExampleTransform
+from navit.inference import load_checkpoint
 from navit.patchify import patchify
 from navit.processor import Processor
 
@@ -164,3 +167,23 @@ def test_saved_models_load_with_their_processor_and_class_names(tmp_path):
         torch.testing.assert_close(loaded(loaded.processor(images)), model(model.processor(images)))
     with pytest.raises(ValueError, match="has 3 classes but 2 class names"):
         navit.save_model(model, tmp_path / "x", class_names=["a", "b"])
+
+
+def test_saved_models_keep_their_task_and_its_options(tmp_path):
+    from navit.tasks import get_task
+    from navit.tasks.segment import Segmenter
+
+    # A segmenter is saved as one (its head is per pixel); a classifier keeps its loss, so a
+    # sigmoid model predicts per-class sigmoids after loading, not a softmax.
+    classifier = tiny_model()
+    segmenter = Segmenter(tiny_config(num_classes=3), classifier.processor).eval()
+    navit.save_model(segmenter, tmp_path / "seg", class_names=["bg", "a", "b"])
+    loaded = navit.load_model(tmp_path / "seg")
+    assert type(loaded) is Segmenter and loaded.class_names == ["bg", "a", "b"]
+    torch.testing.assert_close(loaded.state_dict(), segmenter.state_dict())
+    sigmoid = get_task("classify", {"loss": "sigmoid"}, [f"c{i}" for i in range(classifier.config.num_classes)])
+    navit.save_model(classifier, tmp_path / "sig", task=sigmoid)
+    _, task, _ = load_checkpoint(tmp_path / "sig")
+    assert task.options.loss == "sigmoid" and task.class_names == sigmoid.class_names
+    with pytest.raises(ValueError, match="no task builds a Linear; pass the task"):
+        navit.save_model(torch.nn.Linear(2, 2), tmp_path / "x")

@@ -29,4 +29,12 @@ def get_task(name: str, options: dict[str, Any] | None = None, class_names: list
     return cls(cls.options_from_dict(options or {}), class_names)
 
 
-__all__ = ["TASKS", "StepLoss", "Task", "get_task"]
+def task_of(model: Any) -> str:
+    """The name of the task whose models are of ``model``'s class."""
+    for name, cls in TASKS.items():
+        if type(model) is cls.model_class:
+            return name
+    raise ValueError(f"no task builds a {type(model).__name__}; pass the task (a name or a Task) to save_model")
+
+
+__all__ = ["TASKS", "StepLoss", "Task", "get_task", "task_of"]

@@ -39,6 +39,8 @@ class Task:
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    #: The class of the models :meth:`build_model` returns (how ``save_model`` tells a model's task).
+    model_class: ClassVar[type[nn.Module]]
     #: Item keys holding label images aligned with the image (segmentation masks): they go
     #: through the same crop, flip and grid and become per-token fields of the example.
     dense_keys: ClassVar[tuple[str, ...]] = ()

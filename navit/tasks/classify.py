@@ -73,6 +73,7 @@ def predict_labels(scores: torch.Tensor, class_names: list[str], topk: int) -> l
 class Classification(Task):
     name = "classify"
     Options = ClassifyOptions
+    model_class = NaViT
 
     def targets(self, item: dict[str, Any]) -> dict[str, Any]:
         return {"label": item["label"]}

@@ -35,6 +35,7 @@ class ContrastiveOptions:
 class Contrastive(Task):
     name = "contrastive"
     Options = ContrastiveOptions
+    model_class = ImageTextModel
 
     def check_data(self, source: Any, spec: str) -> None:
         try:

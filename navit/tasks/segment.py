@@ -107,6 +107,7 @@ def overlay(picture: Image.Image, mask: np.ndarray, alpha: float) -> Image.Image
 class Segmentation(Task):
     name = "segment"
     Options = SegmentOptions
+    model_class = Segmenter
     dense_keys = ("mask",)
     metric = "miou"
     writes_files = True
