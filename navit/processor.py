@@ -39,6 +39,7 @@ RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
     "nearest": Image.Resampling.NEAREST,
 }
 

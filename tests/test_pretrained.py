@@ -19,6 +19,7 @@ import navit
 from navit.attention import available_backends
 from navit.model import NaViT
 from navit.pretrained import load_hf, write_hf
+from navit.pretrained.siglip2 import processor_for, two_tower_config, vision_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
@@ -87,6 +88,42 @@ def test_the_processor_gives_the_reference_processors_patches(vision_folder):
         example = model.processor.to_example(picture)
         assert example.grid == tuple(expected["spatial_shapes"][0].tolist())
         torch.testing.assert_close(example.patches, expected["pixel_values"][0, :n], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(do_normalize=False), dict(rescale_factor=1 / 127.5), dict(do_rescale=False),
+                                      dict(resample=5), dict(resample=0), dict(image_mean=0.25, image_std=0.75)],
+                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))  # fmt: skip
+def test_every_preprocessor_setting_is_followed(vision_folder, tmp_path, settings):
+    # Rescaling and normalisation fold into navit's mean and std; Hamming is PIL's filter 5; a
+    # scalar mean and std hold for every channel. None of them may fall back to the defaults.
+    folder, _ = vision_folder
+    Siglip2ImageProcessorPil(patch_size=8, max_num_patches=40, **settings).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    processor = processor_for(load_hf(folder).config, tmp_path)
+    reference = Siglip2ImageProcessorPil.from_pretrained(tmp_path)
+    default = processor_for(load_hf(folder).config, folder)
+    for picture in images(2)[:3]:
+        expected = reference(images=[picture], return_tensors="pt")
+        n = int(expected["pixel_attention_mask"].sum())
+        torch.testing.assert_close(processor.to_example(picture).patches, expected["pixel_values"][0, :n], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(default.to_example(picture).patches, expected["pixel_values"][0, :n], atol=1e-3)
+
+
+def test_settings_and_configs_navit_cannot_follow_are_refused_by_name(vision_folder, two_tower_folder, tmp_path):
+    folder, _ = vision_folder
+    config = load_hf(folder).config
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_resize": False}))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: do_resize=False is not supported"):
+        processor_for(config, tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]}))
+    with pytest.raises(ValueError, match=r"image_mean=\[0.5, 0.5\] has 2 values for a 3-channel model"):
+        processor_for(config, tmp_path)
+    hf = json.loads((two_tower_folder[0] / "config.json").read_text())
+    hf["text_config"]["hidden_act"] = "quick_gelu"
+    with pytest.raises(ValueError, match="SigLIP2 text hidden_act='quick_gelu' is not one of"):
+        two_tower_config(hf)
+    with pytest.raises(ValueError, match="num_patches=250 is not a square"):
+        vision_config({**VISION, "num_patches": 250})
 
 
 def test_a_wrong_piece_does_not_hide_in_the_tolerance(vision_folder):
@@ -161,6 +198,13 @@ def test_saving_back_in_the_hugging_face_layout_round_trips(vision_folder, two_t
         for (key, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(ours.state_dict().items())):
             assert torch.equal(a, b), key
         assert json.loads((out / "preprocessor_config.json").read_text())["max_num_patches"] == 40
+    # The two-tower folder carries its tokenizer and the token ids it uses.
+    tokenizer = ours.tokenizer()
+    assert tokenizer.encode(["a photo of a cat"])[0].tolist() == model.tokenizer().encode(["a photo of a cat"])[0].tolist()
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["pad_token_id"], text["eos_token_id"]) == (tokenizer.tokenizer.pad_token_id, tokenizer.tokenizer.eos_token_id)
+    # The weights file of a pretrained folder reads as its folder.
+    assert isinstance(navit.load_model(out / "model.safetensors"), type(ours))
 
 
 def test_mismatched_weights_are_refused_by_name(vision_folder, tmp_path):
@@ -171,6 +215,8 @@ def test_mismatched_weights_are_refused_by_name(vision_folder, tmp_path):
         (lambda w: w.update({"encoder.layers.0.mlp.fc1.weight": torch.zeros(3, 3)}), "encoder.layers.0.mlp.fc1.weight"),
         (lambda w: w.update({"extra.weight": torch.zeros(1)}), "'extra.weight' has no counterpart"),
         (lambda w: w.pop("post_layernorm.bias"), r"lacks weights for \['norm.bias'\]"),
+        (lambda w: w.pop("encoder.layers.1.self_attn.k_proj.bias"), "has no 'encoder.layers.1.self_attn.k_proj.bias' to fuse"),
+        (lambda w: w.update({"embeddings.position_embedding.weight": torch.zeros(9, 48)}), "has 9 positions; config.json's num_patches=16"),
     ):
         broken = tmp_path / message[:8].strip("'\\[")
         broken.mkdir()
@@ -178,7 +224,7 @@ def test_mismatched_weights_are_refused_by_name(vision_folder, tmp_path):
         weights = {k.removeprefix("vision_model."): v for k, v in load_file(folder / "model.safetensors").items()}
         change(weights)
         save_file(weights, broken / "model.safetensors")
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=f"{broken}: .*{message}"):
             load_hf(broken)
 
 

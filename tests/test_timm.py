@@ -140,6 +140,7 @@ def test_unsupported_timm_options_and_names_are_refused_by_name(tmp_path):
         (dict(model_args={**config["model_args"], "pos_embed": "factorized"}), "pos_embed='factorized'"),
         (dict(model_args={**config["model_args"], "new_thing": 1}), r"\['new_thing'\]"),
         (dict(architecture="naflexvit_base_patch16_parfac_gap"), "pos_embed='factorized'"),
+        (dict(pretrained_cfg={**config["pretrained_cfg"], "interpolation": "random"}), "interpolation='random' is not one"),
     ):
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
         shutil.copytree(RECORDED / "par_gap", folder)

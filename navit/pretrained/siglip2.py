@@ -26,53 +26,83 @@ from navit.pretrained.weights import load_checked, match, read_json, read_weight
 from navit.processor import Processor
 from navit.two_tower import ImageTextConfig, ImageTextModel
 
-ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
+               "gelu_python": "gelu"}
 MODEL_TYPES = ("siglip2", "siglip2_vision_model")
-RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}  # PIL's numbering
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's numbering
 
 
 # ------------------------------------------------------------------------------------------------
 # Configs
 
 
+def activation(hf: dict[str, Any], tower: str) -> str:
+    act = hf.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"SigLIP2 {tower} hidden_act={act!r} is not one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
+
+
 def vision_config(hf: dict[str, Any]) -> NaViTConfig:
     """The NaViT config of a SigLIP2 vision config (``config.json`` or its ``vision_config``)."""
     if not hf.get("vision_use_head", True):
         raise ValueError("a SigLIP2 vision model without its pooling head (vision_use_head=false) is not supported")
-    act = hf.get("hidden_act", "gelu_pytorch_tanh")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"SigLIP2 hidden_act={act!r} is not one of {sorted(ACTIVATIONS)}")
     grid = math.isqrt(hf.get("num_patches", 256))
+    if grid * grid != hf.get("num_patches", 256):
+        raise ValueError(f"SigLIP2 num_patches={hf['num_patches']} is not a square grid of positions")
     return NaViTConfig(
         patch_size=hf.get("patch_size", 16), in_chans=hf.get("num_channels", 3), embed_dim=hf["hidden_size"],
         depth=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-        act=ACTIVATIONS[act], norm_eps=hf.get("layer_norm_eps", 1e-6), qkv_bias=True, qk_norm=False,
+        act=activation(hf, "vision"), norm_eps=hf.get("layer_norm_eps", 1e-6), qkv_bias=True, qk_norm=False,
         pos_embed="grid", pos_grid=grid, pos_interp="bilinear", pool="map", num_classes=0,
     )  # fmt: skip
 
 
 def two_tower_config(hf: dict[str, Any]) -> ImageTextConfig:
     vision, text = hf["vision_config"], hf["text_config"]
-    act = text.get("hidden_act", "gelu_pytorch_tanh")
     return ImageTextConfig(
         image=vision_config(vision), embed_dim=text.get("projection_size") or text["hidden_size"], loss="sigmoid",
         text_width=text["hidden_size"], text_depth=text["num_hidden_layers"], text_heads=text["num_attention_heads"],
         text_max_len=text.get("max_position_embeddings", 64), vocab_size=text["vocab_size"],
-        text_mlp_dim=text["intermediate_size"], text_act=ACTIVATIONS.get(act, "gelu_tanh"), text_pool="last",
+        text_mlp_dim=text["intermediate_size"], text_act=activation(text, "text"), text_pool="last",
         text_norm_eps=text.get("layer_norm_eps", 1e-6), image_proj=False, text_proj_bias=True,
     )  # fmt: skip
 
 
-def processor_for(config: NaViTConfig, folder: Path | None = None) -> Processor:
-    """SigLIP2's preprocessing, from ``preprocessor_config.json`` when the folder has one."""
-    values: dict[str, Any] = {}
-    if folder is not None and (folder / "preprocessor_config.json").exists():
-        values = json.loads((folder / "preprocessor_config.json").read_text())
+def processor_for(config: NaViTConfig, folder: Path | None = None) -> Processor | None:
+    """SigLIP2's preprocessing, from ``preprocessor_config.json`` when the folder has one (None
+    for a model no processor feeds, e.g. 4 channels). Its rescaling and normalisation, applied
+    to 0-255 pixels, become one mean and std on navit's [0, 1] pixels; a setting navit cannot
+    follow is refused by name."""
+    if not Processor.can_feed(config):
+        return None
+    path = folder / "preprocessor_config.json" if folder is not None else None
+    values = read_json(path) if path is not None and path.exists() else {}
+
+    def refuse(key: str, why: str) -> ValueError:
+        return ValueError(f"{path}: {key}={values[key]!r} {why}")
+
+    if not values.get("do_resize", True):
+        raise refuse("do_resize", "is not supported: SigLIP2 NaFlex resizes every image to fit max_num_patches")
+    if values.get("resample", 2) not in RESAMPLE:
+        raise refuse("resample", f"is not a filter navit has; expected one of {RESAMPLE}")
+
+    def per_channel(key: str, default: float) -> tuple[float, ...]:
+        value = values.get(key, default) if values.get("do_normalize", True) else default
+        value = [value] * config.in_chans if isinstance(value, (int, float)) else list(value)
+        if len(value) != config.in_chans:
+            raise refuse(key, f"has {len(value)} values for a {config.in_chans}-channel model")
+        return tuple(float(v) for v in value)
+
+    # (x * rescale_factor - mean) / std with x in 0..255 is (x / 255 - mean / s) / (std / s), s = 255 * rescale_factor.
+    scale = 255 * values.get("rescale_factor", 1 / 255) if values.get("do_rescale", True) else 255.0
+    mean, std = per_channel("image_mean", 0.5), per_channel("image_std", 0.5)
+    if not values.get("do_normalize", True):
+        mean, std = (0.0,) * config.in_chans, (1.0,) * config.in_chans
     return Processor.for_model(
         config, max_tokens=values.get("max_num_patches", 256), grid_rule="fill",
-        resample=RESAMPLE.get(values.get("resample", 2), "bilinear"), reducing_gap=None,
-        mean=tuple(values.get("image_mean", (0.5,) * config.in_chans)),
-        std=tuple(values.get("image_std", (0.5,) * config.in_chans)),
+        resample=RESAMPLE[values.get("resample", 2)], reducing_gap=None,
+        mean=tuple(m / scale for m in mean), std=tuple(v / scale for v in std),
     )  # fmt: skip
 
 
@@ -124,8 +154,14 @@ def to_navit(hf: dict[str, torch.Tensor], grid: int, origins: dict[str, str] | N
             target = (ours if key.startswith("text_model.") else image + ours).replace("{i}", found[0]) + part
             if target not in out:
                 layer = hf_prefix.replace("{i}", found[0])
-                out[target] = torch.cat([hf[f"{layer}{p}_proj.{part}"] for p in "qkv"])
+                names = [f"{layer}{p}_proj.{part}" for p in "qkv"]
+                if missing := [name for name in names if name not in hf]:
+                    raise ValueError(f"SigLIP2 weight {key!r} has no {missing[0]!r} to fuse with")
+                out[target] = torch.cat([hf[name] for name in names])
         elif key == "embeddings.position_embedding.weight":
+            if value.shape[0] != grid * grid:
+                raise ValueError(f"SigLIP2 weight {key!r} has {value.shape[0]} positions; config.json's "
+                                 f"num_patches={grid * grid} needs {grid}x{grid}")  # fmt: skip
             out[image + "pos_embed.table"] = value.reshape(grid, grid, -1)
         elif key == "head.probe":
             out[image + "pool.probe"] = value.reshape(-1)
@@ -192,13 +228,21 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def read_navit_weights(folder: Path, grid: int, origins: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The folder's weights in navit's names (see :func:`to_navit`); errors name the folder."""
+    try:
+        return to_navit(read_weights(folder), grid, origins)
+    except ValueError as error:
+        raise ValueError(f"{folder}: {error}") from None
+
+
 def image_tower(folder: str | os.PathLike[str]) -> tuple[NaViTConfig, Processor, dict[str, torch.Tensor]]:
     """The image model of a SigLIP2 folder (vision or two-tower) as a starting point for
     fine-tuning: its config, its processor and its weights in navit's names."""
     folder = Path(folder)
     config = read_config(folder)
     image = vision_config(config["vision_config"] if config["model_type"] == "siglip2" else config)
-    weights = to_navit(read_weights(folder), image.pos_grid)
+    weights = read_navit_weights(folder, image.pos_grid)
     weights = {k.removeprefix("image."): v for k, v in weights.items() if not k.startswith(("text", "logit_"))}
     return image, processor_for(image, folder), weights
 
@@ -214,12 +258,26 @@ def load_hf(folder: str | os.PathLike[str]) -> nn.Module:
     processor = processor_for(image, folder)
     model = ImageTextModel(navit_config, processor) if two_tower else NaViT(navit_config, processor)
     origins: dict[str, str] = {}
-    load_checked(model, to_navit(read_weights(folder), image.pos_grid, origins), origins, folder)
+    load_checked(model, read_navit_weights(folder, image.pos_grid, origins), origins, folder)
     if two_tower and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "spiece.model")):
         from navit.text import PretrainedTokenizer
 
         model.text_tokenizer = PretrainedTokenizer.from_folder(folder, navit_config.text_max_len)
     return model.eval()
+
+
+def token_ids(model: ImageTextModel, folder: Path) -> dict[str, int | None]:
+    """The text config's special token ids, from the model's tokenizer; a tokenizer loaded from
+    a folder is written into ``folder`` beside the weights."""
+    from navit.text import ByteTokenizer, PretrainedTokenizer
+
+    tokenizer = getattr(model, "text_tokenizer", None)
+    if isinstance(tokenizer, PretrainedTokenizer):
+        tokenizer.tokenizer.save_pretrained(folder)
+        tokenizer = tokenizer.tokenizer
+    elif model.config.vocab_size == ByteTokenizer.NUM_BYTES + 3:
+        return {"pad_token_id": ByteTokenizer.PAD, "bos_token_id": ByteTokenizer.BOS, "eos_token_id": ByteTokenizer.EOS}
+    return {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "bos", "eos")}
 
 
 def write_hf(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
@@ -246,7 +304,7 @@ def write_hf(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
                 "num_hidden_layers": c.text_depth, "num_attention_heads": c.text_heads,
                 "max_position_embeddings": c.text_max_len, "projection_size": c.embed_dim,
                 "hidden_act": "gelu_pytorch_tanh" if c.text_act == "gelu_tanh" else "gelu",
-                "layer_norm_eps": c.text_norm_eps}  # fmt: skip
+                "layer_norm_eps": c.text_norm_eps, **token_ids(model, folder)}  # fmt: skip
         config = {"model_type": "siglip2", "text_config": text, "vision_config": vision}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     processor = model.processor

@@ -27,7 +27,7 @@ import torch
 from navit.config import NaViTConfig
 from navit.model import NaViT
 from navit.pretrained.weights import load_checked, read_json, read_weights, rename
-from navit.processor import Processor
+from navit.processor import RESAMPLE, Processor
 
 #: timm's ``NaFlexVitCfg`` defaults of the fields navit reads.
 DEFAULTS: dict[str, Any] = dict(
@@ -208,9 +208,10 @@ def read_timm(path: str | os.PathLike[str], arch: str | None = None) -> tuple[Na
     config = navit_config(fields, timm)
     data = hub.get("pretrained_cfg", {})
     interpolation = data.get("interpolation", "bicubic")
+    if interpolation not in RESAMPLE:
+        raise ValueError(f"{path}: pretrained_cfg interpolation={interpolation!r} is not one of navit's {tuple(RESAMPLE)}")
     processor = Processor.for_model(
-        config, max_tokens=MAX_TOKENS, grid_rule="fill", reducing_gap=None,
-        resample=interpolation if interpolation in ("bilinear", "bicubic", "nearest", "box", "lanczos") else "bicubic",
+        config, max_tokens=MAX_TOKENS, grid_rule="fill", reducing_gap=None, resample=interpolation,
         mean=tuple(data.get("mean", (0.5,) * config.in_chans)), std=tuple(data.get("std", (0.5,) * config.in_chans)),
     )  # fmt: skip
     origins: dict[str, str] = {}
