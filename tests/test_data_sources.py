@@ -205,7 +205,9 @@ def test_image_folder_recursive_filtered_sorted(tmp_path):
     (root / "cat" / "readme.txt").write_text("not an image")
     _solid((9, 9, 9)).save(root / "dog" / "z.webp")
     _solid((9, 9, 9)).save(root / ".cache" / "x.png")
-    (root / "stray.png").write_bytes(b"")  # files directly under root are not classes
+    (root / "notes.txt").write_text("not media: ignored")
+    (root / "cat" / "sub" / "loop").symlink_to("..")  # a link back up is walked once, not forever
+    (root / "cat" / ".hidden").symlink_to(root / "dog")
     src = ImageFolder(root)
     assert src.class_names == ["cat", "dog"]
     rel = [os.path.relpath(src.describe(i), root) for i in range(len(src))]
@@ -234,6 +236,11 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "tree" / "empty_class" / "x.txt").write_text("x")
     _solid((0, 0, 0)).save(tmp_path / "tree" / "good" / "a.png")
     with pytest.raises(ValueError, match="empty_class"):
+        ImageFolder(tmp_path / "tree")
+    (tmp_path / "tree" / "empty_class" / "b.png").write_bytes(b"")
+    for name in ("stray.png", "clip.MP4"):
+        (tmp_path / "tree" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds 2 image or video file\(s\) outside the class folders \(clip.MP4, stray.png\)"):
         ImageFolder(tmp_path / "tree")
 
 
@@ -440,6 +447,14 @@ def test_tar_shards_errors(tmp_path):
         _add(tf, "k2.cls", b"dog")
     with pytest.raises(ValueError, match=r"badcls\.tar:k2\.cls"):
         TarShards([tmp_path / "badcls.tar"])
+    with tarfile.open(tmp_path / "dots.tar", "w") as tf:  # keys end at the first dot: "img" has fields v2.*
+        _add(tf, "ok.png", _encode(_solid((0, 0, 0)), "PNG"))
+        _add(tf, "ok.cls", b"0")
+        _add(tf, "ok.txt", b"a caption: an extra field is fine")
+        _add(tf, "img.v2.png", _encode(_solid((0, 0, 0)), "PNG"))
+        _add(tf, "img.v2.cls", b"1")
+    with pytest.raises(ValueError, match=r"dots\.tar: 1 sample\(s\) have no member navit reads, e.g. 'img' with .v2.png, .v2.cls"):
+        TarShards([tmp_path / "dots.tar"])
     with tarfile.open(tmp_path / "gz.tar", "w:gz") as tf:
         _add(tf, "k3.cls", b"1")
     with pytest.raises(ValueError, match=r"gz\.tar.*uncompressed"):

@@ -119,6 +119,43 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
         list(make_loader(source=source, fail_fast=True))
 
 
+def test_skips_are_counted_by_cause_and_a_file_gone_bad_before_a_resume_is_skipped(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from navit.data.sources import ImageFolder
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            Image.new("RGB", (32 + i, 40), (i * 20, 0, 0)).save(tmp_path / name / f"{i}.png")
+        (tmp_path / name / "empty.png").write_bytes(b"")
+    (tmp_path / "a" / "junk.png").write_text("junk")
+    source = ImageFolder(tmp_path)
+    make = lambda: PackedLoader(source, ExampleTransform(Processor(patch_size=16, max_tokens=16)), seq_len=16,  # noqa: E731
+                                num_seqs=1, buffer_size=8, num_workers=0, chunk_size=4, seed=1)  # fmt: skip
+    loader = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        list(loader)
+        # Two empty files are one cause (the names are in the warnings, not in the counts).
+        assert dict(loader.skipped) == {"cannot decode image <file>: the file is empty (0 bytes)": 2,
+                                        "cannot decode image <file>: not an image format Pillow recognises": 1}  # fmt: skip
+        loader = make()
+        stream = iter(loader)
+        next(stream)
+        state = loader.state_dict()
+        broken = source.path(state["buffer"][0][0])
+        with open(broken, "wb"):  # emptied between the save and the resume
+            pass
+        resumed = make()
+        resumed.load_state_dict(state)
+        seen = [i for batch in resumed for i in batch.indices.tolist()]
+    assert source.path(state["buffer"][0][0]) not in {source.path(i) for i in seen}
+    assert sum(resumed.skipped.values()) == 3 + 1, "the epoch's three bad files and the one gone bad"
+
+
 def test_impossible_loader_settings_fail_early():
     with pytest.raises(ValueError, match="32 tokens, which exceeds seq_len=16"):
         make_loader(seq_len=16)

@@ -71,6 +71,14 @@ def test_a_folder_written_by_the_cli_reads_back_with_its_classes(tmp_path):
     built_in = seg.SyntheticSegmentation(5)
     for i in range(5):
         assert np.array_equal(np.asarray(folder.item(i)["mask"]), np.asarray(built_in.item(i)["mask"]))
+    # Linked sub-folders are read as in an ImageFolder.
+    extra = tmp_path / "extra"
+    for part in ("images", "masks"):
+        (extra / part).mkdir(parents=True)
+        first = sorted((tmp_path / "seg" / part).iterdir())[0]
+        (extra / part / first.name).write_bytes(first.read_bytes())
+        (tmp_path / "seg" / part / "linked").symlink_to(extra / part)
+    assert len(open_source(str(tmp_path / "seg"))) == 6
     (tmp_path / "seg" / "classes.txt").unlink()  # without it: 0 .. the largest index a mask uses
     largest = max(int(np.asarray(built_in.item(i)["mask"]).max()) for i in range(5))
     assert open_source(str(tmp_path / "seg")).class_names == [str(i) for i in range(largest + 1)]

@@ -47,7 +47,8 @@ class LoadedItem:
     key: ItemKey
     example: Example | None
     targets: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
+    error: str | None = None  # what went wrong, naming the item
+    reason: str | None = None  # the same without the item's name, to count skips by cause
 
 
 def collate_targets(targets: list[dict[str, Any]]) -> dict[str, Any]:
@@ -131,7 +132,8 @@ class _TokenizeDataset(Dataset):
             )  # fmt: skip
             targets = self.targets(item)
         except Exception as error:  # a long run must not die on one bad item
-            return LoadedItem(key, None, error=f"{self.source.describe(key.index)}: {error}")
+            name = self.source.describe(key.index)
+            return LoadedItem(key, None, error=f"{name}: {error}", reason=str(error).replace(name, "<file>"))
         return LoadedItem(key, example, targets)
 
     def __getitem__(self, keys: list[ItemKey]) -> list[LoadedItem]:
@@ -230,8 +232,7 @@ class PackedLoader:
             return
         if self.fail_fast:
             raise RuntimeError(f"could not load an item (fail_fast is on): {item.error}")
-        reason = item.error.split(": ", 1)[-1].split("\n")[0][:120]
-        self.skipped[reason] += 1
+        self.skipped[item.reason.split("\n")[0][:120]] += 1
         if sum(self.skipped.values()) <= 10:
             warnings.warn(f"skipping {item.error}", stacklevel=2)
 
@@ -282,4 +283,4 @@ class PackedLoader:
         self._buffer = []
         for raw in state["buffer"]:
             key = ItemKey(int(raw[0]), int(raw[1]), float(raw[2]))
-            self._buffer.append(dataset.tokenize(key))
+            self._accept(dataset.tokenize(key))  # a file gone bad since the save is skipped and counted

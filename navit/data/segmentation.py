@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from navit.data.decode import IMAGE_EXTENSIONS, load_rgb
+from navit.data.files import walk
 from navit.data.synthetic import CLASS_NAMES, CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES, gradient, grain, shape_polygon
 
 IGNORE = 255
@@ -153,10 +154,10 @@ class SegmentationFolder(_MaskPairs):
         if not (os.path.isdir(images) and os.path.isdir(masks)):
             raise ValueError(f"{self.root} is not a segmentation folder: expected images/ and masks/ inside")
         pairs, missing = [], []
-        for folder, _, files in sorted(os.walk(images)):
-            for file in sorted(files):
+        for folder, files in walk(images):
+            for file in files:
                 stem, ext = os.path.splitext(file)
-                if ext.lower() not in IMAGE_EXTENSIONS or file.startswith("."):
+                if ext.lower() not in IMAGE_EXTENSIONS:
                     continue
                 mask = os.path.join(masks, os.path.relpath(folder, images), stem + ".png")
                 (pairs if os.path.isfile(mask) else missing).append((os.path.join(folder, file), mask))

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from navit.data.decode import IMAGE_EXTENSIONS, load_rgb
+from navit.data.files import walk
 from navit.data.segmentation import SegmentationFolder, SegmentationManifest, SyntheticSegmentation, manifest_has_masks
 from navit.data.synthetic import SyntheticShapes
 from navit.data.synthetic_hard import SyntheticLargest
@@ -97,8 +98,9 @@ class ImageFolder:
     Class names are the sorted sub-folder names (hidden ones, starting with ``.``, are skipped).
     Inside each class folder, image and video files (see :data:`IMAGE_EXTENSIONS` and
     :data:`~navit.data.video.VIDEO_EXTENSIONS`, case-insensitive) are collected recursively, in
-    sorted order of their relative paths; a class may hold images, videos or both. Files with
-    other extensions, and folders named like files, are ignored.
+    sorted order of their relative paths, through symbolic links (a folder reached twice is read
+    once); a class may hold images, videos or both. Files with other extensions, and folders
+    named like files, are ignored; an image or video directly in ``root`` has no class and is refused.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -108,11 +110,19 @@ class ImageFolder:
         if not os.path.isdir(self.root):
             raise NotADirectoryError(f"ImageFolder root {self.root} is not a directory")
         with os.scandir(self.root) as entries:
-            classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+            visible = [e for e in entries if not e.name.startswith(".")]
+        classes = sorted(e.name for e in visible if e.is_dir())
         if not classes:
             raise ValueError(
                 f"ImageFolder root {self.root} has no class sub-folders "
                 "(expected root/<class_name>/<image files>)"
+            )
+        loose = sorted(e.name for e in visible if not e.is_dir() and _is_media_name(e.name))
+        if loose:
+            raise ValueError(
+                f"ImageFolder root {self.root} holds {len(loose)} image or video file(s) outside the class "
+                f"folders ({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}): they have no class; "
+                "move them into root/<class_name>/"
             )
         self.class_names: list[str] = classes
         self._paths: list[str] = []  # relative to root
@@ -131,13 +141,9 @@ class ImageFolder:
 
     def _scan(self, class_name: str) -> list[str]:
         found = []
-        top = os.path.join(self.root, class_name)
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = os.path.relpath(dirpath, self.root)
-            found.extend(
-                os.path.join(rel, f) for f in filenames if not f.startswith(".") and _is_media_name(f)
-            )
+        for folder, files in walk(os.path.join(self.root, class_name)):
+            rel = os.path.relpath(folder, self.root)
+            found.extend(os.path.join(rel, f) for f in files if _is_media_name(f))
         # Sort on path components so the order does not depend on the OS separator.
         return sorted(found, key=lambda p: p.split(os.sep))
 
@@ -486,6 +492,7 @@ class TarShards:
         images: dict[str, tuple[str, int, int]] = {}
         labels: dict[str, int] = {}
         order: dict[str, None] = {}
+        unread: dict[str, list[str]] = {}  # image or label fields under a longer extension, by key
         try:
             tf = tarfile.open(shard_path, mode="r:")
         except tarfile.ReadError as e:
@@ -529,8 +536,18 @@ class TarShards:
                         raise ValueError(f"{where}: cannot use label {obj['label']!r}{hint}")
                     labels[key] = lab
                 else:
+                    if ext.rsplit(".", 1)[-1] in (*_IMAGE_EXTS_NO_DOT, "cls", "json"):  # e.g. "v2.png": a dot in a key
+                        unread.setdefault(key, []).append(ext)
                     continue
                 order.setdefault(key, None)  # keys in order of first appearance
+        dropped = [key for key in unread if key not in order]
+        if dropped:
+            key = dropped[0]
+            raise ValueError(
+                f"{shard_path}: {len(dropped)} sample(s) have no member navit reads, e.g. {key!r} with "
+                f"{', '.join('.' + e for e in unread[key])}: a sample's key ends at the first dot of a member's "
+                f"name (WebDataset's rule), so name members <key>.<ext> with no dot in <key>"
+            )
         for key in order:
             if key not in images:
                 raise ValueError(f"{shard_path}: sample {key!r} has a label but no image member")
