@@ -44,8 +44,15 @@ def write_checkpoint(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one checkpoint folder ``final`` atomically (a temporary folder renamed into place)."""
+    """Write one checkpoint folder ``final`` atomically (a temporary folder renamed into place).
+    An existing checkpoint there is replaced; a folder holding anything else is refused."""
     final = Path(final)
+    ours = (WEIGHTS, META, TRAIN_STATE)
+    others = sorted(p.name for p in final.iterdir() if p.name not in ours) if final.is_dir() else []
+    if others or (final.exists() and not final.is_dir()):
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise FileExistsError(f"{final} exists and is not a checkpoint ({shown or 'a file'}): a checkpoint "
+                              "replaces its folder whole, so save into a new or empty folder")  # fmt: skip
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -33,11 +34,25 @@ def _flag_type(hint: Any) -> dict[str, Any]:
     return {"type": hint}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key, yaml.safe_load(value)
+    return key, parse_yaml(value)
 
 
 def _with_default(text: str, default: Any) -> str:
@@ -72,7 +87,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def load_yaml_config(path: str) -> dict[str, Any]:
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = parse_yaml(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise SystemExit(f"navit: cannot read config {path}: {error}") from error
     if not isinstance(values, dict):
@@ -141,6 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(meta["config"]) if "config" in meta else None
         if args.data:
             source = with_class_names(open_source(args.data), task.class_names, f"--data {args.data}")
+            task.check_data(source, args.data)
         elif cfg is not None:  # the run's own validation split
             source = open_data(cfg)[1]
         else:
@@ -162,9 +178,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from navit.inference import expand_inputs, load_checkpoint, predict_files
+    from navit.train import pick_device
 
     try:
-        model, task, _ = load_checkpoint(args.checkpoint, args.device)
+        model, task, _ = load_checkpoint(args.checkpoint, pick_device(args.device))
     except (ValueError, FileNotFoundError, OSError) as error:
         raise SystemExit(f"navit predict: {error}") from error
     inference = task.inference_model(model)

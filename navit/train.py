@@ -39,9 +39,16 @@ from navit.train_config import TrainConfig
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``; one line for anything else."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch {torch.__version__} sees no CUDA device here; use cpu or auto")
+    return device
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Run:
     total_examples: int
     metrics: MetricsLogger | None = None
     progress: Progress = field(default_factory=Progress)
+    window: "Window" = field(default_factory=lambda: Window())  # sums since the last metrics record
 
     def budget(self) -> tuple[float, float, str]:
         """(done, total, unit) of what ends the run: steps, FLOPs or examples. FLOPs are this
@@ -224,7 +232,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 def new_run_folder(cfg: TrainConfig) -> Path:
     name = cfg.run.name or time.strftime(f"{cfg.model.baseline}-%Y%m%d-%H%M%S")
     folder = Path(cfg.run.out) / name
-    folder.mkdir(parents=True, exist_ok=False)
+    try:
+        folder.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise ValueError(f"run folder {folder} exists: give another --name, or --resume {folder} to continue it") from None
     return folder
 
 
@@ -245,21 +256,24 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
     train_source, val_source = open_data(cfg)
     task = TASKS[cfg.task.name](cfg.task.options, list(train_source.class_names))
     task.check_data(train_source, cfg.data.train)
-    start = start_from(cfg.model.init_from, cfg.model.init_arch) if cfg.model.init_from else None
+    # A fine-tuned run resumes with the architecture and preprocessing it was fine-tuned with,
+    # read from its own checkpoint (the weights come with the resume): its source may be gone.
+    source = (cfg.run.resume, None) if cfg.run.resume else (cfg.model.init_from, cfg.model.init_arch)
+    start = start_from(*source) if cfg.model.init_from else None
     config = model_config(cfg, train_source, start)
     processor = D.broadcast_object(make_processor(cfg, config, train_source, start) if info.is_main else None, info)
     model = task.build_model(config, processor)
-    if start is not None:
+    if start is not None and not cfg.run.resume:
         initialise_from(model, start)
     model.to(device)
 
-    # The run folder appears only once data and model are known to be usable.
+    # The run folder appears only once data and model are known to be usable (a resumed run's
+    # config is rewritten once its checkpoint has loaded).
     if cfg.run.resume:
         folder = run_folder_of(cfg.run.resume)
     else:
         folder = D.broadcast_object(new_run_folder(cfg) if info.is_main else None, info)
-    if info.is_main:
-        (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_config(cfg, folder, info)
 
     total_examples = cfg.total_examples(len(train_source))
     loader = PackedLoader(
@@ -288,6 +302,12 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
     )  # fmt: skip
 
 
+def write_config(cfg: TrainConfig, folder: Path, info: D.DistInfo) -> None:
+    """``config.yaml``: the run's options, a template for new runs (so without ``resume``)."""
+    if info.is_main:
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg.with_options({"resume": None}).to_dict(), sort_keys=False))
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -299,6 +319,7 @@ def save(run: Run) -> None:
     optimizer_state = D.full_optimizer_state(run.wrapped, run.optimizer, info)
     loader_states = D.all_gather_object(run.loader.state_dict(), info)
     rng_states = D.all_gather_object(torch.get_rng_state(), info)
+    windows = D.all_gather_object(run.window.state(), info)
     tokens, flops = progress.totals(info, run.device)
     if not info.is_main:
         return
@@ -309,6 +330,7 @@ def save(run: Run) -> None:
         "tokens_seen": tokens,
         "train_flops": flops,
         "loader": loader_states,
+        "window": windows,
         "world_size": info.world_size,
         "config": run.cfg.to_dict(),
     }
@@ -322,11 +344,19 @@ def resume(run: Run, path: str) -> None:
     checkpoint = resolve_checkpoint(path)
     meta = load_meta(checkpoint)
     state = load_train_state(checkpoint)
-    D.load_full_state(run.wrapped, run.optimizer, load_weights(checkpoint), state["optimizer"])
+    try:
+        D.load_full_state(run.wrapped, run.optimizer, load_weights(checkpoint), state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:  # the options given changed the model
+        first = str(error).strip().splitlines()
+        raise ValueError(f"cannot resume {checkpoint}: its weights do not fit the model the options describe "
+                         f"({first[-1].strip() if first else type(error).__name__}); resume without changing "
+                         "model options") from None  # fmt: skip
     loader_states = meta["loader"]
     if len(loader_states) == info.world_size:
         torch.set_rng_state(state["torch_rng"][info.rank])
         run.loader.load_state_dict(loader_states[info.rank])
+        if "window" in meta:
+            run.window = Window(**meta["window"][info.rank])
     else:  # another world size: shards differ, so start the saved epoch afresh
         run.loader.epoch = int(loader_states[0]["epoch"])
         if info.is_main:
@@ -334,6 +364,7 @@ def resume(run: Run, path: str) -> None:
                   f"epoch {run.loader.epoch} restarts")  # fmt: skip
     run.progress = Progress(step=int(meta["step"]), examples=int(meta["examples_seen"]),
                             tokens_base=int(meta["tokens_seen"]), flops_base=int(meta["train_flops"]))  # fmt: skip
+    write_config(run.cfg, run.folder, info)
     if info.is_main:
         print(f"resumed from {checkpoint} at step {run.progress.step}")
 
@@ -394,19 +425,26 @@ def endless(loader: PackedLoader) -> Iterator[LoaderBatch]:
             produced = True
             yield item
         if fresh and not produced:
-            raise RuntimeError(
+            raise ValueError(
                 f"no example of the training data could be loaded in epoch {loader.epoch - 1}: "
                 f"{dict(loader.skipped)}"
             )
 
 
 class Window:
-    """Sums between two metric records."""
+    """Sums between two metric records (saved with checkpoints, so that a resumed run records
+    what an uninterrupted one would)."""
 
-    def __init__(self) -> None:
+    SUMS = ("examples", "tokens", "slots", "steps", "loss_sum")
+
+    def __init__(self, **sums: float) -> None:
         self.examples = self.tokens = self.slots = self.steps = 0
         self.loss_sum = 0.0
+        self.__dict__.update(sums)
         self.start = time.perf_counter()
+
+    def state(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.SUMS}
 
     def add(self, result: StepLoss, item: LoaderBatch) -> None:
         self.steps += 1
@@ -441,7 +479,8 @@ class Window:
 def train_loop(run: Run) -> float:
     """Step until the configured examples (or steps) are done; returns the seconds it took."""
     cfg, info = run.cfg, run.info
-    start, window, stream = time.perf_counter(), Window(), endless(run.loader)
+    start, stream = time.perf_counter(), endless(run.loader)
+    run.window.start = start
     _, total, unit = run.budget()
     done = lambda: min(run.budget()[0], total)  # noqa: E731
     run.model.train()
@@ -451,14 +490,14 @@ def train_loop(run: Run) -> float:
             item = next(stream).to(run.device)
             before = done()
             result, grad_norm = train_step(run, item)
-            window.add(result, item)
+            run.window.add(result, item)
             if run.progress.step % cfg.run.log_every == 0:
-                record = window.record(run, grad_norm)
+                record = run.window.record(run, grad_norm)
                 if run.metrics is not None:
                     run.metrics.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", ex_s=f"{record['examples_per_s']:.0f}",
                                 pad=f"{100 * record['padding']:.1f}%")  # fmt: skip
-                window = Window()
+                run.window = Window()
             bar.update(done() - before)
             if run.progress.step % cfg.run.save_every == 0 or run.finished:
                 save(run)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +167,23 @@ def flat_options() -> dict[str, tuple[str, dataclasses.Field]]:
     return options
 
 
+def check_numbers(section: Any) -> None:
+    """Numbers where a section wants them (integers as ``int``), or an error naming the option:
+    YAML and ``KEY=VALUE`` flags can hand over strings or booleans."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        hint, value = hints[f.name], getattr(section, f.name)
+        if typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
+            continue  # lists and dicts
+        kinds = typing.get_args(hint) or (hint,)
+        if not {int, float} & set(kinds) or (value is None and type(None) in kinds):
+            continue
+        integer = float not in kinds
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+            raise ValueError(f"{f.name}={value!r} must be {'an integer' if integer else 'a number'}")
+        setattr(section, f.name, int(value) if integer else value)
+
+
 def _unknown(key: str, known: list[str]) -> ValueError:
     if key in RENAMED:
         return ValueError(f"option {key!r} is now called {RENAMED[key]!r}")
@@ -189,7 +208,14 @@ class TrainConfig:
         before any work starts."""
         for name in SECTIONS:
             check_choices(getattr(self, name), "")
+            check_numbers(getattr(self, name))
         data, packing, optim = self.data, self.packing, self.optim
+        for name in ("lr", "grad_clip"):
+            if getattr(optim, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(optim, name)}")
+        for name in ("min_lr", "weight_decay", "warmup_steps"):
+            if getattr(optim, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(optim, name)}")
         if not 0 < data.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {data.val_fraction}")
         if data.max_tokens > packing.seq_len:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,14 @@ def test_budget_evaluates_one_model_by_resizing_and_by_dropping(tmp_path, capsys
     run_quick(tmp_path, "budget", seeds=2)
     out = capsys.readouterr().out
     assert out.count("reusing") == 1 and "navit seed 0: reusing" in out and "training navit seed 1" in out
+
+
+def test_the_report_gives_the_command_that_reruns_it():
+    from navit.experiments.base import Setting
+
+    setting = Setting("photos/", Path("xp"), seeds=3, val_data="val/")
+    assert setting.command("compute") == "navit experiment compute --data photos/ --val-data val/ --out xp --seeds 3"
+    assert Setting("d", Path("o"), quick=True).command("budget") == "navit experiment budget --data d --out o --quick --seeds 2"
 
 
 def test_bad_experiment_arguments_fail_in_one_line(tmp_path):

@@ -115,7 +115,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
         seen = [i for item in loader for i in item.indices.tolist()]
     assert sorted(seen) == [i for i in range(20) if i % 5]
     assert sum(loader.skipped.values()) == 4
-    with pytest.raises(RuntimeError, match="broken-0"):
+    with pytest.raises(ValueError, match="broken-0"):
         list(make_loader(source=source, fail_fast=True))
 
 

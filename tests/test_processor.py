@@ -187,3 +187,10 @@ def test_saved_models_keep_their_task_and_its_options(tmp_path):
     assert task.options.loss == "sigmoid" and task.class_names == sigmoid.class_names
     with pytest.raises(ValueError, match="no task builds a Linear; pass the task"):
         navit.save_model(torch.nn.Linear(2, 2), tmp_path / "x")
+    # Saving again replaces the checkpoint; a folder holding other things is never wiped.
+    navit.save_model(classifier, tmp_path / "sig", task=sigmoid)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"run exists and is not a checkpoint \(notes.txt\)"):
+        navit.save_model(classifier, tmp_path / "run")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"

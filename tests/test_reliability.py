@@ -69,7 +69,7 @@ def test_odd_images_are_packed_and_broken_ones_counted(tmp_path):
     assert sum(loader.skipped.values()) == expected["bad"]
     names = {Path(source.describe(i)).name for i in seen}
     assert {"one_pixel.png", "tall_1_to_100.png", "wide_100_to_1.png"} <= names
-    with pytest.raises(RuntimeError, match="fail_fast"):
+    with pytest.raises(ValueError, match="fail_fast"):
         list(PackedLoader(source, ExampleTransform(Processor(patch_size=16, max_tokens=64)), seq_len=64, num_seqs=2,
                           buffer_size=4, num_workers=0, fail_fast=True))  # fmt: skip
 

@@ -282,6 +282,8 @@ def test_train_eval_and_predict_from_the_command_line(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "navit"), "--budgets", "8", "--workers", "0",
                  "--out", str(tmp_path / "again")]) == 0  # fmt: skip
     assert set(json.loads((tmp_path / "again" / "eval.json").read_text())) == {"native", "8"}
+    with pytest.raises(SystemExit, match="needs masks"):  # data without masks is refused, not scored 0
+        main(["eval", "--checkpoint", str(tmp_path / "navit"), "--data", "synthetic:8", "--workers", "0"])
 
     pictures = [tmp_path / "wide.png", tmp_path / "tall.jpg"]
     Image.new("RGB", (90, 31), (200, 190, 180)).save(pictures[0])

@@ -13,7 +13,7 @@ import yaml
 from conftest import TINY_TRAIN
 
 from navit.checkpoint import load_train_state, resolve_checkpoint, save_checkpoint
-from navit.cli import build_parser, main
+from navit.cli import _key_value, build_parser, main, training_config
 from navit.inference import load_checkpoint, predict_files
 from navit.train import open_data
 from navit.train_config import TrainConfig
@@ -41,24 +41,29 @@ def train(image_folder, out, name, *extra):
 
 
 def test_train_resume_eval_predict(image_folder, tmp_path, capsys):
-    run = train(image_folder, tmp_path, "full", "--max-steps", "8", "--save-every", "4", "--lr", "0.003")
+    run = train(image_folder, tmp_path, "full", "--max-steps", "8", "--save-every", "4", "--lr", "0.003", "--log-every", "3")
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "eval.json", "summary.json", "accuracy_vs_tokens.png"):
         assert (run / name).exists(), name
     full = losses(run)
-    assert sorted(full) == list(range(1, 9))
+    assert sorted(full) == [3, 6]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["examples_seen"] > 8 and summary["train_flops"] > 0
     assert summary["tokens_seen"] >= summary["examples_seen"]
 
     # Resume from the step-4 checkpoint of a copy that also logged steps 5..8 before "crashing":
     # the run's own config is used (lr 0.003 is not repeated), no step is logged twice, and
-    # steps 5..8 repeat exactly.
+    # steps 5..8 repeat exactly, the record of step 6 (over steps 4 to 6) included.
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     assert main(["train", "--resume", str(copy / "checkpoints" / "step_00000004")]) == 0
     assert losses(copy) == full
     saved = yaml.safe_load((copy / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.003 and saved["data"]["train"] == str(image_folder)
+    assert saved["run"]["resume"] is None, "config.yaml is a template for new runs, not a resume"
+    # A resume whose options change the model stops in one line and leaves the run as it was.
+    with pytest.raises(SystemExit, match="cannot resume .*weights do not fit the model"):
+        main(["train", "--resume", str(copy), "--model-args", "depth=2"])
+    assert yaml.safe_load((copy / "config.yaml").read_text()) == saved
 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--budgets", "4", "9", "--workers", "0"]) == 0
@@ -124,6 +129,10 @@ def test_fine_tune_from_checkpoint_with_new_classes(image_folder, tmp_path):
     a, _, _ = load_checkpoint(base)
     b, _, _ = load_checkpoint(tuned)
     assert not torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
+    # The fine-tuned run resumes from its own checkpoint, even once its starting point is gone.
+    shutil.rmtree(base)
+    assert main(["train", "--resume", str(tuned), "--max-steps", "3"]) == 0
+    assert json.loads((tuned / "summary.json").read_text())["steps"] == 3
 
 
 def test_yaml_config_nested_or_flat_and_flag_precedence(image_folder, tmp_path):
@@ -207,7 +216,24 @@ def test_bad_options_fail_before_work(tmp_path, capsys):
         main(["train", "--max-tokens", "512", "--seq-len", "256", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="text_depth is an option of task contrastive"):
         main(["train", "--text-depth", "3", "--out", str(tmp_path)])
+    for flags, message in ((["--lr", "0"], "lr must be > 0"), (["--device", "gpu"], "device 'gpu' is not one of")):
+        with pytest.raises(SystemExit, match=message):
+            main(["train", *flags, "--out", str(tmp_path)])
+    assert _key_value("drop_path=1e-3") == ("drop_path", 1e-3)
+    config = tmp_path.parent / "numbers.yaml"
+    config.write_text("lr: 1e-3\nmax_steps: 2.0\n")  # YAML 1.1 reads 1e-3 as a string
+    assert cli_config(config).optim.lr == 1e-3 and cli_config(config).optim.max_steps == 2
+    config.write_text("warmup_steps: 2.5\n")
+    with pytest.raises(SystemExit, match=r"warmup_steps=2.5 must be an integer"):
+        main(["train", "--config", str(config), "--out", str(tmp_path)])
+    config.write_text("optim: {lr: fast}\n")
+    with pytest.raises(SystemExit, match=r"lr='fast' must be a number"):
+        main(["train", "--config", str(config), "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def cli_config(path) -> TrainConfig:
+    return training_config(build_parser().parse_args(["train", "--config", str(path)]))
 
 
 def test_every_train_option_has_help_and_its_choices():

@@ -358,7 +358,7 @@ def test_a_mixed_folder_of_clips_images_and_broken_files_loads(tmp_path):
         seen = [Path(source.describe(i)).name for item in loader for i in item.indices.tolist()]
     assert sorted(seen) == ["clip.avi", "clip.mp4", "still.png"]
     assert sum(loader.skipped.values()) == 2
-    with pytest.raises(RuntimeError, match="fail_fast"):
+    with pytest.raises(ValueError, match="fail_fast"):
         list(PackedLoader(source, ExampleTransform(CLIP), seq_len=64, num_seqs=2, buffer_size=4, num_workers=0,
                           fail_fast=True))  # fmt: skip
 

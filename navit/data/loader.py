@@ -231,7 +231,7 @@ class PackedLoader:
             self._buffer.append(item)
             return
         if self.fail_fast:
-            raise RuntimeError(f"could not load an item (fail_fast is on): {item.error}")
+            raise ValueError(f"could not load an item (fail_fast is on): {item.error}")
         self.skipped[item.reason.split("\n")[0][:120]] += 1
         if sum(self.skipped.values()) <= 10:
             warnings.warn(f"skipping {item.error}", stacklevel=2)

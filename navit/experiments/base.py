@@ -56,6 +56,11 @@ class Setting:
     def folder(self, name: str) -> Path:
         return self.out / name
 
+    def command(self, name: str) -> str:
+        """The command that runs experiment ``name`` in this setting."""
+        val, quick = f" --val-data {self.val_data}" if self.val_data else "", " --quick" if self.quick else ""
+        return f"navit experiment {name} --data {self.data}{val} --out {self.out}{quick} --seeds {self.seeds}"
+
 
 @dataclass
 class Verdict:
@@ -221,9 +226,7 @@ class Experiment:
         reuse = " (finished runs of the same settings are reused)" if self.trains else ""
         lines = [f"# {self.name}: {self.paper}", "", f"**Claim.** {self.claim}", "",
                  f"{what}{' (quick: numbers mean nothing)' if setting.quick else ''}; {trained}this command took "
-                 f"{seconds / 60:.1f} min{reuse}. Command: "
-                 f"`navit experiment {self.name} --data {setting.data} --out {setting.out}"
-                 f"{' --quick' if setting.quick else ''} --seeds {setting.seeds}`.", "",
+                 f"{seconds / 60:.1f} min{reuse}. Command: `{setting.command(self.name)}`.", "",
                  analysis.table, "", "| claim | verdict | detail |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {v.claim} | **{v.verdict}** | {v.detail} |" for v in analysis.verdicts]
         if setting.seeds == 1 and self.trains:
