@@ -76,7 +76,8 @@ class DataSection:
     drop: str = option("none", "token dropping: none, constant rate, uniform, beta-distributed or "
                        "resolution-dependent rates", choices=DROP_KINDS)  # fmt: skip
     drop_rate: float = option(0.25, "drop rate (constant) or mean rate (beta)")
-    drop_max: float = option(0.5, "largest drop rate (uniform, beta, resolution)")
+    drop_max: float = option(0.5, "largest drop rate (uniform, beta); resolution: the mean rate at max_tokens "
+                             "(the mean grows from 0 at 16 tokens; rates are drawn around it, up to 0.9)")  # fmt: skip
     drop_schedule: str = option("constant", "how the drop rates move over training", choices=DropSchedule.KINDS)
     drop_schedule_start: float = option(1.0, "multiplier of the drop rates at the start of training")
     drop_schedule_end: float = option(1.0, "multiplier of the drop rates at the end of training (linear, sigmoid)")

@@ -20,7 +20,7 @@ from navit.data.synthetic_hard import KINDS, SyntheticLargest
 from navit.data.transforms import ExampleTransform, ResolutionSampler
 from navit.experiments import EXPERIMENTS
 from navit.experiments.attention_share import measure
-from navit.experiments.base import compare
+from navit.experiments.base import compare, no_worse
 from navit.experiments.compute import flops_to_reach
 from navit.experiments.posemb import best_of
 from navit.processor import Processor
@@ -71,6 +71,11 @@ def test_a_difference_inside_the_seed_spread_is_a_tie():
     assert best_of({"sum": [0.60, 0.62], "stack": [0.50, 0.55], "product": [0.40, 0.45]}, "c").verdict == "sum"
     tie = best_of({"sum": [0.60, 0.62], "stack": [0.50, 0.61], "product": [0.40, 0.45]}, "c")
     assert tie.verdict == "tie within the seed spread" and "stack 55.50 ± 7.78%" in tie.detail
+    # "No worse" holds inside the spread only with a mean at least the reference's.
+    assert no_worse([0.40, 0.80], [0.59, 0.60]) == "holds"
+    assert no_worse([0.18, 0.62], [0.59, 0.60]) == "tie within the seed spread"
+    assert no_worse([0.50, 0.55], [0.59, 0.60]) == "does not hold"
+    assert no_worse([0.61, 0.62], [0.59, 0.60]) == "holds"
 
 
 def test_flops_to_reach_interpolates_in_log_flops():
@@ -113,6 +118,8 @@ def test_each_arm_changes_only_its_own_options(tmp_path, name, arms):
     assert len({r["settings"]["model"]["args"].get("pos_embed", "learned") for r in runs}) == (5 if name == "posemb" else 1)
     for verdict in results["verdicts"]:
         assert verdict["verdict"] and f"| {verdict['claim']} |" in report
+    if name == "resolution":  # the verdicts "low vs mid / low vs high" name their rivals in that order
+        assert "against side-normal-mid / side-normal-high" in report
 
 
 def test_token_drop_schedules_see_the_same_images_with_less_or_more_dropping(tmp_path):
@@ -120,6 +127,8 @@ def test_token_drop_schedules_see_the_same_images_with_less_or_more_dropping(tmp
     runs = {r["arm"]: r for r in results["runs"]}
     schedules = [runs[a] for a in ("fixed-half", "increasing", "decreasing")]
     assert len({r["examples_seen"] for r in schedules}) == 1
+    claims = {v["claim"] for v in results["verdicts"]}
+    assert {"decreasing beats fixed-half", "increasing beats fixed-half", "decreasing beats increasing"} <= claims
     assert runs["none"]["tokens_seen"] / runs["none"]["examples_seen"] > runs["constant"]["tokens_seen"] / runs["constant"]["examples_seen"]
 
 

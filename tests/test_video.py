@@ -330,8 +330,9 @@ def test_the_motion_set_written_as_video_files_reads_back(tmp_path):
 # Clips through the loader, the CLI and torchrun
 
 
-def test_training_windows_start_on_every_frame_equally():
-    clip = ArrayClip(ramp(6), fps=10)
+@pytest.mark.parametrize("fps", [10, None])  # None: times are frame indices
+def test_training_windows_start_on_every_frame_equally(fps):
+    clip = ArrayClip(ramp(6), fps=fps)
     transform = ExampleTransform(CLIP.replace(max_frames=2, max_tokens=8), frames_min=2)
     first_levels = []
     for seed in range(300):

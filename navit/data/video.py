@@ -211,8 +211,8 @@ class ArrayClip:
 
     def info(self) -> ClipInfo:
         width, height = self.frames[0].size
-        rate = self.fps or 1.0
-        return ClipInfo(width, height, len(self.frames) / rate, self.fps)
+        rate = self.fps or 1.0  # frame indices are the times: the rate the times count at
+        return ClipInfo(width, height, len(self.frames) / rate, rate)
 
     def read(self, *, start: float = 0.0, num_frames: int, fps: float | None = None, stride: int = 1,
              frame_op: FrameOp | None = None) -> tuple[list[Image.Image], list[float]]:  # fmt: skip

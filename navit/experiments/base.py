@@ -95,6 +95,15 @@ def compare(better: list[float], worse: list[float]) -> str:
     return "tie within the seed spread"
 
 
+def no_worse(candidate: list[float], reference: list[float]) -> str:
+    """Whether ``candidate`` is no worse than ``reference`` (a claim of matching): the reference
+    beats it beyond the spread, it does not hold; inside the spread, it holds only with a mean
+    at least the reference's, else it is a tie."""
+    if compare(reference, candidate) == "holds":
+        return "does not hold"
+    return "holds" if mean(candidate) >= mean(reference) else "tie within the seed spread"
+
+
 def same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether a finished run's settings are the wanted ones, up to :data:`SPEED_ONLY`."""
     def results_part(settings: dict[str, Any]) -> dict[str, Any]:

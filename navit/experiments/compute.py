@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from navit.experiments.base import (Analysis, Arm, Experiment, Setting, Verdict, compare, figure, mean, pct, save_figure,
-                                   spread)
+from navit.experiments.base import (Analysis, Arm, Experiment, Setting, Verdict, compare, figure, mean, no_worse, pct,
+                                   save_figure, spread)
 
 VIT_TOKENS = (16, 36, 64)
 LEVELS = (1, 2, 4)
@@ -64,7 +64,7 @@ class Compute(Experiment):
         ratio = needed / top if needed is not None else None
         verdicts.append(Verdict(
             "NaViT matches ViT's best accuracy with <= 1/4 of its compute",
-            compare(cell[("NaViT", budgets[0])], best_vit[top]).replace("tie within the seed spread", "holds (tie within the seed spread)"),
+            no_worse(cell[("NaViT", budgets[0])], best_vit[top]),
             f"NaViT at {budgets[0] / 1e12:.3g} TFLOPs: {pct(cell[('NaViT', budgets[0])])}%; ViT's best at {top / 1e12:.3g}: "
             f"{pct(best_vit[top])}%; NaViT's curve reaches it at "
             + (f"{ratio:.2f}x ViT's compute" if ratio is not None else "no measured budget"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from navit.experiments.base import Analysis, Arm, Experiment, Setting, Verdict, by_arm, compare, mean, pct
+from navit.experiments.base import Analysis, Arm, Experiment, Setting, Verdict, by_arm, compare, mean, no_worse, pct
 from navit.experiments.resolution import accuracy_vs_budget
 
 TRAIN, UNSEEN = (16, 36, 64), (144, 256)
@@ -58,7 +58,7 @@ class PosEmb(Experiment):
                             f"{pct(at[b][chosen])}% vs {pct(at[b][base])}%")
                     for base in ("vit-resized", "pix2struct") for b in map(str, UNSEEN)]  # fmt: skip
         verdicts += [Verdict(f"{chosen} is no worse than {base} at {train} tokens (trained)",
-                             "holds" if compare(at[train][base], at[train][chosen]) != "holds" else "does not hold",
+                             no_worse(at[train][chosen], at[train][base]),
                              f"{pct(at[train][chosen])}% vs {pct(at[train][base])}%") for base in ("vit-resized", "pix2struct")]  # fmt: skip
         for kind in KINDS:
             frac, absolute = f"{kind}-frac-sum", f"{kind}-abso-sum"

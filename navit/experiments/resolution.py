@@ -53,10 +53,10 @@ class Resolution(Experiment):
                             f"{pct(at[b][chosen])}% vs {pct(at[b]['fixed'])}%") for b in budgets]  # fmt: skip
         normals = [n for n in names if n.startswith("side-normal")]
         best_normal = max(normals, key=lambda n: mean(at[top][n]))
-        others = [n for n in normals if n != best_normal]
-        low_wins = [compare(at[top]["side-normal-low"], at[top][n]) for n in normals if n != "side-normal-low"]
+        rivals = [n for n in normals if n != "side-normal-low"]
+        low_wins = [compare(at[top]["side-normal-low"], at[top][n]) for n in rivals]
         verdicts.append(Verdict("the normal biased to low resolution beats the middle and high ones",
-                                " / ".join(low_wins), f"best normal: {best_normal}; vs {', '.join(others)}"))  # fmt: skip
+                                " / ".join(low_wins), f"against {' / '.join(rivals)}; best normal: {best_normal}"))  # fmt: skip
         verdicts.append(Verdict("the normal biased to low resolution beats uniform side sampling",
                                 compare(at[top]["side-normal-low"], at[top]["side-uniform"]),
                                 f"{pct(at[top]['side-normal-low'])}% vs {pct(at[top]['side-uniform'])}%"))  # fmt: skip

@@ -55,7 +55,7 @@ class TokenDrop(Experiment):
             lines.append(f"| {name} | {pct(acc[name])} | " + " | ".join(pct(at[b][name]) for b in budgets)
                          + f" | {mean(seen[name]):.0f} | {mean(flops[name]) / 1e12:.3g} |")  # fmt: skip
         pairs = [("constant", "none"), ("beta", "constant"), ("resolution", "constant"),
-                 ("decreasing", "fixed-half"), ("decreasing", "increasing")]  # fmt: skip
+                 ("decreasing", "fixed-half"), ("increasing", "fixed-half"), ("decreasing", "increasing")]  # fmt: skip
         verdicts = [Verdict(f"{a} beats {b}", compare(acc[a], acc[b]), f"{pct(acc[a])}% vs {pct(acc[b])}%")
                     for a, b in pairs if a in acc and b in acc]  # fmt: skip
         return Analysis("\n".join(lines), verdicts, {"accuracy": {b: at[b] for b in budgets}})
