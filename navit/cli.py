@@ -55,6 +55,17 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key, parse_yaml(value)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _with_default(text: str, default: Any) -> str:
     return text if "default" in text else f"{text} (default: {default!r})"
 
@@ -265,12 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
     evaluate.add_argument("--data", help="data to evaluate on (classes matched to the model's by name; "
                           "default: the run's own validation split)")  # fmt: skip
-    evaluate.add_argument("--budgets", type=int, nargs="*", metavar="N",
+    evaluate.add_argument("--budgets", type=positive_int, nargs="*", metavar="N",
                           help="tokens per example to evaluate at, besides native (default: the run's)")  # fmt: skip
     evaluate.add_argument("--by", choices=("resize", "drop"), default="resize",
                           help="meet each budget by resizing the input to it, or by dropping all but that many of "
                           "its native tokens at random (default: resize)")  # fmt: skip
-    evaluate.add_argument("--frames", type=int, nargs="*", metavar="N",
+    evaluate.add_argument("--frames", type=positive_int, nargs="*", metavar="N",
                           help="clips: frames per clip to evaluate at, besides native (default: the run's)")  # fmt: skip
     evaluate.add_argument("--out", help="folder for eval.json and the plot (default: the run folder)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -281,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "folders or globs")  # fmt: skip
     predict.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
     predict.add_argument("inputs", nargs="+", help="image or video files, folders (searched recursively) or globs")
-    predict.add_argument("--topk", type=int, default=5, help="labels (segmentation: classes listed) per input (default: 5)")
+    predict.add_argument("--topk", type=positive_int, default=5, help="labels (segmentation: classes listed) per input (default: 5)")
     predict.add_argument("--out", help="segmentation: folder for each input's mask PNG (class indices, the input's size) "
                          "and colour overlay PNG")  # fmt: skip
-    predict.add_argument("--budget", type=int, help="tokens per input (default: native resolution)")
-    predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
+    predict.add_argument("--budget", type=positive_int, help="tokens per input (default: native resolution)")
+    predict.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default: 32)")
     predict.add_argument("--json", action="store_true",
                          help='one JSON object per input: {"path", "tokens", "error"} and "labels": [{"label", '
                          '"score"}] (segmentation: "mask", "overlay" and "classes": {name: share of pixels})')  # fmt: skip

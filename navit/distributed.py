@@ -73,6 +73,15 @@ def broadcast_object(value, info: DistInfo):
     return box[0]
 
 
+def check_wrappable(model: nn.Module, info: DistInfo, strategy: str) -> None:
+    """Refuse, before any work, a model that ``strategy`` cannot wrap: FSDP2 shards no 0-d
+    parameters (the image-text model's logit scale and bias)."""
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if info.enabled and strategy == "fsdp" and scalars:
+        raise ValueError(f"--distributed fsdp cannot shard the model's 0-d parameters {scalars}; "
+                         "use --distributed ddp for it")  # fmt: skip
+
+
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str, device: torch.device) -> nn.Module:
     """DDP (replicated weights, averaged gradients) or FSDP2 (``fully_shard`` on each of the
     model's ``fsdp_units()``, its transformer blocks, then on the rest at the root)."""

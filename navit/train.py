@@ -62,6 +62,7 @@ class Progress:
     flops_base: int = 0
     tokens: int = 0  # this rank, since the start or the resume
     flops: int = 0
+    flops_all: int = 0  # every rank's, since the start or the resume (counted only for max_flops)
 
     def totals(self, info: D.DistInfo, device: torch.device) -> tuple[int, int]:
         """(real tokens, training FLOPs) over all ranks (a collective under torchrun)."""
@@ -91,13 +92,13 @@ class Run:
     window: "Window" = field(default_factory=lambda: Window())  # sums since the last metrics record
 
     def budget(self) -> tuple[float, float, str]:
-        """(done, total, unit) of what ends the run: steps, FLOPs or examples. FLOPs are this
-        rank's times the world size (ranks step in lock-step on packed batches of one shape)."""
+        """(done, total, unit) of what ends the run: steps, FLOPs or examples, each counted over
+        all ranks, so that every rank stops at the same step."""
         optim = self.cfg.optim
         if optim.max_steps:
             return self.progress.step, optim.max_steps, "step"
         if optim.max_flops:
-            done = self.progress.flops_base + self.progress.flops * self.info.world_size
+            done = self.progress.flops_base + self.progress.flops_all
             return done / 1e9, optim.max_flops / 1e9, "GFLOP"
         return self.progress.examples, self.total_examples, "ex"
 
@@ -251,7 +252,7 @@ def run_folder_of(path: str | Path) -> Path:
 
 
 def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
-    torch.manual_seed(cfg.run.seed + info.rank)
+    torch.manual_seed(cfg.run.seed)  # one initialisation on every rank (FSDP shards each rank's own)
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) - cfg.data.workers))
     train_source, val_source = open_data(cfg)
     task = TASKS[cfg.task.name](cfg.task.options, list(train_source.class_names))
@@ -266,6 +267,9 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
     if start is not None and not cfg.run.resume:
         initialise_from(model, start)
     model.to(device)
+    D.check_wrappable(model, info, cfg.run.distributed)
+    if info.enabled:  # then each rank its own randomness (stochastic depth, dropout)
+        torch.manual_seed(cfg.run.seed + info.rank)
 
     # The run folder appears only once data and model are known to be usable (a resumed run's
     # config is rewritten once its checkpoint has loaded).
@@ -413,6 +417,8 @@ def train_step(run: Run, item: LoaderBatch) -> tuple[StepLoss, torch.Tensor | No
     progress.examples += result.examples
     progress.tokens += item.batch.num_real_tokens
     progress.flops += result.flops
+    if cfg.optim.max_flops:  # ranks count different FLOPs: all must see one total to stop at one step
+        progress.flops_all += int(D.sum_over_ranks(result.flops, run.info, run.device))
     return result, grad_norm
 
 
@@ -534,7 +540,12 @@ def finish(run: Run, train_seconds: float) -> dict[str, Any]:
         f"val_{task.metric}": results["native"][task.metric],
         f"{task.metric}_vs_tokens": results,
         "skipped_examples": dict(run.loader.skipped),
+        **{name: int(D.sum_over_ranks(count, info, run.device)) for name, count in task.counts().items()},
     }
+    if info.is_main:
+        for name, count in task.counts().items():
+            if summary[name]:
+                print(f"{name.replace('_', ' ')}: {summary[name]}")
     if info.is_main:
         write_budget_report(results, run.folder, title=f"{run.cfg.model.baseline} ({run.folder.name})", metric=task.metric)
         (run.folder / "summary.json").write_text(json.dumps(summary, indent=2))

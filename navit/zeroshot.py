@@ -7,6 +7,7 @@ embeddings. An image's logits are its cosine similarities to the class weights.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -68,10 +69,15 @@ def zero_shot_weights(
         raise ValueError("class_names must not be empty")
     flat = [p for per_class in prompts for p in per_class]
     device = next(model.parameters()).device
-    chunks = []
+    chunks, truncated = [], 0
     for start in range(0, len(flat), batch_size):
         ids, mask = tokenizer.encode(flat[start : start + batch_size])
+        truncated += getattr(tokenizer, "last_num_truncated", 0)
         chunks.append(F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1))
+    if truncated:
+        warnings.warn(f"{truncated} of {len(flat)} zero-shot prompts are longer than the text tower's "
+                      f"{tokenizer.max_len} tokens and were cut: class names that differ only after the cut "
+                      "get the same weights", stacklevel=2)  # fmt: skip
     emb = torch.cat(chunks).view(len(prompts), len(prompts[0]), -1)
     return F.normalize(emb.mean(dim=1), dim=-1)
 

@@ -113,3 +113,34 @@ def test_torchrun_trains_and_evaluates_segmentation_under_ddp(tmp_path):
     assert set(report) == {"native", "4", "16"} and report["native"]["examples"] == 5
     assert 0 < report["native"]["pixel_accuracy"] <= 1
 
+
+
+def test_fsdp_ranks_start_from_one_model_and_stop_together_at_a_flop_budget(image_folder, tmp_path):
+    # Ranks count different FLOPs (their examples differ): each must stop at the same step, or
+    # the first to stop waits in a collective the others never reach. FSDP shards the model
+    # every rank built, so all must build the one a single process builds with the same seed.
+    still = ["--lr", "1e-30", "--min-lr", "0", "--data", str(image_folder), "--out", str(tmp_path), *TINY_TRAIN]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    # After 3 steps rank 0 has counted 84.44 MFLOPs and rank 1 84.33: times two ranks, one is
+    # past this budget and the other not; the total over both ranks (168.76 MFLOPs) is past it.
+    run([*torchrun, "-m", "navit", "train", *still, "--distributed", "fsdp", "--name", "two",
+         "--max-flops", "168700000"], timeout=120)  # fmt: skip
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["train_flops"] >= 168700000
+    run([sys.executable, "-m", "navit", "train", *still, "--name", "one", "--max-steps", "1"])
+    from navit.inference import load_checkpoint
+
+    two, one = load_checkpoint(tmp_path / "two")[0].state_dict(), load_checkpoint(tmp_path / "one")[0].state_dict()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_fsdp_refuses_a_model_with_0d_parameters_before_any_work():
+    from navit.two_tower import create_image_text_model
+
+    two_ranks = D.DistInfo(rank=0, world_size=2)
+    model = create_image_text_model("navit_ti16", text_depth=1, image_overrides=dict(depth=1))
+    with pytest.raises(ValueError, match=r"fsdp cannot shard the model's 0-d parameters \['logit_scale'"):
+        D.check_wrappable(model, two_ranks, "fsdp")
+    D.check_wrappable(model, two_ranks, "ddp")
+    D.check_wrappable(tiny_model(), two_ranks, "fsdp")

@@ -212,6 +212,10 @@ def test_bad_options_fail_before_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--loss", "hinge", "--out", str(tmp_path)])
     assert "argument --loss: invalid choice: 'hinge'" in capsys.readouterr().err
+    for command in (["eval", "--checkpoint", "x", "--frames", "0"], ["predict", "--checkpoint", "x", "--batch-size", "0", "y"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        assert "expected an integer >= 1, got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="max_tokens"):
         main(["train", "--max-tokens", "512", "--seq-len", "256", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="text_depth is an option of task contrastive"):
@@ -271,6 +275,7 @@ def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, caps
                  "--workers", "0", "--max-steps", "3", "--text-depth", "1", *TINY_TRAIN]) == 0  # fmt: skip
     results = json.loads((run / "eval.json").read_text())
     assert set(results) == {"native", "4", "16"} and results["native"]["examples"] > 0
+    assert json.loads((run / "summary.json").read_text())["truncated_captions"] == 0
     model, task, meta = load_checkpoint(run)
     assert meta["task"] == "contrastive" and len(meta["class_names"]) == 6 and meta["task_options"]["text_depth"] == 1
     # Evaluated as zero-shot classification of the validation split, example by example:

@@ -221,3 +221,33 @@ def test_zero_shot_picks_the_matching_class():
     shuffled = zero_shot_weights(model, model.tokenizer, [CLASS_NAMES[k] for k in order])
     pred2 = zero_shot_logits(img, shuffled).argmax(dim=1)
     assert torch.equal(torch.tensor(order)[pred2], labels)
+
+
+def test_captions_are_checked_in_the_loader_and_their_truncation_counted():
+    from navit import distributed as D
+    from navit.tasks import get_task
+
+    task = get_task("contrastive", {"text_max_len": 64}, ["a", "b"])
+    # A lone surrogate (from a broken file name or JSON escape) fails in the loader's targets, where
+    # the item is skipped and counted, not in the middle of a step.
+    with pytest.raises(ValueError, match=r"caption 'bad \\ud83d' is not valid Unicode text"):
+        task.targets({"caption": "bad \ud83d"})
+    broken = SyntheticShapes(4)
+    broken.class_names = ["fine", "bad \udcff"]
+    with pytest.raises(ValueError, match=r"class name of data 'x' 'bad \\udcff' is not valid Unicode"):
+        task.check_data(broken, "x")
+    model, (batch, captions) = tiny(), synthetic_pairs(4)
+    long = [caption + " and a very long tail" * 4 for caption in captions[:3]] + captions[3:]
+    task.loss(model, model, batch, {"caption": long}, D.DistInfo(), torch.device("cpu"))
+    task.loss(model, model, batch, {"caption": captions}, D.DistInfo(), torch.device("cpu"))
+    assert task.counts() == {"truncated_captions": 3}
+
+
+def test_zero_shot_prompts_cut_by_the_text_length_are_reported():
+    model = tiny()
+    tokenizer = ByteTokenizer(max_len=model.config.text_max_len)
+    names = ["terrier with a brindle and white coat, seen from the side, adult", "terrier with a brindle and white "
+             "coat, seen from the side, puppy"]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"2 of 2 zero-shot prompts are longer than the text tower's 64 tokens"):
+        weights = zero_shot_weights(model, tokenizer, names, templates=["a photo of a {}."])
+    assert torch.equal(weights[0], weights[1]), "what the warning is about"

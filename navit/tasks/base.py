@@ -97,6 +97,11 @@ class Task:
         """The step's loss; ``forward`` is the (possibly wrapped or compiled) model to call."""
         raise NotImplementedError
 
+    def counts(self) -> dict[str, int]:
+        """What the task counted in this process's training steps, for the run's summary (e.g.
+        truncated captions); summed over ranks there."""
+        return {}
+
     # -- evaluation and prediction -------------------------------------------------------------
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         """``{metric: ..., "tokens_per_example": ..., "examples": ...}`` over ``loader``."""

@@ -32,6 +32,15 @@ class ContrastiveOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def checked_text(text: str, what: str) -> str:
+    """``text``, or a clear error if it cannot be encoded (e.g. a lone surrogate from a broken file name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} {text[:40]!r} is not valid Unicode text ({error.reason} at character {error.start})") from None
+    return text
+
+
 class Contrastive(Task):
     name = "contrastive"
     Options = ContrastiveOptions
@@ -45,9 +54,15 @@ class Contrastive(Task):
                 f"--task contrastive needs captions, but data {spec!r} has none ({error}); use the "
                 "built-in synthetic data or a manifest with a 'caption' column"
             ) from error
+        for name in source.class_names:  # zero-shot prompts are made of them
+            checked_text(name, f"class name of data {spec!r}")
+
+    def __init__(self, options: Any = None, class_names: list[str] | None = None) -> None:
+        super().__init__(options, class_names)
+        self.truncated_captions = 0
 
     def targets(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {"caption": item["caption"]}
+        return {"caption": checked_text(item["caption"], "caption")}
 
     def eval_targets(self, item: dict[str, Any]) -> dict[str, Any]:
         return {"label": item["label"]}  # evaluated as zero-shot classification
@@ -79,13 +94,18 @@ class Contrastive(Task):
         Each rank receives the full gradient for its own embeddings; DDP's averaging over ranks
         is undone by the world-size factor, as for classification.
         """
-        ids, mask = (t.to(device) for t in model.tokenizer().encode(targets["caption"]))
+        tokenizer = model.tokenizer()
+        ids, mask = (t.to(device) for t in tokenizer.encode(targets["caption"]))
+        self.truncated_captions += getattr(tokenizer, "last_num_truncated", 0)
         img, txt = forward(batch, ids, mask)
         group = torch.distributed.group.WORLD if info.enabled else None
         loss = model.contrastive_loss(img.float(), txt.float(), chunk_size=self.options.chunk_size, group=group)
         examples = int(D.sum_over_ranks(img.shape[0], info, device))
         return StepLoss(loss * info.world_size, loss.detach() * img.shape[0], examples,
                         model.flops(batch, tuple(ids.shape), training=True))  # fmt: skip
+
+    def counts(self) -> dict[str, int]:
+        return {"truncated_captions": self.truncated_captions}
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         return evaluate_labels(model, loader, device)
