@@ -45,10 +45,10 @@ def write_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write one checkpoint folder ``final`` atomically (a temporary folder renamed into place).
-    An existing checkpoint there is replaced; a folder holding anything else is refused."""
+    An existing checkpoint there is replaced whole; any other folder that is not empty, or a
+    file, is refused."""
     final = Path(final)
-    ours = (WEIGHTS, META, TRAIN_STATE)
-    others = sorted(p.name for p in final.iterdir() if p.name not in ours) if final.is_dir() else []
+    others = sorted(p.name for p in final.iterdir()) if final.is_dir() and not (final / META).exists() else []
     if others or (final.exists() and not final.is_dir()):
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise FileExistsError(f"{final} exists and is not a checkpoint ({shown or 'a file'}): a checkpoint "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import typing
 from pathlib import Path
@@ -34,25 +33,11 @@ def _flag_type(hint: Any) -> dict[str, Any]:
     return {"type": hint}
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML as people write numbers: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
 def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key, parse_yaml(value)
+    return key, yaml.safe_load(value)
 
 
 def positive_int(text: str) -> int:
@@ -98,7 +83,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def load_yaml_config(path: str) -> dict[str, Any]:
     try:
-        values = parse_yaml(Path(path).read_text()) or {}
+        values = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise SystemExit(f"navit: cannot read config {path}: {error}") from error
     if not isinstance(values, dict):
@@ -167,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(meta["config"]) if "config" in meta else None
         if args.data:
             source = with_class_names(open_source(args.data), task.class_names, f"--data {args.data}")
-            task.check_data(source, args.data)
+            task.check_eval_data(source, args.data)
         elif cfg is not None:  # the run's own validation split
             source = open_data(cfg)[1]
         else:

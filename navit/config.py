@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +35,39 @@ def check_choices(instance: Any, where: str) -> None:
         allowed = f.metadata.get("choices")
         if allowed is not None and getattr(instance, f.name) not in allowed:
             raise ValueError(f"{where}{f.name}={getattr(instance, f.name)!r}; expected one of {allowed}")
+
+
+def numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (fields of dataclass ``cls``) with numbers where its fields want them, integers
+    as ``int``: YAML reads ``1e-3`` as a string and ``KEY=VALUE`` flags hand over text, so a string
+    that reads as a number becomes one; anything else raises naming the field."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None or typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
+            continue  # unknown names are refused elsewhere; lists and dicts are not numbers
+        kinds = typing.get_args(hint) or (hint,)
+        if not {int, float} & set(kinds) or (value is None and type(None) in kinds):
+            continue
+        integer, number = float not in kinds, value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if (isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number)
+                or (integer and number != int(number))):  # fmt: skip
+            raise ValueError(f"{name}={value!r} must be {'an integer' if integer else 'a finite number'}")
+        out[name] = int(number) if integer else number
+    return out
+
+
+def check_numbers(instance: Any) -> None:
+    """:func:`numbers` on a dataclass instance's own fields, in place."""
+    fixed = numbers(type(instance), {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)})
+    for name, value in fixed.items():
+        object.__setattr__(instance, name, value)
 
 
 def reject_unknown_fields(cls: type, values: Any, what: str, error: type[Exception]) -> None:
@@ -105,6 +141,8 @@ class NaViTConfig:
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
+        check_numbers(self)
+
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:

@@ -129,8 +129,15 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
         set_optimizer_state_dict,
     )
 
+    own = set(unwrap(model).state_dict())  # (set_model_state_dict leaves missing keys as they are)
+    missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
+    if missing or unexpected:
+        raise ValueError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(unwrap(model), weights, options=options)
+    try:
+        set_model_state_dict(unwrap(model), weights, options=options)
+    except RuntimeError as error:  # shapes differ
+        raise ValueError(f"the weights do not fit the model: {str(error).strip().splitlines()[-1].strip()}") from None
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(unwrap(model), optimizer, optimizer_state, options=options)
 

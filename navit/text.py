@@ -245,6 +245,7 @@ class PretrainedTokenizer:
 
     def __init__(self, tokenizer, max_len: int = 64, *, lowercase: bool = False) -> None:
         self.tokenizer, self.max_len, self.lowercase = tokenizer, max_len, lowercase
+        self.last_num_truncated = self.num_truncated = 0  # texts cut at max_len, as ByteTokenizer counts
 
     @classmethod
     def from_folder(cls, folder, max_len: int = 64, **kwargs) -> "PretrainedTokenizer":
@@ -261,5 +262,8 @@ class PretrainedTokenizer:
             raise TypeError("encode takes a list of strings; wrap a single text as [text]")
         texts = [t.lower() for t in texts] if self.lowercase else list(texts)
         out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt")
+        whole = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+        self.last_num_truncated = sum(len(ids) > self.max_len for ids in whole)
+        self.num_truncated += self.last_num_truncated
         ids = out["input_ids"]
         return ids, out.get("attention_mask", torch.ones_like(ids)).bool()

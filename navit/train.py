@@ -170,7 +170,8 @@ def model_config(cfg: TrainConfig, train_source: Any, start: Start | None) -> Na
     for data with clips an image model (2 axes) takes tubelets of two frames instead (3 axes)."""
     config = cfg.model_config()
     if start is not None:
-        print(f"init_from: the model is {start.path}'s ({start.config.embed_dim} wide, {start.config.depth} deep)")
+        if not cfg.run.resume:
+            print(f"init_from: the model is {start.path}'s ({start.config.embed_dim} wide, {start.config.depth} deep)")
         config = start.config.replace(**cfg.model.args)
     if getattr(train_source, "has_video", False) and config.num_axes == 2:
         print("the data has clips: the model takes tubelets of 2 frames (num_axes=3, temporal_patch_size=2)")
@@ -350,11 +351,8 @@ def resume(run: Run, path: str) -> None:
     state = load_train_state(checkpoint)
     try:
         D.load_full_state(run.wrapped, run.optimizer, load_weights(checkpoint), state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as error:  # the options given changed the model
-        first = str(error).strip().splitlines()
-        raise ValueError(f"cannot resume {checkpoint}: its weights do not fit the model the options describe "
-                         f"({first[-1].strip() if first else type(error).__name__}); resume without changing "
-                         "model options") from None  # fmt: skip
+    except ValueError as error:  # the options given changed the model
+        raise ValueError(f"cannot resume {checkpoint}: {error}; resume without changing model options") from None
     loader_states = meta["loader"]
     if len(loader_states) == info.world_size:
         torch.set_rng_state(state["torch_rng"][info.rank])
@@ -441,16 +439,19 @@ class Window:
     """Sums between two metric records (saved with checkpoints, so that a resumed run records
     what an uninterrupted one would)."""
 
-    SUMS = ("examples", "tokens", "slots", "steps", "loss_sum")
+    SUMS = ("examples", "tokens", "slots", "steps", "loss_sum", "seconds_before")
 
     def __init__(self, **sums: float) -> None:
         self.examples = self.tokens = self.slots = self.steps = 0
-        self.loss_sum = 0.0
+        self.loss_sum = self.seconds_before = 0.0  # seconds_before: training time before a resume
         self.__dict__.update(sums)
         self.start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start
+
     def state(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in self.SUMS}
+        return {**{name: getattr(self, name) for name in self.SUMS}, "seconds_before": self.elapsed()}
 
     def add(self, result: StepLoss, item: LoaderBatch) -> None:
         self.steps += 1
@@ -462,7 +463,7 @@ class Window:
     def record(self, run: Run, grad_norm: torch.Tensor | None) -> dict[str, Any]:
         """The metrics record (collective: sums over ranks)."""
         info, device = run.info, run.device
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.elapsed()
         tokens = D.sum_over_ranks(self.tokens, info, device)
         slots = D.sum_over_ranks(self.slots, info, device)
         tokens_seen, flops = run.progress.totals(info, device)
@@ -543,10 +544,9 @@ def finish(run: Run, train_seconds: float) -> dict[str, Any]:
         **{name: int(D.sum_over_ranks(count, info, run.device)) for name, count in task.counts().items()},
     }
     if info.is_main:
-        for name, count in task.counts().items():
+        for name in task.counts():
             if summary[name]:
                 print(f"{name.replace('_', ' ')}: {summary[name]}")
-    if info.is_main:
         write_budget_report(results, run.folder, title=f"{run.cfg.model.baseline} ({run.folder.name})", metric=task.metric)
         (run.folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -13,13 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from navit import distributed as D
-from navit.config import check_choices, list_models, option, resolve_config
+from navit.config import check_choices, check_numbers, list_models, option, resolve_config
 from navit.data.loader import DropSchedule
 from navit.data.transforms import RES_DISTS, RES_MODES, ResolutionSampler
 from navit.tasks import TASKS
@@ -166,23 +164,6 @@ def flat_options() -> dict[str, tuple[str, dataclasses.Field]]:
             raise AssertionError(f"option {flat!r} is defined in sections {options[flat][0]} and {section}")
         options.setdefault(flat, (section, f))
     return options
-
-
-def check_numbers(section: Any) -> None:
-    """Numbers where a section wants them (integers as ``int``), or an error naming the option:
-    YAML and ``KEY=VALUE`` flags can hand over strings or booleans."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        hint, value = hints[f.name], getattr(section, f.name)
-        if typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
-            continue  # lists and dicts
-        kinds = typing.get_args(hint) or (hint,)
-        if not {int, float} & set(kinds) or (value is None and type(None) in kinds):
-            continue
-        integer = float not in kinds
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
-            raise ValueError(f"{f.name}={value!r} must be {'an integer' if integer else 'a number'}")
-        setattr(section, f.name, int(value) if integer else value)
 
 
 def _unknown(key: str, known: list[str]) -> ValueError:

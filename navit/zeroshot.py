@@ -72,7 +72,7 @@ def zero_shot_weights(
     chunks, truncated = [], 0
     for start in range(0, len(flat), batch_size):
         ids, mask = tokenizer.encode(flat[start : start + batch_size])
-        truncated += getattr(tokenizer, "last_num_truncated", 0)
+        truncated += tokenizer.last_num_truncated
         chunks.append(F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1))
     if truncated:
         warnings.warn(f"{truncated} of {len(flat)} zero-shot prompts are longer than the text tower's "

@@ -124,7 +124,11 @@ def test_settings_and_configs_navit_cannot_follow_are_refused_by_name(vision_fol
         two_tower_config(hf)
     with pytest.raises(ValueError, match="num_patches=250 is not a square"):
         vision_config({**VISION, "num_patches": 250})
-    assert processor_for(config.replace(in_chans=4), folder) is None, "no processor feeds 4 channels: the model loads without one"
+    four = NaViT(config.replace(in_chans=4), processor_for(config.replace(in_chans=4), folder))
+    assert four.processor is None, "no processor feeds 4 channels: the model loads without one"
+    written = write_hf(four, tmp_path / "four")
+    assert not (written / "preprocessor_config.json").exists()
+    assert load_hf(written).config == four.config
 
 
 def test_a_wrong_piece_does_not_hide_in_the_tolerance(vision_folder):
@@ -169,7 +173,9 @@ def test_two_tower_model_gives_the_references_embeddings_and_logits(two_tower_fo
     assert model.config.text_pool == "last" and not model.config.image_proj
     tokenizer = model.tokenizer()
     ids, mask = tokenizer.encode(["a photo of a tall ellipse .", "an image of a wide rectangle", "square"])
-    assert ids.shape == (3, 12)
+    assert ids.shape == (3, 12) and tokenizer.last_num_truncated == 0
+    tokenizer.encode(["a photo of a tall ellipse . a photo of a wide rectangle .", "square"])
+    assert tokenizer.last_num_truncated == 1, "cut at 12 tokens, and counted as the byte tokenizer counts"
     processor = Siglip2ImageProcessorPil.from_pretrained(folder)
     pictures = images(2)[:4]
     inputs = processor(images=pictures, return_tensors="pt")

@@ -187,8 +187,17 @@ def test_saved_models_keep_their_task_and_its_options(tmp_path):
     assert task.options.loss == "sigmoid" and task.class_names == sigmoid.class_names
     with pytest.raises(ValueError, match="no task builds a Linear; pass the task"):
         navit.save_model(torch.nn.Linear(2, 2), tmp_path / "x")
-    # Saving again replaces the checkpoint; a folder holding other things is never wiped.
+
+    class Mine(navit.NaViT):  # a subclass saves as the task of its nearest registered base
+        pass
+
+    navit.save_model(Mine(classifier.config, classifier.processor), tmp_path / "mine")
+    assert load_checkpoint(tmp_path / "mine")[1].name == "classify"
+    # Saving again replaces the checkpoint (and what was written beside it, e.g. by navit eval);
+    # a folder holding other things is never wiped.
+    (tmp_path / "sig" / "eval.json").write_text("{}")
     navit.save_model(classifier, tmp_path / "sig", task=sigmoid)
+    assert not (tmp_path / "sig" / "eval.json").exists()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=r"run exists and is not a checkpoint \(notes.txt\)"):

@@ -175,6 +175,8 @@ def encode(path, frame: np.ndarray, count: int = 3, rotation: int = 0, sar=None)
         stream.height, stream.width = frame.shape[:2]
         stream.pix_fmt = "yuv420p"
         if rotation:
+            if not hasattr(stream, "set_display_rotation"):
+                pytest.skip(f"PyAV {av.__version__} cannot write a display rotation (PyAV >= 18 can)")
             stream.set_display_rotation(rotation)
         if sar is not None:
             stream.codec_context.sample_aspect_ratio = sar
@@ -350,15 +352,20 @@ def test_a_mixed_folder_of_clips_images_and_broken_files_loads(tmp_path):
     write_video(cls / "clip.avi", ramp(3), fps=10)
     ramp(1)[0].save(cls / "still.png")
     (cls / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
+    (cls / "broken2.mkv").write_bytes(b"\x1aE\xdf\xa3" + b"\x07" * 100)
     (cls / "empty.webm").write_bytes(b"")
     (cls / "dir.mkv").mkdir()
     source = ImageFolder(tmp_path / "data")
-    assert len(source) == 5  # the folder named like a video is not an item
+    assert len(source) == 6  # the folder named like a video is not an item
     loader = PackedLoader(source, ExampleTransform(CLIP), seq_len=64, num_seqs=2, buffer_size=4, num_workers=0)
     with pytest.warns(UserWarning, match="skipping"):
         seen = [Path(source.describe(i)).name for item in loader for i in item.indices.tolist()]
     assert sorted(seen) == ["clip.avi", "clip.mp4", "still.png"]
-    assert sum(loader.skipped.values()) == 2
+    assert sum(loader.skipped.values()) == 3
+    assert not any(str(tmp_path) in reason for reason in loader.skipped), "skips are counted by cause, not by file"
+    with pytest.raises(ValueError) as error:  # FFmpeg's message without its copy of the path
+        VideoFile(cls / "broken2.mkv").read(num_frames=1)
+    assert str(error.value).count("broken2.mkv") == 1
     with pytest.raises(ValueError, match="fail_fast"):
         list(PackedLoader(source, ExampleTransform(CLIP), seq_len=64, num_seqs=2, buffer_size=4, num_workers=0,
                           fail_fast=True))  # fmt: skip

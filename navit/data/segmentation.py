@@ -154,7 +154,7 @@ class SegmentationFolder(_MaskPairs):
         if not (os.path.isdir(images) and os.path.isdir(masks)):
             raise ValueError(f"{self.root} is not a segmentation folder: expected images/ and masks/ inside")
         pairs, missing = [], []
-        for folder, files in walk(images):
+        for folder, files in sorted(walk(images)):
             for file in files:
                 stem, ext = os.path.splitext(file)
                 if ext.lower() not in IMAGE_EXTENSIONS:

@@ -83,10 +83,11 @@ class FramePicker:
 
 
 class VideoFile:
-    """A video file, decoded lazily with PyAV. Holds only its path (picklable)."""
+    """A video file, decoded lazily with PyAV. Holds its path and, once read, its info (picklable)."""
 
     def __init__(self, path: str | os.PathLike[str], name: str | None = None, threads: int = 1) -> None:
         self.path, self.name, self.threads = os.fspath(path), name or os.fspath(path), threads
+        self._info: ClipInfo | None = None  # read once (it decodes the first frame)
 
     def __repr__(self) -> str:
         return f"VideoFile({self.path!r})"
@@ -104,7 +105,7 @@ class VideoFile:
         try:
             container = av.open(self.path)
         except av.error.FFmpegError as e:
-            raise ValueError(f"cannot decode video {self.name}: {e}") from e
+            raise ValueError(f"cannot decode video {self.name}: {ffmpeg_reason(e)}") from e
         if not container.streams.video:
             container.close()
             raise ValueError(f"cannot decode video {self.name}: it has no video stream")
@@ -113,6 +114,11 @@ class VideoFile:
     def info(self) -> ClipInfo:
         """The clip as a player shows it: its size after the pixel aspect ratio and the display
         rotation (read from the first frame), its duration and rate."""
+        if self._info is None:
+            self._info = self._read_info()
+        return self._info
+
+    def _read_info(self) -> ClipInfo:
         av = require_av(f"decoding video {self.name}")
         container, stream = self._open()
         with container:
@@ -170,8 +176,14 @@ class VideoFile:
                         break
             except av.error.FFmpegError as e:
                 if not frames:  # a damaged tail after good frames ends the clip there
-                    raise ValueError(f"cannot decode video {self.name}: {e}") from e
+                    raise ValueError(f"cannot decode video {self.name}: {ffmpeg_reason(e)}") from e
         return frames, times
+
+
+def ffmpeg_reason(error: Exception) -> str:
+    """FFmpeg's reason without the file's path (the message names the file once, and skipped
+    files are counted by reason)."""
+    return getattr(error, "strerror", None) or str(error)
 
 
 def display_width(width: int, stream) -> int:
@@ -183,7 +195,7 @@ def display_width(width: int, stream) -> int:
 def quarter_turns(frame) -> int:
     """How many quarter turns counterclockwise the frame's display matrix asks for (phones
     store portrait clips as landscape frames with a rotation to apply)."""
-    return round(getattr(frame, "rotation", 0) / 90) % 4
+    return round(frame.rotation / 90) % 4
 
 
 TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}

@@ -88,7 +88,7 @@ def processor_for(config: NaViTConfig, folder: Path | None = None) -> Processor 
         raise refuse("resample", f"is not a filter navit has; expected one of {RESAMPLE}")
 
     def per_channel(key: str, default: float) -> tuple[float, ...]:
-        value = values.get(key, default) if values.get("do_normalize", True) else default
+        value = values.get(key, default)
         value = [value] * config.in_chans if isinstance(value, (int, float)) else list(value)
         if len(value) != config.in_chans:
             raise refuse(key, f"has {len(value)} values for a {config.in_chans}-channel model")
@@ -96,8 +96,9 @@ def processor_for(config: NaViTConfig, folder: Path | None = None) -> Processor 
 
     # (x * rescale_factor - mean) / std with x in 0..255 is (x / 255 - mean / s) / (std / s), s = 255 * rescale_factor.
     scale = 255 * values.get("rescale_factor", 1 / 255) if values.get("do_rescale", True) else 255.0
-    mean, std = per_channel("image_mean", 0.5), per_channel("image_std", 0.5)
-    if not values.get("do_normalize", True):
+    if values.get("do_normalize", True):
+        mean, std = per_channel("image_mean", 0.5), per_channel("image_std", 0.5)
+    else:
         mean, std = (0.0,) * config.in_chans, (1.0,) * config.in_chans
     return Processor.for_model(
         config, max_tokens=values.get("max_num_patches", 256), grid_rule="fill",
@@ -308,12 +309,13 @@ def write_hf(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
         config = {"model_type": "siglip2", "text_config": text, "vision_config": vision}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     processor = model.processor
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Siglip2ImageProcessor", "patch_size": processor.patch_size,
-        "max_num_patches": processor.max_tokens, "image_mean": list(processor.mean), "image_std": list(processor.std),
-        "resample": {v: k for k, v in RESAMPLE.items()}[processor.resample], "do_resize": True, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True,
-    }, indent=2))  # fmt: skip
+    if processor is not None:  # (a model no processor feeds, e.g. 4 channels, has none to write)
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "Siglip2ImageProcessor", "patch_size": processor.patch_size,
+            "max_num_patches": processor.max_tokens, "image_mean": list(processor.mean), "image_std": list(processor.std),
+            "resample": {v: k for k, v in RESAMPLE.items()}[processor.resample], "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True,
+        }, indent=2))  # fmt: skip
     save_file({k: v.detach().contiguous().cpu() for k, v in to_hf(model.state_dict(), two_tower).items()},
               folder / "model.safetensors")  # fmt: skip
     return folder

@@ -30,10 +30,11 @@ def get_task(name: str, options: dict[str, Any] | None = None, class_names: list
 
 
 def task_of(model: Any) -> str:
-    """The name of the task whose models are of ``model``'s class."""
-    for name, cls in TASKS.items():
-        if type(model) is cls.model_class:
-            return name
+    """The name of the task whose models are of ``model``'s class, or the nearest of its bases."""
+    for base in type(model).__mro__:
+        for name, cls in TASKS.items():
+            if base is cls.model_class:
+                return name
     raise ValueError(f"no task builds a {type(model).__name__}; pass the task (a name or a Task) to save_model")
 
 

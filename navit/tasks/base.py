@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from navit import distributed as D
-from navit.config import NaViTConfig, reject_unknown_fields
+from navit.config import NaViTConfig, numbers, reject_unknown_fields
 from navit.packing import PackedBatch
 from navit.processor import Processor
 
@@ -56,14 +56,19 @@ class Task:
     @classmethod
     def options_from_dict(cls, values: dict[str, Any]) -> Any:
         reject_unknown_fields(cls.Options, values, f"option(s) of task {cls.name!r}", ValueError)
-        return cls.Options(**values)
+        return cls.Options(**numbers(cls.Options, values))
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
     # -- data ----------------------------------------------------------------------------------
     def check_data(self, source: Any, spec: str) -> None:
-        """Raise a clear error now if ``source`` lacks what the task needs."""
+        """Raise a clear error now if ``source`` lacks what training needs."""
+
+    def check_eval_data(self, source: Any, spec: str) -> None:
+        """Raise a clear error now if ``source`` lacks what evaluation needs (by default, what
+        training needs)."""
+        self.check_data(source, spec)
 
     def targets(self, item: dict[str, Any]) -> dict[str, Any]:
         """The task's training targets of one data item (runs in loader workers; plain values)."""

@@ -54,7 +54,11 @@ class Contrastive(Task):
                 f"--task contrastive needs captions, but data {spec!r} has none ({error}); use the "
                 "built-in synthetic data or a manifest with a 'caption' column"
             ) from error
-        for name in source.class_names:  # zero-shot prompts are made of them
+        self.check_eval_data(source, spec)
+
+    def check_eval_data(self, source: Any, spec: str) -> None:
+        """Evaluation is zero-shot classification: labels, and class names to make prompts of."""
+        for name in source.class_names:
             checked_text(name, f"class name of data {spec!r}")
 
     def __init__(self, options: Any = None, class_names: list[str] | None = None) -> None:
@@ -96,7 +100,7 @@ class Contrastive(Task):
         """
         tokenizer = model.tokenizer()
         ids, mask = (t.to(device) for t in tokenizer.encode(targets["caption"]))
-        self.truncated_captions += getattr(tokenizer, "last_num_truncated", 0)
+        self.truncated_captions += tokenizer.last_num_truncated
         img, txt = forward(batch, ids, mask)
         group = torch.distributed.group.WORLD if info.enabled else None
         loss = model.contrastive_loss(img.float(), txt.float(), chunk_size=self.options.chunk_size, group=group)
