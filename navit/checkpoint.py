@@ -38,6 +38,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _replaceable(name: str) -> bool:
+    """A file of a checkpoint folder, or one that ``navit eval`` writes into it."""
+    return name in (WEIGHTS, META, TRAIN_STATE, "eval.json") or name.endswith("_vs_tokens.png")
+
+
 def write_checkpoint(
     final: str | Path,
     weights: dict[str, torch.Tensor],
@@ -45,14 +50,14 @@ def write_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write one checkpoint folder ``final`` atomically (a temporary folder renamed into place).
-    An existing checkpoint there is replaced whole; any other folder that is not empty, or a
-    file, is refused."""
+    An existing checkpoint there is replaced, with what evaluation wrote beside it; a folder
+    holding anything else, or a file, is refused (it would be deleted)."""
     final = Path(final)
-    others = sorted(p.name for p in final.iterdir()) if final.is_dir() and not (final / META).exists() else []
+    others = sorted(p.name for p in final.iterdir() if not _replaceable(p.name)) if final.is_dir() else []
     if others or (final.exists() and not final.is_dir()):
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise FileExistsError(f"{final} exists and is not a checkpoint ({shown or 'a file'}): a checkpoint "
-                              "replaces its folder whole, so save into a new or empty folder")  # fmt: skip
+        raise FileExistsError(f"{final} holds more than a checkpoint ({shown or 'it is a file'}), which writing one "
+                              "there would delete: save into a new or empty folder")  # fmt: skip
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

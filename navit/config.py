@@ -7,6 +7,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 from navit.posemb import rope_pairs_per_axis
@@ -38,29 +39,39 @@ def check_choices(instance: Any, where: str) -> None:
 
 
 def numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (fields of dataclass ``cls``) with numbers where its fields want them, integers
-    as ``int``: YAML reads ``1e-3`` as a string and ``KEY=VALUE`` flags hand over text, so a string
-    that reads as a number becomes one; anything else raises naming the field."""
-    hints = typing.get_type_hints(cls)
+    """``values`` (fields of dataclass ``cls``) with numbers where its fields want them (lists of
+    numbers too), integers as ``int``: YAML reads ``1e-3`` as a string and ``KEY=VALUE`` flags
+    hand over text, so a string that reads as a number becomes one; anything else raises naming
+    the field."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:  # hints that cannot be resolved at run time (a plug-in's): left as given
+        return dict(values)
     out = dict(values)
     for name, value in values.items():
         hint = hints.get(name)
-        if hint is None or typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
-            continue  # unknown names are refused elsewhere; lists and dicts are not numbers
-        kinds = typing.get_args(hint) or (hint,)
-        if not {int, float} & set(kinds) or (value is None and type(None) in kinds):
-            continue
-        integer, number = float not in kinds, value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if (isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number)
-                or (integer and number != int(number))):  # fmt: skip
-            raise ValueError(f"{name}={value!r} must be {'an integer' if integer else 'a finite number'}")
-        out[name] = int(number) if integer else number
+        origin, kinds = typing.get_origin(hint), typing.get_args(hint) or (hint,)
+        if origin is list and {int, float} & set(kinds) and isinstance(value, (list, tuple)):
+            out[name] = [_number(f"{name}[{i}]", v, float not in kinds) for i, v in enumerate(value)]
+        elif origin in (None, typing.Union, types.UnionType) and {int, float} & set(kinds):
+            if not (value is None and type(None) in kinds):
+                out[name] = _number(name, value, float not in kinds)
     return out
+
+
+def _number(name: str, value: Any, integer: bool) -> int | float:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if (isinstance(number, bool) or not isinstance(number, Real) or not math.isfinite(number)
+            or (integer and number != int(number))):  # fmt: skip
+        raise ValueError(f"{name}={value!r} must be {'an integer' if integer else 'a finite number'}")
+    if integer:
+        return int(number)
+    return number if type(number) in (int, float) else float(number)  # plain numbers as given
 
 
 def check_numbers(instance: Any) -> None:

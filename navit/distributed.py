@@ -129,15 +129,17 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, w
         set_optimizer_state_dict,
     )
 
-    own = set(unwrap(model).state_dict())  # (set_model_state_dict leaves missing keys as they are)
-    missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
+    # Checked here: set_model_state_dict leaves missing weights as they are (sharded ones report
+    # their full shape).
+    own = {name: tuple(value.shape) for name, value in unwrap(model).state_dict().items()}
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
         raise ValueError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, value in weights.items():
+        if tuple(value.shape) != own[name]:
+            raise ValueError(f"the weights do not fit the model: {name} is {tuple(value.shape)}, the model's {own[name]}")
     options = StateDictOptions(full_state_dict=True)
-    try:
-        set_model_state_dict(unwrap(model), weights, options=options)
-    except RuntimeError as error:  # shapes differ
-        raise ValueError(f"the weights do not fit the model: {str(error).strip().splitlines()[-1].strip()}") from None
+    set_model_state_dict(unwrap(model), weights, options=options)
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(unwrap(model), optimizer, optimizer_state, options=options)
 

@@ -49,7 +49,15 @@ def save_model(
     if not contrastive and len(names) != classes:
         raise ValueError(f"the model has {classes} classes but {len(names)} class names were given")
     task = type(task)(task.options, names)
-    return write_checkpoint(folder, model.state_dict(), checkpoint_meta(task, model, model.processor))
+    meta = checkpoint_meta(task, model, model.processor)
+    with torch.device("meta"):  # what load_model will build, without memory
+        expected = task.model_from_dict(meta["model"], model.processor).state_dict()
+    weights = model.state_dict()
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in expected.items()}:
+        differ = sorted(set(weights) ^ set(expected)) or [k for k in weights if weights[k].shape != expected[k].shape]
+        raise ValueError(f"a {type(model).__name__} does not load back as task {task.name!r}'s model (weights "
+                         f"{differ[:3]} differ); pass the task it belongs to")  # fmt: skip
+    return write_checkpoint(folder, weights, meta)
 
 
 def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:

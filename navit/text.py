@@ -262,8 +262,8 @@ class PretrainedTokenizer:
             raise TypeError("encode takes a list of strings; wrap a single text as [text]")
         texts = [t.lower() for t in texts] if self.lowercase else list(texts)
         out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt")
-        whole = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-        self.last_num_truncated = sum(len(ids) > self.max_len for ids in whole)
+        longer = self.tokenizer(texts, truncation=True, max_length=self.max_len + 1)["input_ids"]
+        self.last_num_truncated = sum(len(ids) > self.max_len for ids in longer)
         self.num_truncated += self.last_num_truncated
         ids = out["input_ids"]
         return ids, out.get("attention_mask", torch.ones_like(ids)).bool()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -540,7 +541,8 @@ def finish(run: Run, train_seconds: float) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         f"val_{task.metric}": results["native"][task.metric],
         f"{task.metric}_vs_tokens": results,
-        "skipped_examples": dict(run.loader.skipped),
+        "skipped_examples": dict(sum((Counter(s) for s in D.all_gather_object(dict(run.loader.skipped), info)),
+                                     Counter())),  # fmt: skip
         **{name: int(D.sum_over_ranks(count, info, run.device)) for name, count in task.counts().items()},
     }
     if info.is_main:

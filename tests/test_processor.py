@@ -193,6 +193,10 @@ def test_saved_models_keep_their_task_and_its_options(tmp_path):
 
     navit.save_model(Mine(classifier.config, classifier.processor), tmp_path / "mine")
     assert load_checkpoint(tmp_path / "mine")[1].name == "classify"
+    bigger = Mine(classifier.config, classifier.processor)
+    bigger.extra = torch.nn.Linear(2, 2)  # weights a classifier does not have: it would not load back
+    with pytest.raises(ValueError, match=r"a Mine does not load back as task 'classify'.*extra.bias"):
+        navit.save_model(bigger, tmp_path / "bigger")
     # Saving again replaces the checkpoint (and what was written beside it, e.g. by navit eval);
     # a folder holding other things is never wiped.
     (tmp_path / "sig" / "eval.json").write_text("{}")
@@ -200,6 +204,9 @@ def test_saved_models_keep_their_task_and_its_options(tmp_path):
     assert not (tmp_path / "sig" / "eval.json").exists()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"run exists and is not a checkpoint \(notes.txt\)"):
+    with pytest.raises(FileExistsError, match=r"run holds more than a checkpoint \(notes.txt\)"):
         navit.save_model(classifier, tmp_path / "run")
     assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "sig" / "notes.txt").write_text("keep me too")  # a checkpoint folder the user added to
+    with pytest.raises(FileExistsError, match=r"sig holds more than a checkpoint \(notes.txt\)"):
+        navit.save_model(classifier, tmp_path / "sig", task=sigmoid)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,6 +17,7 @@ from navit.checkpoint import load_train_state, resolve_checkpoint, save_checkpoi
 from navit.cli import build_parser, main, training_config
 from navit.inference import load_checkpoint, predict_files
 from navit.train import open_data
+from navit.config import NaViTConfig
 from navit.train_config import TrainConfig
 
 
@@ -231,6 +233,10 @@ def test_bad_options_fail_before_work(tmp_path, capsys):
     assert (cfg.model_config().drop_path, cfg.task.options.label_smoothing, cfg.run.name) == (1e-3, 0.1, "1e3")
     with pytest.raises(ValueError, match=r"text_max_len='inf' must be an integer"):
         TrainConfig().with_options({"task": "contrastive", "text_max_len": "inf"})
+    assert TrainConfig().with_options({"budgets": ["1e2", 36]}).eval.budgets == [100, 36]
+    with pytest.raises(ValueError, match=r"budgets\[1\]='many' must be an integer"):
+        TrainConfig().with_options({"budgets": [16, "many"]})
+    assert NaViTConfig(depth=np.int64(2), mlp_ratio=np.float32(2.0)).depth == 2  # numpy numbers are numbers
     config = tmp_path.parent / "numbers.yaml"
     config.write_text("lr: 1e-3\nmax_steps: 2.0\n")  # YAML 1.1 reads 1e-3 as a string
     assert cli_config(config).optim.lr == 1e-3 and cli_config(config).optim.max_steps == 2

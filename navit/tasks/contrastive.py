@@ -37,7 +37,8 @@ def checked_text(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"{what} {text[:40]!r} is not valid Unicode text ({error.reason} at character {error.start})") from None
+        raise ValueError(f"{what} {text[:40]!r} is not valid Unicode text ({error.reason} at character "
+                         f"{error.start})") from None  # fmt: skip
     return text
 
 
@@ -45,6 +46,10 @@ class Contrastive(Task):
     name = "contrastive"
     Options = ContrastiveOptions
     model_class = ImageTextModel
+
+    def __init__(self, options: Any = None, class_names: list[str] | None = None) -> None:
+        super().__init__(options, class_names)
+        self.truncated_captions = 0
 
     def check_data(self, source: Any, spec: str) -> None:
         try:
@@ -60,10 +65,6 @@ class Contrastive(Task):
         """Evaluation is zero-shot classification: labels, and class names to make prompts of."""
         for name in source.class_names:
             checked_text(name, f"class name of data {spec!r}")
-
-    def __init__(self, options: Any = None, class_names: list[str] | None = None) -> None:
-        super().__init__(options, class_names)
-        self.truncated_captions = 0
 
     def targets(self, item: dict[str, Any]) -> dict[str, Any]:
         return {"caption": checked_text(item["caption"], "caption")}
