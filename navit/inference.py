@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from navit.checkpoint import load_meta, load_weights, resolve_checkpoint, write_checkpoint
+from navit.data.files import walk
 from navit.data.sources import IMAGE_EXTENSIONS
 from navit.data.video import VIDEO_EXTENSIONS
 from navit.packing import pack
@@ -113,21 +114,27 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", *, arch: st
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Files, folders (their image and video files, recursively, sorted) and globs, in the order given.
+    """Files, folders (their image and video files, recursively through links, sorted; hidden
+    entries skipped, as the training loader does) and globs (their image and video files), in the
+    order given. A path that exists is taken as it is, even with glob characters in its name.
 
     A pattern that matches nothing stays in the list, so its error is reported in place.
     """
     paths: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
-                     if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS]  # fmt: skip
-            paths.extend(sorted(found))
-        elif glob.has_magic(pattern):
-            paths.extend(sorted(glob.glob(pattern, recursive=True)) or [pattern])
+            paths.extend(os.path.join(folder, name) for folder, names in walk(pattern) for name in names
+                         if is_media(name))  # fmt: skip
+        elif glob.has_magic(pattern) and not os.path.exists(pattern):
+            found = [p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p) and is_media(p)]
+            paths.extend(found or [pattern])
         else:
             paths.append(pattern)
     return paths
+
+
+def is_media(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
 @torch.no_grad()
@@ -167,11 +174,15 @@ def predict_files(
 
 
 def output_names(paths: list[str]) -> list[str]:
-    """A distinct file-name stem per path: its own, numbered from the second of a kind on."""
-    seen: dict[str, int] = {}
+    """A distinct file-name stem per path: its own, numbered (-2, -3, ...) when already taken."""
+    taken: set[str] = set()
     names = []
     for path in paths:
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        stem = name = Path(path).stem
+        number = 1
+        while name in taken:
+            number += 1
+            name = f"{stem}-{number}"
+        taken.add(name)
+        names.append(name)
     return names

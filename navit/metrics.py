@@ -30,14 +30,16 @@ class MetricsLogger:
             self._tb = None
 
     def _truncate(self, step: int) -> None:
+        """Keep the records up to ``step``; a last line cut short by a crash goes too."""
         jsonl, table = self.folder / "metrics.jsonl", self.folder / "metrics.csv"
         if jsonl.exists():
             lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
-            jsonl.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+            jsonl.write_text("".join(line + "\n" for line in lines if _record_step(line) <= step))
         if table.exists() and table.stat().st_size:
             with open(table, newline="") as f:
                 reader = csv.DictReader(f)
-                header, rows = reader.fieldnames, [row for row in reader if int(row["step"]) <= step]
+                header = reader.fieldnames
+                rows = [row for row in reader if None not in row.values() and int(row["step"]) <= step]
             with open(table, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=header)
                 writer.writeheader()
@@ -62,3 +64,11 @@ class MetricsLogger:
         self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _record_step(line: str) -> float:
+    """The step of a JSONL record; a line cut short counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

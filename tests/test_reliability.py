@@ -235,3 +235,23 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match="locked.png"):
         assert sum(item.targets["label"].numel() for item in loader) == 1
     assert sum(loader.skipped.values()) == 1
+
+
+def test_a_resume_drops_metrics_lines_a_crash_cut_short(tmp_path):
+    from navit.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        logger.log({"step": step, "loss": 1.0 / step, "grad_norm": None})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # killed while writing
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("2")  # a row cut after its step: not a second record of step 2
+    resumed = MetricsLogger(tmp_path, resume_step=2)
+    resumed.log({"step": 3, "loss": 0.3, "grad_norm": None})
+    resumed.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == 0.3
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows == ["step,loss,grad_norm", "1,1.0,", "2,0.5,", "3,0.3,"]

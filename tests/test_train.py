@@ -334,3 +334,21 @@ def test_init_from_takes_every_matching_weight_including_an_image_tower(tmp_path
     assert "re-initialised ['head.bias', 'head.weight']" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no weight of .* fits the model"):
         initialise_from(create_model(tiny_config(embed_dim=16, num_classes=3)), start_from(str(tmp_path / "clip")))
+
+
+def test_predict_inputs_expand_like_the_training_loader_and_name_outputs_apart(tmp_path):
+    from navit.inference import expand_inputs, output_names
+
+    (tmp_path / "in" / ".cache").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for path in ("in/a.PNG", "in/.cache/thumb.png", "in/._a.png", "in/notes.txt", "elsewhere/linked.jpg",
+                 "in/a[1].png", "in/a1.png"):  # fmt: skip
+        (tmp_path / path).write_bytes(b"")
+    (tmp_path / "in" / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "in" / "sub.png").mkdir()  # a folder named like an image
+    root = str(tmp_path / "in")
+    assert expand_inputs([root]) == [f"{root}/a.PNG", f"{root}/a1.png", f"{root}/a[1].png", f"{root}/link/linked.jpg"]
+    assert expand_inputs([f"{root}/*"]) == [f"{root}/a.PNG", f"{root}/a1.png", f"{root}/a[1].png"]
+    assert expand_inputs([f"{root}/a[1].png"]) == [f"{root}/a[1].png"], "an existing path is not a glob"
+    assert expand_inputs([f"{root}/none-*.png"]) == [f"{root}/none-*.png"], "kept, so its error shows in place"
+    assert output_names(["a/x.png", "b/x.png", "c/x-2.png", "d/x.jpg"]) == ["x", "x-2", "x-2-2", "x-3"]
