@@ -216,6 +216,23 @@ def autocast(args) -> contextlib.AbstractContextManager:
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
+def counted_flops(fn, model, args) -> int:
+    """FLOPs of one ``fn()`` (``count_flops``). FlexAttention compiles itself, which no counting
+    dispatch mode survives, so a navit model that would attend with it (CUDA, fp32) is counted with
+    the bucketed backend: the same attention over each image's own tokens."""
+    config = getattr(model, "config", None)
+    if isinstance(config, navit.NaViTConfig):
+        with autocast(args):
+            uses_flex = model.attention_backend(next(model.parameters()).device).name == "flex"
+        if uses_flex:
+            model.config = config.replace(attn_backend="bucketed")
+            try:
+                return count_flops(fn)
+            finally:
+                model.config = config
+    return count_flops(fn)
+
+
 def make_train_fn(impl: Impl, model, prepared: Prepared, args):
     # The same optimizer for everyone: fused where this torch has it for the device.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
@@ -313,7 +330,7 @@ def run_mode(mode: str, mix: str, step: StepImages, impls: dict[str, Impl], mode
         out = fn() if mode == "infer" else impls[k].forward(models[k], prepared[k].inputs)
         if out.shape != (step.num_images, args.num_classes):
             raise AssertionError(f"{k} returned {tuple(out.shape)} for {step.num_images} images")
-    flops = {k: count_flops(fn) for k, fn in fns.items()}  # of one step, as torch counts them
+    flops = {k: counted_flops(fn, models[k], args) for k, fn in fns.items()}  # of one step, as torch counts them
     times, noise = timed(f"{mode}/{mix}", fns, warmup, repeats, args, monitor)
     rows = {}
     for k, t in times.items():

@@ -106,6 +106,26 @@ def test_flop_count_of_a_navit_step_is_what_the_model_says(monkeypatch):
     )
 
 
+def test_a_flex_model_is_counted_with_the_attention_it_computes(monkeypatch):
+    # FlexAttention compiles itself and cannot run under the counter's dispatch mode.
+    import torch
+    from conftest import PATCH, random_images, tiny_model, with_backend
+
+    from navit import pack_images
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import peers
+    from bench_common import count_flops
+
+    args = peers.parse_args(["--device", "cpu"])
+    model = tiny_model(attn_backend="flex")
+    batch = pack_images(random_images([(16, 24), (8, 8)]), PATCH, 32)
+    with torch.no_grad():
+        counted = peers.counted_flops(lambda: model(batch), model, args)
+        assert counted == count_flops(lambda: with_backend(model, "bucketed")(batch)) > 0
+    assert model.config.attn_backend == "flex", "the model is given back as it was"
+
+
 def test_uniform_mix_fills_each_image_to_the_token_budget(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import peers

@@ -3,8 +3,10 @@
 Each clip shows one dark ellipse or rectangle on a light gradient, as :class:`SyntheticShapes`
 does, doing one of six things over the clip: ``moves_horizontally``, ``moves_vertically``,
 ``grows``, ``shrinks``, ``spins`` or stays ``still``. Position, size, angle and elongation are
-drawn from the same ranges for every class, so one frame says nothing about the class (a
-single-frame model is at chance); two frames already do. The classes survive a horizontal flip,
+drawn from the same ranges for every class, and a moving or resizing object sweeps its range
+linearly, so a frame at a random time says little about the class; two frames already say it.
+One caveat: such a clip starts (and ends) at an end of its range, so its first frame alone is a
+cue a model could learn. The classes survive a horizontal flip,
 so flip augmentation is safe. Clips have 2 to 32 frames at 6 to 24 frames per second, sides of
 ``min_side`` to ``max_side`` pixels and aspect ratios from 1:3 to 3:1.
 
