@@ -16,8 +16,7 @@ from torch import nn
 
 from navit.checkpoint import load_meta, load_weights, resolve_checkpoint, write_checkpoint
 from navit.data.files import walk
-from navit.data.sources import IMAGE_EXTENSIONS
-from navit.data.video import VIDEO_EXTENSIONS
+from navit.data.sources import is_media_name
 from navit.packing import pack
 from navit.processor import Processor
 from navit.tasks import Task, get_task, task_of
@@ -124,17 +123,13 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         if os.path.isdir(pattern):
             paths.extend(os.path.join(folder, name) for folder, names in walk(pattern) for name in names
-                         if is_media(name))  # fmt: skip
+                         if is_media_name(name))  # fmt: skip
         elif glob.has_magic(pattern) and not os.path.exists(pattern):
-            found = [p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p) and is_media(p)]
+            found = [p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p) and is_media_name(p)]
             paths.extend(found or [pattern])
         else:
             paths.append(pattern)
     return paths
-
-
-def is_media(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
 @torch.no_grad()

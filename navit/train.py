@@ -440,7 +440,7 @@ class Window:
     """Sums between two metric records (saved with checkpoints, so that a resumed run records
     what an uninterrupted one would)."""
 
-    SUMS = ("examples", "tokens", "slots", "steps", "loss_sum", "seconds_before")
+    SUMS = ("examples", "tokens", "slots", "steps", "loss_sum")
 
     def __init__(self, **sums: float) -> None:
         self.examples = self.tokens = self.slots = self.steps = 0

@@ -71,7 +71,8 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _is_media_name(name: str) -> bool:
+def is_media_name(name: str) -> bool:
+    """Whether ``name`` has an image or video extension (case-insensitive)."""
     return _is_image_name(name) or is_video_name(name)
 
 
@@ -117,7 +118,7 @@ class ImageFolder:
                 f"ImageFolder root {self.root} has no class sub-folders "
                 "(expected root/<class_name>/<image files>)"
             )
-        loose = sorted(e.name for e in visible if not e.is_dir() and _is_media_name(e.name))
+        loose = sorted(e.name for e in visible if not e.is_dir() and is_media_name(e.name))
         if loose:
             raise ValueError(
                 f"ImageFolder root {self.root} holds {len(loose)} image or video file(s) outside the class "
@@ -143,7 +144,7 @@ class ImageFolder:
         found = []
         for folder, files in walk(os.path.join(self.root, class_name)):
             rel = os.path.relpath(folder, self.root)
-            found.extend(os.path.join(rel, f) for f in files if _is_media_name(f))
+            found.extend(os.path.join(rel, f) for f in files if is_media_name(f))
         # Sort on path components so the order does not depend on the OS separator.
         return sorted(found, key=lambda p: p.split(os.sep))
 
