@@ -34,7 +34,8 @@ import torch
 
 from bench_common import cpu_busy_seconds, interleaved, own_cpu_seconds, synchronize  # benchmarks/ is on sys.path
 from navit.attention import available_backends, get_backend
-from navit.packing import PAD, assign_first_fit
+from navit.batch import PAD
+from navit.packing import assign_first_fit
 
 
 def build_segment_ids(

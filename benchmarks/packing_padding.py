@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from navit.packing import PAD, assign_first_fit
+from navit.batch import PAD
+from navit.packing import assign_first_fit
 from navit.patchify import fit_grid
 
 # (width, height) aspect ratio -> weight

@@ -49,7 +49,7 @@ from torch import nn
 
 import navit
 from navit.attention.dense import DenseBackend
-from navit.patchify import Example
+from navit.batch import Example
 
 PATCH = 16
 

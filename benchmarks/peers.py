@@ -67,8 +67,10 @@ from bench_common import (  # noqa: E402
     NOISY_OTHER_CPU, RESULTS_DIR, NoiseMonitor, count_flops, fmt, hwm_kb, interleaved, load_average, machine_info, md_table,
     reset_hwm, rss_kb, stall_probe, stall_warning, summarize, synchronize,
 )
-from navit.packing import PAD, assign_first_fit  # noqa: E402
-from navit.patchify import Example, fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
+from navit.batch import PAD
+from navit.packing import assign_first_fit  # noqa: E402
+from navit.batch import Example
+from navit.patchify import fit_grid, grid_coords, patchify, resize_to_grid  # noqa: E402
 from navit.processor import fill_grid  # noqa: E402
 from packing_padding import sample_sizes  # noqa: E402
 from peer_models import (  # noqa: E402
@@ -428,7 +430,7 @@ def run_lsweep(args, impls: dict[str, Impl], monitor: NoiseMonitor) -> dict:
 def run_loader(args, monitor: NoiseMonitor) -> dict:
     from navit.data.loader import PackedLoader
     from navit.data.sources import ImageFolder
-    from navit.data.synthetic import SyntheticShapes, write_image_folder
+    from navit.synthetic.shapes import SyntheticShapes, write_image_folder
     from navit.data.transforms import ExampleTransform
 
     tmp = Path(tempfile.mkdtemp(prefix="navit_peers_loader_"))

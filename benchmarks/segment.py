@@ -32,9 +32,10 @@ sys.path.insert(0, str(HERE))
 import navit  # noqa: E402
 from bench_common import fmt, interleaved, md_table, new_result, run_parser, summarize, synchronize, write_report  # noqa: E402
 
-from navit.data.segmentation import SyntheticSegmentation  # noqa: E402
+from navit.synthetic.segmentation import SyntheticSegmentation  # noqa: E402
 from navit.distributed import DistInfo  # noqa: E402
-from navit.packing import PAD, assign_first_fit  # noqa: E402
+from navit.batch import PAD
+from navit.packing import assign_first_fit  # noqa: E402
 from navit.tasks import get_task  # noqa: E402
 from navit.tasks.segment import Segmenter  # noqa: E402
 

@@ -41,9 +41,11 @@ import navit  # noqa: E402
 from bench_common import fmt, interleaved, md_table, new_result, run_parser, summarize, synchronize, write_report  # noqa: E402
 from packing_padding import run_stream  # noqa: E402
 
-from navit.data.synthetic_video import SyntheticMotion  # noqa: E402
-from navit.packing import PAD, assign_first_fit  # noqa: E402
-from navit.patchify import Example, grid_coords, patchify  # noqa: E402
+from navit.synthetic.video import SyntheticMotion  # noqa: E402
+from navit.batch import PAD
+from navit.packing import assign_first_fit  # noqa: E402
+from navit.batch import Example
+from navit.patchify import grid_coords, patchify  # noqa: E402
 
 PATCH, TUBE = 16, 2
 
@@ -151,7 +153,7 @@ def run_train(args) -> dict:
 def run_loader(args, step_rate: float | None) -> dict:
     from navit.data.loader import PackedLoader
     from navit.data.sources import ImageFolder
-    from navit.data.synthetic_video import write_video_folder
+    from navit.synthetic.video import write_video_folder
     from navit.data.transforms import ExampleTransform
 
     with tempfile.TemporaryDirectory(prefix="navit_video_loader_") as tmp:

@@ -3,8 +3,10 @@
 from navit.config import NaViTConfig, list_models
 from navit.inference import load_model, save_model
 from navit.model import NaViT, create_model
-from navit.packing import PackedBatch, pack, pack_images
-from navit.patchify import Example, image_to_example
+from navit.batch import PackedBatch
+from navit.packing import pack, pack_images
+from navit.batch import Example
+from navit.patchify import image_to_example
 from navit.processor import Processor
 from navit.token_drop import BetaRate, ConstantRate, ResolutionRate, TokenDropper, UniformRate
 

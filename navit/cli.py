@@ -218,7 +218,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from navit.data.synthetic import SyntheticShapes, write_image_folder
+    from navit.synthetic.shapes import SyntheticShapes, write_image_folder
 
     source = SyntheticShapes(num_images=args.num_images, seed=args.seed)
     write_image_folder(source, args.out)
@@ -227,7 +227,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_video(args: argparse.Namespace) -> int:
-    from navit.data.synthetic_video import SyntheticMotion, write_video_folder
+    from navit.synthetic.video import SyntheticMotion, write_video_folder
 
     source = SyntheticMotion(num_clips=args.num_clips, seed=args.seed)
     try:
@@ -239,7 +239,7 @@ def cmd_synth_video(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_seg(args: argparse.Namespace) -> int:
-    from navit.data.segmentation import SyntheticSegmentation, write_segmentation_folder
+    from navit.synthetic.segmentation import SyntheticSegmentation, write_segmentation_folder
 
     source = SyntheticSegmentation(num_images=args.num_images, seed=args.seed)
     write_segmentation_folder(source, args.out)

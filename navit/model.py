@@ -16,7 +16,7 @@ from torch import nn
 from navit.attention import AttentionBackend, auto_backend, get_backend
 from navit.attention.base import HALF_DTYPES
 from navit.config import NaViTConfig, resolve_config
-from navit.packing import PAD, PackedBatch
+from navit.batch import PAD, PackedBatch
 from navit.pooling import MAPPool, MeanPool, slot_index
 from navit.posemb import FactorizedPosEmbed, GridPosEmbed, Rope, TablePosEmbed, apply_rope
 from navit.prefix import PrefixLayout

@@ -7,53 +7,12 @@ patches than a token budget is downscaled, aspect ratio preserved, until it fits
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class Example:
-    """One image or clip as a list of tokens, before packing.
-
-    ``coords`` holds one integer coordinate per axis for each token: (row, col) for images,
-    (time, row, col) for clips. ``grid`` is the full token grid (one size per axis), also after
-    token dropping, so fractional positions stay those of the whole example. ``fields`` are
-    per-token tensors (a target class per patch, a mask patch, ...) that travel with the tokens
-    through token dropping and packing.
-    """
-
-    patches: torch.Tensor  # [n, patch_dim]
-    coords: torch.Tensor  # [n, A] long
-    grid: tuple[int, ...]  # A sizes of the full token grid
-    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # each [n, ...]
-
-    def __post_init__(self) -> None:
-        n = self.patches.shape[0]
-        if self.coords.shape != (n, len(self.grid)):
-            raise ValueError(
-                f"Example.coords has shape {tuple(self.coords.shape)}; expected ({n}, {len(self.grid)}) "
-                f"for {n} tokens on a {len(self.grid)}-axis grid {self.grid}"
-            )
-        for name, value in self.fields.items():
-            if value.shape[:1] != (n,):
-                raise ValueError(f"Example field {name!r} has shape {tuple(value.shape)}; expected ({n}, ...)")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.patches.shape[0]
-
-    @property
-    def num_axes(self) -> int:
-        return len(self.grid)
-
-    def select(self, index: torch.Tensor) -> "Example":
-        """The tokens at ``index`` (with their coordinates and fields); the grid stays whole."""
-        return Example(
-            self.patches[index], self.coords[index], self.grid, {k: v[index] for k, v in self.fields.items()}
-        )
+from navit.batch import Example
 
 
 def fit_grid(

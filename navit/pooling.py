@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from navit.packing import PAD
+from navit.batch import PAD
 
 
 def slot_index(segment_ids: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from navit.packing import PAD
+from navit.batch import PAD
 
 
 class PrefixLayout:

@@ -28,10 +28,12 @@ import torch
 from PIL import Image
 
 from navit.config import NaViTConfig, reject_unknown_fields
-from navit.data.decode import load_rgb, to_rgb
-from navit.data.video import ArrayClip, Clip, FrameOp, VideoFile, is_video_name
-from navit.packing import PackedBatch, pack
-from navit.patchify import Example, fit_grid, grid_coords, patchify
+from navit.media.image import load_rgb, to_rgb
+from navit.media.video import ArrayClip, Clip, FrameOp, VideoFile, is_video_name
+from navit.batch import PackedBatch
+from navit.packing import pack
+from navit.batch import Example
+from navit.patchify import fit_grid, grid_coords, patchify
 
 GRID_RULES = ("native", "square", "fill")
 RESAMPLE = {
@@ -206,7 +208,7 @@ class Processor:
         frame_op: FrameOp | None = None,
         name: str | None = None,
     ) -> Example:
-        """Choose, resize, patchify and normalise the frames of ``clip`` (a :mod:`navit.data.video`
+        """Choose, resize, patchify and normalise the frames of ``clip`` (a :mod:`navit.media.video`
         clip). ``start`` (seconds) and ``num_frames`` (default ``max_frames``) choose the window;
         ``size``, ``budget`` as for images; ``frame_op`` (augmentation: crop, flip) runs on each
         full-size frame as it is decoded, and ``size`` is then the size of its output.

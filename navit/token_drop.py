@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from navit.patchify import Example
+from navit.batch import Example
 
 
 class DropRate(Protocol):

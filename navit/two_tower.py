@@ -25,7 +25,7 @@ from torch import nn
 from navit.config import NaViTConfig, reject_unknown_fields, resolve_config
 from navit.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
 from navit.model import NaViT
-from navit.packing import PackedBatch
+from navit.batch import PackedBatch
 from navit.text import ByteTokenizer, TextTransformer
 
 __all__ = ["ImageTextConfig", "ImageTextModel", "create_image_text_model", "LOSSES"]

@@ -18,7 +18,7 @@ from torch import nn
 from navit.text import ByteTokenizer
 
 if TYPE_CHECKING:
-    from navit.packing import PackedBatch
+    from navit.batch import PackedBatch
     from navit.two_tower import ImageTextModel
 
 __all__ = ["DEFAULT_TEMPLATES", "class_prompts", "zero_shot_weights", "zero_shot_logits"]

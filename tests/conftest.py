@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 from navit import NaViTConfig, create_model
-from navit.packing import PAD, PackedBatch
-from navit.patchify import Example
+from navit.batch import PAD, PackedBatch
+from navit.batch import Example
 
 PATCH = 8  # patch size of the tiny test models
 

@@ -25,8 +25,9 @@ from navit.attention import BACKENDS, auto_backend, available_backends, get_back
 from navit.attention.base import HALF_DTYPES
 from navit.attention.bucketed import BucketedBackend, matmul_attention
 from navit.attention.varlen import VarlenBackend
-from navit.packing import PAD
-from navit.patchify import Example, grid_coords, image_to_example
+from navit.batch import PAD
+from navit.batch import Example
+from navit.patchify import grid_coords, image_to_example
 
 CPU_BACKENDS = available_backends("cpu")
 CUDA = torch.cuda.is_available()

@@ -88,7 +88,8 @@ def test_flop_count_of_a_navit_step_is_what_the_model_says(monkeypatch):
     import torch
 
     import navit
-    from navit.patchify import Example, grid_coords
+    from navit.batch import Example
+    from navit.patchify import grid_coords
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from bench_common import count_flops

@@ -28,7 +28,7 @@ from navit.data import (
     with_class_names,
     write_image_folder,
 )
-from navit.data.decode import BACKGROUND_RGB
+from navit.media.image import BACKGROUND_RGB
 
 
 def _solid(color, size=(12, 8)) -> Image.Image:

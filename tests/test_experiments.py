@@ -16,7 +16,7 @@ from PIL import Image
 
 from navit.cli import main
 from navit.data.sources import open_source
-from navit.data.synthetic_hard import KINDS, SyntheticLargest
+from navit.synthetic.hard import KINDS, SyntheticLargest
 from navit.data.transforms import ExampleTransform, ResolutionSampler
 from navit.experiments import EXPERIMENTS
 from navit.experiments.attention_share import measure

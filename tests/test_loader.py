@@ -3,7 +3,7 @@
 import pytest
 
 from navit.data.loader import DropSchedule, PackedLoader
-from navit.data.synthetic import SyntheticShapes
+from navit.synthetic.shapes import SyntheticShapes
 from navit.data.transforms import ExampleTransform, ResolutionSampler
 from navit.processor import Processor
 from navit.token_drop import ConstantRate, TokenDropper

@@ -418,7 +418,7 @@ def test_a_batch_of_other_axes_is_refused():
 
 
 def test_prefix_tokens_lead_every_example_and_come_back_out():
-    from navit.packing import PAD
+    from navit.batch import PAD
     from navit.prefix import PrefixLayout
 
     segment_ids = torch.tensor([[0, 0, 0, 1, 1, PAD, PAD], [0, 1, 1, 1, 2, 2, PAD]])

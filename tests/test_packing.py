@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from navit import TokenDropper, pack, pack_images
-from navit.packing import PAD, STRATEGIES, PackedBatch, assign_first_fit
-from navit.patchify import Example, grid_coords, image_to_example
+from navit.batch import PAD, PackedBatch
+from navit.packing import STRATEGIES, assign_first_fit
+from navit.batch import Example
+from navit.patchify import grid_coords, image_to_example
 
 
 @st.composite

@@ -17,7 +17,7 @@ from navit.data import segmentation as seg
 from navit.data.sources import open_source
 from navit.data.transforms import ExampleTransform, ResolutionSampler
 from navit.distributed import DistInfo
-from navit.packing import PAD
+from navit.batch import PAD
 from navit.processor import Processor
 from navit.tasks import get_task
 from navit.tasks.segment import Segmenter, confusion, scores

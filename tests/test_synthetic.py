@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from navit.data import CLASS_NAMES, SyntheticShapes, open_source, shard
-from navit.data.synthetic import CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES
+from navit.synthetic.shapes import CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES
 
 
 def _pixels(img) -> np.ndarray:
@@ -255,7 +255,7 @@ def _words(text: str) -> list[str]:
 
 
 def test_captions_are_deterministic_and_vary():
-    from navit.data.synthetic import CAPTION_TEMPLATES
+    from navit.synthetic.shapes import CAPTION_TEMPLATES
 
     a, b = SyntheticShapes(300, seed=4), SyntheticShapes(5000, seed=4)
     caps = [a.caption(i) for i in range(300)]
@@ -282,7 +282,7 @@ def _template_of(caption: str) -> int:
 
 
 def test_caption_words_match_the_generation_parameters():
-    from navit.data.synthetic import COLOR_NAMES, area_fraction, color_name, size_word
+    from navit.synthetic.shapes import COLOR_NAMES, area_fraction, color_name, size_word
 
     s = SyntheticShapes(600, seed=6)
     seen_colors, seen_sizes = Counter(), Counter()
@@ -313,7 +313,7 @@ def test_caption_words_match_the_generation_parameters():
 
 
 def test_area_fraction_matches_the_drawn_object():
-    from navit.data.synthetic import area_fraction
+    from navit.synthetic.shapes import area_fraction
 
     s = SyntheticShapes(30, seed=8)
     for i in range(30):
@@ -334,6 +334,6 @@ def test_area_fraction_matches_the_drawn_object():
     ],
 )
 def test_color_name(rgb, name):
-    from navit.data.synthetic import color_name
+    from navit.synthetic.shapes import color_name
 
     assert color_name(rgb) == name

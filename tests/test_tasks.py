@@ -71,7 +71,7 @@ def test_a_new_task_trains_evaluates_saves_and_predicts_through_the_cli(monkeypa
     model, task, meta = load_checkpoint(run)
     assert isinstance(task, Aspect) and task.options.scale == 2.0 and model.head.out_features == 1
     image = tmp_path / "x.png"
-    from navit.data.synthetic import SyntheticShapes
+    from navit.synthetic.shapes import SyntheticShapes
 
     SyntheticShapes(1).load(0).save(image)
     capsys.readouterr()

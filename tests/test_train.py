@@ -300,7 +300,7 @@ def test_contrastive_task_trains_evaluates_zero_shot_and_predicts(tmp_path, caps
     with torch.no_grad():
         hits = [int(zero_shot(model.processor([val.load(i)])).argmax()) == val.label(i) for i in range(len(val))]
     assert results["native"]["accuracy"] == pytest.approx(sum(hits) / len(hits))
-    from navit.data.synthetic import SyntheticShapes
+    from navit.synthetic.shapes import SyntheticShapes
 
     image = tmp_path / "shape.png"
     SyntheticShapes(num_images=1).load(0).save(image)

@@ -201,7 +201,7 @@ class KeywordTextModel(nn.Module):
 
 
 def test_zero_shot_picks_the_matching_class():
-    from navit.data.synthetic import CLASS_NAMES
+    from navit.synthetic.shapes import CLASS_NAMES
 
     model = KeywordTextModel()
     weights = zero_shot_weights(model, model.tokenizer, CLASS_NAMES)

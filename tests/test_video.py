@@ -20,9 +20,9 @@ from PIL import Image
 from navit.cli import main
 from navit.data.loader import PackedLoader
 from navit.data.sources import ImageFolder, open_source
-from navit.data.synthetic_video import MOTION_CLASSES, SyntheticMotion, write_video_folder
+from navit.synthetic.video import MOTION_CLASSES, SyntheticMotion, write_video_folder
 from navit.data.transforms import ExampleTransform, ResolutionSampler
-from navit.data.video import ArrayClip, FramePicker, VideoFile, write_video
+from navit.media.video import ArrayClip, FramePicker, VideoFile, write_video
 from navit.inference import load_checkpoint
 from navit.model import inflate_to_clips
 from navit.processor import Processor

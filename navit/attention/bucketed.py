@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from navit.attention.base import HALF_DTYPES, segment_runs
 from navit.attention.dense import DenseBackend
-from navit.packing import PAD
+from navit.batch import PAD
 
 
 @dataclass

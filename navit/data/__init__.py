@@ -1,6 +1,6 @@
 """Data sources: where items (images, labels, captions) come from: folders, manifests, tar shards, synthetic."""
 
-from navit.data.decode import load_rgb
+from navit.media.image import load_rgb
 from navit.data.sources import (
     IMAGE_EXTENSIONS,
     ImageFolder,
@@ -13,7 +13,7 @@ from navit.data.sources import (
     split_holdout,
     with_class_names,
 )
-from navit.data.synthetic import CLASS_NAMES, ShapeParams, SyntheticShapes, write_image_folder
+from navit.synthetic.shapes import CLASS_NAMES, ShapeParams, SyntheticShapes, write_image_folder
 
 __all__ = [
     "CLASS_NAMES",

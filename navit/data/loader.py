@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from navit.data.transforms import ExampleTransform
-from navit.packing import PackedBatch, pack
-from navit.patchify import Example
+from navit.batch import PackedBatch
+from navit.packing import pack
+from navit.batch import Example
 from navit.token_drop import TokenDropper
 
 Targets = Callable[[dict[str, Any]], dict[str, Any]]

@@ -28,9 +28,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from navit.data.decode import IMAGE_EXTENSIONS, load_rgb
+from navit.media.image import IMAGE_EXTENSIONS, load_rgb
 from navit.data.files import walk
-from navit.data.synthetic import CLASS_NAMES, CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES, gradient, grain, shape_polygon
+from navit.synthetic.shapes import (
+    CLASS_NAMES,
+    CLASS_SPECS,
+    DARK_MAX,
+    LIGHT_MIN,
+    RATIO_RANGES,
+    gradient,
+    grain,
+    shape_polygon,
+)
 
 IGNORE = 255
 MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B")
@@ -210,90 +219,6 @@ def manifest_has_masks(path: str) -> bool:
     """Whether a manifest lists masks (a ``mask`` column or key in its first row)."""
     rows = _manifest_rows(path)[:1]
     return bool(rows) and "mask" in rows[0][1]
-
-
-# ------------------------------------------------------------------------------------------------
-# The built-in set
-
-
-class SyntheticSegmentation:
-    """Procedural segmentation set: 2 to 4 ellipses and rectangles per image, each pixel labelled
-    with its object's class (its shape and its *true* proportions: tall, round/square, wide, as in
-    :class:`~navit.data.synthetic.SyntheticShapes`) or background (0).
-
-    Image aspect ratios are log-uniform in 1:4 .. 4:1, independent of the objects, so a model that
-    squashes images to squares sees distorted proportions and confuses the classes, while one at
-    native aspect ratio reads them. Objects may overlap; later ones are drawn (and labelled) on
-    top. Item ``i`` is a pure function of ``(seed, i)``.
-    """
-
-    has_masks = True
-    has_video = False
-
-    def __init__(self, num_images: int = 2000, seed: int = 0, min_side: int = 48, max_side: int = 192) -> None:
-        if num_images < 1 or seed < 0 or not 8 <= min_side <= max_side:
-            raise ValueError(f"need num_images >= 1, seed >= 0 and 8 <= min_side <= max_side, got "
-                             f"{num_images}, {seed}, {min_side}, {max_side}")  # fmt: skip
-        self.num_images, self.seed, self.min_side, self.max_side = num_images, seed, min_side, max_side
-        self.class_names: list[str] = ["background", *CLASS_NAMES]
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __repr__(self) -> str:
-        return f"SyntheticSegmentation(num_images={self.num_images}, seed={self.seed})"
-
-    def label(self, index: int) -> int:
-        return 0
-
-    def describe(self, index: int) -> str:
-        return f"synthetic-seg(seed={self.seed})[{index}]"
-
-    def load(self, index: int) -> Image.Image:
-        return self.item(index)["image"]
-
-    def item(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        rng = np.random.default_rng([self.seed, index, 7])
-        aspect = math.exp(rng.uniform(math.log(0.25), math.log(4.0)))  # width / height
-        elong = max(aspect, 1 / aspect)
-        long_side = rng.uniform(min(self.max_side, self.min_side * elong), self.max_side)
-        short_side = long_side / elong
-        width, height = (long_side, short_side) if aspect >= 1 else (short_side, long_side)
-        width, height = max(8, round(width)), max(8, round(height))
-        start = rng.integers(LIGHT_MIN, 256, size=3)
-        end = np.clip(start + rng.integers(-40, 41, size=3), LIGHT_MIN, 255)
-        image = gradient(width, height, tuple(start), tuple(end), rng.uniform(0, 2 * math.pi))
-        mask = Image.new("L", (width, height), 0)
-        paint, label = ImageDraw.Draw(image), ImageDraw.Draw(mask)
-        for _ in range(int(rng.integers(2, 5))):
-            cls = int(rng.integers(len(CLASS_NAMES)))
-            shape, proportion = CLASS_SPECS[cls]
-            ratio = math.exp(rng.uniform(*(math.log(r) for r in RATIO_RANGES[proportion])))  # height / width
-            w = rng.uniform(0.3, 0.6) * min(width, height / ratio)
-            h = w * ratio
-            cx, cy = rng.uniform(w / 2, width - w / 2), rng.uniform(h / 2, height - h / 2)
-            polygon = shape_polygon(shape, w, h, cx, cy, rng.uniform(-5, 5))
-            paint.polygon(polygon, fill=tuple(int(v) for v in rng.integers(0, DARK_MAX + 1, size=3)))
-            label.polygon(polygon, fill=cls + 1)
-        image = grain(image, 3.0, rng)
-        return {"image": image, "mask": mask, "label": 0}
-
-
-def write_segmentation_folder(source: Any, out: str | os.PathLike[str]) -> None:
-    """Write every item of ``source`` as ``out/images/<i>.png``, ``out/masks/<i>.png`` (palette
-    PNGs) and ``out/classes.txt``: the layout :class:`SegmentationFolder` reads."""
-    out = os.fspath(out)
-    for sub in ("images", "masks"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
-    with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.write("\n".join(source.class_names) + "\n")
-    digits = max(6, len(str(len(source) - 1)))
-    for i in range(len(source)):
-        item = source.item(i)
-        item["image"].save(os.path.join(out, "images", f"{i:0{digits}d}.png"), compress_level=1)
-        palette_mask(item["mask"]).save(os.path.join(out, "masks", f"{i:0{digits}d}.png"))
 
 
 def palette(num_colors: int = 256) -> list[int]:

@@ -22,13 +22,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-from navit.data.decode import IMAGE_EXTENSIONS, load_rgb
+from navit.media.image import IMAGE_EXTENSIONS, load_rgb
 from navit.data.files import walk
-from navit.data.segmentation import SegmentationFolder, SegmentationManifest, SyntheticSegmentation, manifest_has_masks
-from navit.data.synthetic import SyntheticShapes
-from navit.data.synthetic_hard import SyntheticLargest
-from navit.data.synthetic_video import SyntheticMotion
-from navit.data.video import VIDEO_EXTENSIONS, VideoFile, is_video_name, require_av
+from navit.data.segmentation import SegmentationFolder, SegmentationManifest, manifest_has_masks
+from navit.synthetic.segmentation import SyntheticSegmentation
+from navit.synthetic.shapes import SyntheticShapes
+from navit.synthetic.hard import SyntheticLargest
+from navit.synthetic.video import SyntheticMotion
+from navit.media.video import VIDEO_EXTENSIONS, VideoFile, is_video_name, require_av
 
 MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".jsonl", ".ndjson")
 
@@ -98,7 +99,7 @@ class ImageFolder:
 
     Class names are the sorted sub-folder names (hidden ones, starting with ``.``, are skipped).
     Inside each class folder, image and video files (see :data:`IMAGE_EXTENSIONS` and
-    :data:`~navit.data.video.VIDEO_EXTENSIONS`, case-insensitive) are collected recursively, in
+    :data:`~navit.media.video.VIDEO_EXTENSIONS`, case-insensitive) are collected recursively, in
     sorted order of their relative paths, through symbolic links (a folder reached twice is read
     once); a class may hold images, videos or both. Files with other extensions, and folders
     named like files, are ignored; an image or video directly in ``root`` has no class and is refused.
@@ -785,7 +786,7 @@ def open_source(spec: str | os.PathLike[str]) -> ImageSource:
     * ``"synthetic-video[:N[:S]]"``: :class:`SyntheticMotion` clips, likewise.
     * ``"synthetic-seg[:N[:S]]"``: :class:`~navit.data.segmentation.SyntheticSegmentation`
       images with masks, likewise.
-    * ``"synthetic-hard[:N[:S]]"``: :class:`~navit.data.synthetic_hard.SyntheticLargest`, a
+    * ``"synthetic-hard[:N[:S]]"``: :class:`~navit.synthetic.hard.SyntheticLargest`, a
       harder set whose label does not depend on aspect ratio, likewise.
     * a directory with ``images/`` and ``masks/``: a
       :class:`~navit.data.segmentation.SegmentationFolder`; a manifest with a ``mask`` column:

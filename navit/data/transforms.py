@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from navit.data.video import Clip
-from navit.patchify import Example
+from navit.media.video import Clip
+from navit.batch import Example
 from navit.processor import Processor
 from navit.token_drop import TokenDropper
 

@@ -46,7 +46,7 @@ def packed_batch(patch_dim: int, quick: bool, seed: int = 0):
     import torch
 
     from navit.packing import pack
-    from navit.patchify import Example
+    from navit.batch import Example
 
     generator = torch.Generator().manual_seed(seed)
     examples = []

@@ -8,7 +8,7 @@ import torch
 
 from navit.model import NaViT
 from navit.packing import pack
-from navit.patchify import Example
+from navit.batch import Example
 
 
 def example_flops(cfg, tokens: int) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 
 from navit import distributed as D
 from navit.config import NaViTConfig, numbers, reject_unknown_fields
-from navit.packing import PackedBatch
+from navit.batch import PackedBatch
 from navit.processor import Processor
 
 

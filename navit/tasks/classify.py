@@ -12,7 +12,7 @@ from torch import nn
 from navit import distributed as D
 from navit.config import NaViTConfig, check_choices, option
 from navit.model import NaViT
-from navit.packing import PackedBatch
+from navit.batch import PackedBatch
 from navit.processor import Processor
 from navit.tasks.base import StepLoss, Task
 

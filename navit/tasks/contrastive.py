@@ -10,7 +10,7 @@ from torch import nn
 
 from navit import distributed as D
 from navit.config import NaViTConfig, check_choices, option
-from navit.packing import PackedBatch
+from navit.batch import PackedBatch
 from navit.processor import Processor
 from navit.tasks.base import StepLoss, Task
 from navit.tasks.classify import evaluate_labels, predict_labels

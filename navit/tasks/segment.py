@@ -24,10 +24,10 @@ from torch import nn
 
 from navit import distributed as D
 from navit.config import NaViTConfig, option
-from navit.data.decode import load_rgb
+from navit.media.image import load_rgb
 from navit.data.segmentation import IGNORE, palette, palette_mask
 from navit.model import NaViT, _init_weights
-from navit.packing import PackedBatch
+from navit.batch import PackedBatch
 from navit.processor import Processor
 from navit.tasks.base import StepLoss, Task
 

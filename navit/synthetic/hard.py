@@ -12,7 +12,7 @@ diamond from a rectangle a few patches wide, and comparing sizes, gets harder as
 drops, so resolution, compute and token budget all matter here, as they do on real images.
 
 Item ``i`` is a pure function of ``(seed, i)``; labels are exactly balanced within every block of
-six consecutive indices, as in :class:`~navit.data.synthetic.SyntheticShapes`.
+six consecutive indices, as in :class:`~navit.synthetic.shapes.SyntheticShapes`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from navit.data.synthetic import DARK_MAX, LIGHT_MIN, balanced_label, gradient, grain
+from navit.synthetic.shapes import DARK_MAX, LIGHT_MIN, balanced_label, gradient, grain
 
 KINDS: tuple[str, ...] = ("cross", "diamond", "ellipse", "rectangle", "star", "triangle")
 

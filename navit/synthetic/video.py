@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from navit.data.synthetic import DARK_MAX, LIGHT_MIN, balanced_label, draw_scene, shape_polygon
-from navit.data.video import ClipInfo, FrameOp, FramePicker, write_video
+from navit.synthetic.shapes import DARK_MAX, LIGHT_MIN, balanced_label, draw_scene, shape_polygon
+from navit.media.video import ClipInfo, FrameOp, FramePicker, write_video
 
 MOTION_CLASSES: tuple[str, ...] = ("grows", "moves_horizontally", "moves_vertically", "shrinks", "spins", "still")
 
