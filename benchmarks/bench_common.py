@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmark scripts: timing, machine noise, Markdown tables.
+"""Small helpers shared by the benchmark scripts: timing, machine noise, memory, FLOP counting, the
+common command-line options and the timed training step. Reporting is in ``report.py``.
 
 Not part of the ``navit`` package; the scripts put ``benchmarks/`` on ``sys.path`` to import it.
 """
@@ -6,14 +7,13 @@ Not part of the ``navit`` package; the scripts put ``benchmarks/`` on ``sys.path
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from report import RESULTS_DIR, load_average, new_result
 
 
 def cpu_busy_seconds() -> float | None:
@@ -30,13 +30,6 @@ def own_cpu_seconds() -> float:
     """CPU seconds of this process and its finished children."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def others_busy_now(seconds: float = 0.5) -> float | None:
@@ -130,61 +123,6 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
     }
 
 
-def machine_info(threads: int) -> dict[str, object]:
-    import torch
-
-    info: dict[str, object] = {
-        "python": sys.version.split()[0],
-        "executable": sys.executable,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": threads,
-        "load_average_start": load_average(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
-
-
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
-    """A GitHub Markdown table; ``align`` is one char per column (l/r), default: first left."""
-    rows = [[str(c) for c in row] for row in rows]
-    align = align or ("l" + "r" * (len(headers) - 1))
-    sep = ["---:" if a == "r" else ":---" for a in align]
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_report(res: dict, text: str, out: str | Path) -> None:
-    """Print a benchmark's Markdown and write it beside its JSON results (``out``)."""
-    import json
-
-    print(text)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nWrote {out}")
-
-
-def fmt(x: float | None, digits: int = 1) -> str:
-    if x is None:
-        return "—"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}"
-
-
 def stall_probe(threads: int, calls: int = 2000, numel: int = 1 << 17) -> dict[str, float]:
     """Detects OpenMP barrier stalls: ``calls`` small parallel ops with ``threads`` threads vs 1.
 
@@ -250,27 +188,100 @@ def reset_hwm() -> bool:
         return False
 
 
-def run_parser(doc: str, name: str):
+def run_parser(doc: str, name: str, precision_flag: str = "--precision"):
     """The argument parser of a timed benchmark with the options every one has: ``--device``,
-    ``--precision``, ``--threads``, ``--seed`` and ``--out`` (default ``results/<name>.json``)."""
+    ``--precision`` (or ``precision_flag``), ``--threads``, ``--seed`` and ``--out`` (default
+    ``results/<name>.json``)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument(precision_flag, choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS_DIR / f"{name}.json"))
     return p
 
 
-def new_result(script: str, argv: list[str] | None, args) -> dict:
-    """The start of a benchmark's JSON: its command line, its options and the machine."""
-    return {"command": ["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])],
-            "args": {k: v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)
-                     for k, v in vars(args).items()},
-            "machine": machine_info(args.threads)}  # fmt: skip
+def add_batch_options(p, depth: int = 6) -> None:
+    """The model depth and packed batch shape of the benchmarks that train on packed sequences."""
+    p.add_argument("--depth", type=int, default=depth)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--num-seqs", type=int, default=4)
+    p.add_argument("--max-examples-per-seq", type=int, default=32)
 
+
+def add_repeat_options(p, repeats: int, warmup: int) -> None:
+    """How often each timed call runs: ``--warmup`` untimed calls, then ``--repeats`` timed ones."""
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--repeats", type=int, default=repeats)
+
+
+def parse_run(parser, argv: list[str] | None, script: str):
+    """A timed benchmark's options (``device`` as a torch device; torch set to ``--threads``) and
+    the start of its JSON."""
+    import torch
+
+    args = parser.parse_args(argv)
+    args.device = device_of(parser, args.device)
+    torch.set_num_threads(args.threads)
+    return args, new_result(script, argv, args)
+
+
+def device_of(parser, name: str):
+    """``--device`` as a torch device; a parser error when it names CUDA and torch sees none."""
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {name}: no CUDA device is visible to torch " + torch.__version__)
+    return torch.device(name)
+
+
+def training_step(model, forward: Callable, loss: Callable, device, bf16: bool, optimizer=None) -> Callable:
+    """One timed training step of ``model``: ``forward(model)`` (under bf16 autocast when ``bf16``),
+    ``loss(output)`` outside autocast, backward, an optimizer step (default: fused AdamW, lr 1e-4),
+    then a wait for the GPU. Returns the step, which returns the loss."""
+    import torch
+
+    opt = optimizer if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = forward(model)
+        value = loss(out)
+        value.backward()
+        opt.step()
+        synchronize(device)
+        return value
+
+    return step
+
+
+def packed_loader(source, processor, *, seq_len: int, num_seqs: int, max_examples_per_seq: int, buffer_size: int,
+                  num_workers: int, seed: int = 0, train: bool = True):  # fmt: skip
+    """navit's ``PackedLoader`` over ``source``, its examples made by ``processor`` without
+    augmentation: the one place the benchmarks build a loader."""
+    from navit.data.loader import PackedLoader
+    from navit.ops import train_chain
+    from navit.packing import PackingConfig
+
+    packing = PackingConfig(seq_len=seq_len, num_seqs=num_seqs, max_examples_per_seq=max_examples_per_seq,
+                            buffer_size=buffer_size)  # fmt: skip
+    return PackedLoader(source, train_chain(processor), num_workers=num_workers, packing=packing, seed=seed, train=train)
+
+
+def time_batches(loader, limit: int, stats: Callable) -> tuple[float, list[float], list]:
+    """Batches of ``loader``, at most ``limit``: the time iteration started, the time each batch
+    arrived, and ``stats(item)`` of each (the batches themselves are not kept)."""
+    start, stamps, kept = time.perf_counter(), [], []
+    for item in loader:
+        stamps.append(time.perf_counter())
+        kept.append(stats(item))
+        if len(stamps) >= limit:
+            break
+    return start, stamps, kept
 
 
 def count_flops(fn: Callable[[], object]) -> int:

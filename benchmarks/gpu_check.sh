@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh                          # results in $OUT, else benchmarks/results/cuda-bf16/
 #   bash benchmarks/gpu_check.sh --device cpu --smoke --out /tmp/check   # the same steps, toy sizes, on a CPU
+#   (add --precision fp32 on a CPU without native bf16, where bf16 matmuls are emulated and very slow)
 #
 # 1. installs what the machine lacks: navit from this tree (PYTHONPATH), and any wheels carried in
 #    .whl/ (e.g. PyAV, vit-pytorch) into /tmp/navit-site;
@@ -17,15 +18,16 @@
 # Exit status: 0 when the tests and every step passed, 1 otherwise, 2 for bad options or no CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-device=cuda smoke="" budget=480 out="${OUT:-benchmarks/results/cuda-bf16}"
+device=cuda smoke="" budget=480 precision=bf16 out="${OUT:-benchmarks/results/cuda-bf16}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device="$2"; shift 2 ;;
     --smoke) smoke="--smoke"; shift ;;
     --budget) budget="$2"; shift 2 ;;
+    --precision) precision="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "gpu_check.sh: unknown option '$1' (expected --device cuda|cpu, --smoke, --budget SECONDS, --out DIR)" >&2
+    *) echo "gpu_check.sh: unknown option '$1' (expected --device cuda|cpu, --smoke, --budget SECONDS, --precision bf16|fp32, --out DIR)" >&2
        exit 2 ;;
   esac
 done
@@ -63,7 +65,7 @@ tail -n 1 "$out/tests.log"
 
 left=$((budget - ($(date +%s) - start)))
 threads=$([ "$device" = cuda ] && echo 8 || echo 2)
-"$py" benchmarks/run_all.py --suite gpu $smoke --device "$device" --precision bf16 --threads "$threads" \
+"$py" benchmarks/run_all.py --suite gpu $smoke --device "$device" --precision "$precision" --threads "$threads" \
   --budget "$left" --out-dir "$out"
 suite=$?
 echo "gpu_check.sh: tests exit $tests, benchmarks exit $suite, $(($(date +%s) - start)) s; tables in $out/SUMMARY.md"

@@ -33,7 +33,6 @@ Padding fraction = 1 − real tokens / (sequences · L).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -45,6 +44,7 @@ import numpy as np
 from navit.batch import PAD
 from navit.packing import assign_first_fit
 from navit.patchify import fit_grid
+from report import RESULTS_DIR, md_table, pct, plain_args, write_json
 
 # (width, height) aspect ratio -> weight
 ASPECT_MIX: dict[tuple[int, int], float] = {
@@ -225,15 +225,11 @@ def per_image_padding(lengths: np.ndarray, batch_images: int) -> float:
     return 1.0 - float(batches.sum()) / float(batches.max(axis=1).sum() * batch_images)
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-images", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "packing_padding.json")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "packing_padding.json")
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--min-side", type=int, default=64)
     p.add_argument("--max-side", type=int, default=256)
@@ -254,161 +250,122 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if len(args.e_max) != len(args.seq_lens):
         p.error("--e-max needs one value per --seq-lens entry")
+    return args
 
-    t_start = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
-    sizes = sample_sizes(args.num_images, rng, args.side, args.min_side, args.max_side)
 
-    results = []
-    dists = {}
-    peer_layouts = {}
-    for seq_len, e_real in zip(args.seq_lens, args.e_max):
-        lengths = token_counts(sizes, args.patch, seq_len)
-        dists[seq_len] = {
-            "mean": float(lengths.mean()),
-            "median": float(np.median(lengths)),
-            "min": int(lengths.min()),
-            "max": int(lengths.max()),
-            "downscaled_to_fit": int(
-                sum(
-                    math.floor(h / args.patch + 0.5) * math.floor(w / args.patch + 0.5) > seq_len
-                    for h, w in sizes.tolist()
-                )
-            ),
-        }
-        peer_layouts[seq_len] = {
-            "next_fit": next_fit_padding(lengths, seq_len),
-            "per_image": per_image_padding(lengths, args.loader_buffer),
-        }
-        for strategy in STRATEGIES:
-            for e_max in (None, e_real):
-                row = {"seq_len": seq_len, "strategy": strategy, "max_examples_per_seq": e_max}
-                row["offline"] = run_offline(lengths, seq_len, strategy, e_max)
-                row["per_batch"] = run_per_batch(
-                    lengths, seq_len, strategy, e_max, args.num_seqs, args.warmup_batches
-                )
-                row["stream"] = [
-                    run_stream(lengths, seq_len, strategy, e_max, args.num_seqs, f, args.warmup_batches)
-                    for f in args.buffer_factors
-                ]
-                row["loader"] = run_stream(
-                    lengths, seq_len, strategy, e_max, args.loader_num_seqs, 0.0,
-                    args.warmup_batches, buffer_images=args.loader_buffer,
-                )
-                results.append(row)
-                print(
-                    f"  done L={seq_len} {strategy} E_max={e_max} "
-                    f"({time.perf_counter() - t_start:.1f}s)",
-                    file=sys.stderr,
-                )
+def token_distribution(lengths: np.ndarray, sizes: np.ndarray, patch: int, seq_len: int) -> dict:
+    return {
+        "mean": float(lengths.mean()),
+        "median": float(np.median(lengths)),
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "downscaled_to_fit": int(
+            sum(math.floor(h / patch + 0.5) * math.floor(w / patch + 0.5) > seq_len for h, w in sizes.tolist())
+        ),
+    }
 
+
+def run_scenarios(lengths: np.ndarray, seq_len: int, strategy: str, e_max: int | None, args) -> dict:
+    """Every scenario of the module docstring for one (L, strategy, E_max)."""
+    row = {"seq_len": seq_len, "strategy": strategy, "max_examples_per_seq": e_max}
+    row["offline"] = run_offline(lengths, seq_len, strategy, e_max)
+    row["per_batch"] = run_per_batch(lengths, seq_len, strategy, e_max, args.num_seqs, args.warmup_batches)
+    row["stream"] = [run_stream(lengths, seq_len, strategy, e_max, args.num_seqs, f, args.warmup_batches)
+                     for f in args.buffer_factors]  # fmt: skip
+    row["loader"] = run_stream(lengths, seq_len, strategy, e_max, args.loader_num_seqs, 0.0, args.warmup_batches,
+                               buffer_images=args.loader_buffer)  # fmt: skip
+    return row
+
+
+def run_sweep(sizes: np.ndarray, args) -> list[dict]:
+    """Padding as E_max grows, offline and streaming, for both strategies."""
     sweep = []
     for seq_len in args.seq_lens:
         lengths = token_counts(sizes, args.patch, seq_len)
         per_seq = seq_len / lengths.mean()
-        e_values = sorted({math.ceil(k * per_seq) for k in args.sweep_multiples})
-        for e_max in e_values:
+        for e_max in sorted({math.ceil(k * per_seq) for k in args.sweep_multiples}):
             row = {"seq_len": seq_len, "max_examples_per_seq": e_max, "images_per_seq_mean": per_seq}
             for strategy in STRATEGIES:
-                row[strategy] = {
-                    "offline": run_offline(lengths, seq_len, strategy, e_max)["padding"],
-                    "stream": run_stream(
-                        lengths, seq_len, strategy, e_max, args.num_seqs, args.sweep_factor,
-                        args.warmup_batches,
-                    )["padding"],
-                }
+                stream = run_stream(lengths, seq_len, strategy, e_max, args.num_seqs, args.sweep_factor,
+                                    args.warmup_batches)  # fmt: skip
+                row[strategy] = {"offline": run_offline(lengths, seq_len, strategy, e_max)["padding"],
+                                 "stream": stream["padding"]}  # fmt: skip
             sweep.append(row)
-    print(f"  done E_max sweep ({time.perf_counter() - t_start:.1f}s)", file=sys.stderr)
+    return sweep
 
-    aspects = ", ".join(f"{w}:{h} {wt:.1%}" for (w, h), wt in ASPECT_MIX.items())
-    print(
-        f"\n### Packing padding (N={args.num_images} images, seed={args.seed}, "
-        f"{args.side} side ~ U({args.min_side},{args.max_side}) px, patch {args.patch}, "
-        f"num_seqs={args.num_seqs})\n"
-    )
-    print(f"Aspect mix (W:H): {aspects}\n")
-    for seq_len, d in dists.items():
-        print(
-            f"L={seq_len}: tokens/image mean {d['mean']:.1f}, median {d['median']:.0f}, "
-            f"range {d['min']}..{d['max']}, downscaled to fit: {d['downscaled_to_fit']}"
-        )
+
+def keys(row: dict) -> list:
+    return [row["seq_len"], row["strategy"], row["max_examples_per_seq"]]
+
+
+def detail(stream: dict) -> str:
+    return (f"{pct(stream['padding'])} / {pct(stream['padding_batch_p95'])}, carry "
+            f"{stream['carried_images_mean']:.0f}, wait≤{stream['wait_batches_max']}")  # fmt: skip
+
+
+def render(res: dict, args) -> str:
+    """The report: token counts, padding per scenario, the peers' layouts, streaming details, sweep."""
+    results, aspects = res["results"], ", ".join(f"{w}:{h} {wt:.1%}" for (w, h), wt in ASPECT_MIX.items())
+    lines = [f"\n### Packing padding (N={args.num_images} images, seed={args.seed}, {args.side} side ~ "
+             f"U({args.min_side},{args.max_side}) px, patch {args.patch}, num_seqs={args.num_seqs})\n",
+             f"Aspect mix (W:H): {aspects}\n"]  # fmt: skip
+    lines += [f"L={L}: tokens/image mean {d['mean']:.1f}, median {d['median']:.0f}, range {d['min']}..{d['max']}, "
+              f"downscaled to fit: {d['downscaled_to_fit']}" for L, d in res["token_distribution"].items()]  # fmt: skip
     fcols = [f"stream ×{f:g}" for f in args.buffer_factors]
     lcol = f"loader ({args.loader_buffer} imgs → {args.loader_num_seqs} seqs)"
-    header = ["L", "strategy", "E_max", "offline", "per-batch (no carry)", *fcols, lcol,
-              "max imgs/seq (offline)"]
-    print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|")
-    for r in results:
-        cells = [
-            str(r["seq_len"]),
-            r["strategy"],
-            str(r["max_examples_per_seq"]),
-            pct(r["offline"]["padding"]),
-            pct(r["per_batch"]["padding"]),
-            *(pct(s["padding"]) for s in r["stream"]),
-            pct(r["loader"]["padding"]),
-            str(r["offline"]["images_per_seq_max"]),
-        ]
-        print("| " + " | ".join(cells) + " |")
-
-    print(f"\nThe peers' layouts of the same images (offline; per-image: batches of {args.loader_buffer}):\n")
-    print("| L | navit first fit | lucidrains next fit | timm per-image padding |")
-    print("|---|---:|---:|---:|")
-    for seq_len, peer in peer_layouts.items():
-        ff = next(r for r in results if r["seq_len"] == seq_len and r["strategy"] == "first_fit"
-                  and r["max_examples_per_seq"] is None)
-        print(f"| {seq_len} | {pct(ff['offline']['padding'])} | {pct(peer['next_fit'])} | "
-              f"{pct(peer['per_image'])} |")
-
-    print("\nStreaming details (mean / p95 padding per batch, mean carried images, max wait in batches):\n")
-    header2 = ["L", "strategy", "E_max", *fcols, lcol]
-    print("| " + " | ".join(header2) + " |")
-    print("|" + "|".join(["---"] * 3 + ["---:"] * (len(fcols) + 1)) + "|")
-    for r in results:
-        cells = [str(r["seq_len"]), r["strategy"], str(r["max_examples_per_seq"])]
-        for s in [*r["stream"], r["loader"]]:
-            cells.append(
-                f"{pct(s['padding'])} / {pct(s['padding_batch_p95'])}, "
-                f"carry {s['carried_images_mean']:.0f}, wait≤{s['wait_batches_max']}"
-            )
-        print("| " + " | ".join(cells) + " |")
+    header = ["L", "strategy", "E_max", "offline", "per-batch (no carry)", *fcols, lcol, "max imgs/seq (offline)"]
+    lines += ["", md_table(header, [keys(r) + [pct(r["offline"]["padding"]), pct(r["per_batch"]["padding"]),
+                                               *(pct(s["padding"]) for s in r["stream"]), pct(r["loader"]["padding"]),
+                                               r["offline"]["images_per_seq_max"]] for r in results],
+                           "lll" + "r" * (len(header) - 3))]  # fmt: skip
+    lines.append(f"\nThe peers' layouts of the same images (offline; per-image: batches of {args.loader_buffer}):\n")
+    first_fit = {r["seq_len"]: r for r in results if r["strategy"] == "first_fit" and r["max_examples_per_seq"] is None}
+    lines.append(md_table(["L", "navit first fit", "lucidrains next fit", "timm per-image padding"],
+                          [[L, pct(first_fit[int(L)]["offline"]["padding"]), pct(p["next_fit"]), pct(p["per_image"])]
+                           for L, p in res["peer_layouts"].items()], "lrrr"))  # fmt: skip
+    lines.append("\nStreaming details (mean / p95 padding per batch, mean carried images, max wait in batches):\n")
+    lines.append(md_table(["L", "strategy", "E_max", *fcols, lcol],
+                          [keys(r) + [detail(s) for s in [*r["stream"], r["loader"]]] for r in results],
+                          "lll" + "r" * (len(fcols) + 1)))  # fmt: skip
     nb = {r["seq_len"]: r["stream"][0]["batches"] for r in results}
     nl = {r["seq_len"]: r["loader"]["batches"] for r in results}
-    print(
-        f"\nBatches averaged after {args.warmup_batches} warm-up: stream ×{args.buffer_factors[0]:g} {nb}, "
-        f"loader {nl}"
-    )
-
-    print(f"\nE_max sweep (E_max = ceil(k · L / mean tokens per image); stream ×{args.sweep_factor:g}):\n")
+    lines.append(f"\nBatches averaged after {args.warmup_batches} warm-up: stream ×{args.buffer_factors[0]:g} {nb}, "
+                 f"loader {nl}")
     sf = f"stream ×{args.sweep_factor:g}"
-    print(f"| L | E_max | k | FF offline | FF {sf} | FFD offline | FFD {sf} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in sweep:
-        k = r["max_examples_per_seq"] / r["images_per_seq_mean"]
-        ff, ffd = r["first_fit"], r["first_fit_decreasing"]
-        print(
-            f"| {r['seq_len']} | {r['max_examples_per_seq']} | {k:.2f} | {pct(ff['offline'])} | "
-            f"{pct(ff['stream'])} | {pct(ffd['offline'])} | {pct(ffd['stream'])} |"
-        )
+    lines.append(f"\nE_max sweep (E_max = ceil(k · L / mean tokens per image); {sf}):\n")
+    lines.append(md_table(["L", "E_max", "k", "FF offline", f"FF {sf}", "FFD offline", f"FFD {sf}"],
+                          [[r["seq_len"], r["max_examples_per_seq"], f"{r['max_examples_per_seq'] / r['images_per_seq_mean']:.2f}",
+                            pct(r["first_fit"]["offline"]), pct(r["first_fit"]["stream"]),
+                            pct(r["first_fit_decreasing"]["offline"]), pct(r["first_fit_decreasing"]["stream"])]
+                           for r in res["e_max_sweep"]], "lrrrrrr"))  # fmt: skip
+    return "\n".join(lines)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    sizes = sample_sizes(args.num_images, np.random.default_rng(args.seed), args.side, args.min_side, args.max_side)
+    results, dists, peer_layouts = [], {}, {}
+    for seq_len, e_real in zip(args.seq_lens, args.e_max):
+        lengths = token_counts(sizes, args.patch, seq_len)
+        dists[str(seq_len)] = token_distribution(lengths, sizes, args.patch, seq_len)
+        peer_layouts[str(seq_len)] = {"next_fit": next_fit_padding(lengths, seq_len),
+                                      "per_image": per_image_padding(lengths, args.loader_buffer)}  # fmt: skip
+        for strategy in STRATEGIES:
+            for e_max in (None, e_real):
+                results.append(run_scenarios(lengths, seq_len, strategy, e_max, args))
+                print(f"  done L={seq_len} {strategy} E_max={e_max} ({time.perf_counter() - t_start:.1f}s)",
+                      file=sys.stderr)  # fmt: skip
+    sweep = run_sweep(sizes, args)
+    print(f"  done E_max sweep ({time.perf_counter() - t_start:.1f}s)", file=sys.stderr)
+    payload = {"benchmark": "packing_padding", "config": plain_args(args),
+               "aspect_mix": {f"{w}:{h}": wt for (w, h), wt in ASPECT_MIX.items()}, "token_distribution": dists,
+               "results": results, "peer_layouts": peer_layouts, "e_max_sweep": sweep}  # fmt: skip
+    print(render(payload, args))
     elapsed = time.perf_counter() - t_start
     print(f"\nTotal time: {elapsed:.1f}s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": "packing_padding",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "aspect_mix": {f"{w}:{h}": wt for (w, h), wt in ASPECT_MIX.items()},
-        "token_distribution": {str(k): v for k, v in dists.items()},
-        "results": results,
-        "peer_layouts": {str(k): v for k, v in peer_layouts.items()},
-        "e_max_sweep": sweep,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "elapsed_s": elapsed,
-    }
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"Wrote {args.out}")
+    payload.update(python=platform.python_version(), numpy=np.__version__, elapsed_s=elapsed)
+    print(f"Wrote {write_json(payload, args.out)}")
     return 0
 
 

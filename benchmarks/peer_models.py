@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import navit
-from navit.attention.dense import DenseBackend
+from navit.attention import DenseBackend
 from navit.batch import Example
 
 PATCH = 16

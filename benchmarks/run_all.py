@@ -24,33 +24,32 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import RESULTS_DIR, load_average, stall_probe, stall_warning  # noqa: E402
+from bench_common import stall_probe, stall_warning  # noqa: E402
+from report import RESULTS_DIR, load_average, md_table  # noqa: E402
+
+
+def command(script: str, args, out_json: Path, *options: str) -> list[str]:
+    """The argv of a timed benchmark: its script, the run's threads, device and precision
+    (attention_scaling calls it ``--dtype``), ``options`` and where its JSON goes."""
+    precision = "--dtype" if script == "attention_scaling.py" else "--precision"
+    return [str(HERE / script), "--threads", str(args.threads), "--device", args.device, precision, args.precision,
+            *options, "--out", str(out_json)]  # fmt: skip
 
 
 def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
     """(name, argv after the interpreter, Markdown file it writes itself or None for stdout)."""
+    q = args.quick
     py = [str(HERE / "packing_padding.py"), "--out", str(out / "packing_padding.json")]
-    if args.quick:
-        py += ["--num-images", "20000"]
-    att = [str(HERE / "attention_scaling.py"), "--threads", str(args.threads), "--device", args.device,
-           "--dtype", args.precision, "--out", str(out / "attention_scaling.json")]
-    if args.quick:
-        att += ["--seq-lens", "256", "1024", "4096", "--repeats", "5"]
-    peers = [str(HERE / "peers.py"), "--threads", str(args.threads), "--device", args.device,
-             "--precision", args.precision, "--out", str(out / "peers.json")]
-    peers += (["--quick"] if args.quick else []) + (["--compile"] if args.device == "cuda" else [])
-    video = [str(HERE / "video.py"), "--threads", str(args.threads), "--device", args.device,
-             "--precision", args.precision, "--out", str(out / "video.json")]
-    if args.quick:
-        video += ["--repeats", "3", "--loader-clips", "200", "--padding-examples", "5000"]
-    siglip2 = [str(HERE / "siglip2.py"), "--threads", str(args.threads), "--device", args.device,
-               "--precision", args.precision, "--out", str(out / "siglip2.json")]
-    if args.quick:
-        siglip2 += ["--images", "8", "--batch-images", "8", "--repeats", "1", "--no-memory"]
-    segment = [str(HERE / "segment.py"), "--threads", str(args.threads), "--device", args.device,
-               "--precision", args.precision, "--out", str(out / "segment.json")]
-    if args.quick:
-        segment += ["--repeats", "3"]
+    py += ["--num-images", "20000"] if q else []
+    att = command("attention_scaling.py", args, out / "attention_scaling.json",
+                  *(["--seq-lens", "256", "1024", "4096", "--repeats", "5"] if q else []))  # fmt: skip
+    peers = command("peers.py", args, out / "peers.json",
+                    *(["--quick"] if q else []), *(["--compile"] if args.device == "cuda" else []))  # fmt: skip
+    video_quick = ["--repeats", "3", "--loader-clips", "200", "--padding-examples", "5000"]
+    video = command("video.py", args, out / "video.json", *(video_quick if q else []))
+    siglip2_quick = ["--images", "8", "--batch-images", "8", "--repeats", "1", "--no-memory"]
+    siglip2 = command("siglip2.py", args, out / "siglip2.json", *(siglip2_quick if q else []))
+    segment = command("segment.py", args, out / "segment.json", *(["--repeats", "3"] if q else []))
     # Timing-sensitive benchmarks first (a quiet machine may not stay quiet); packing_padding
     # only counts tokens, so load does not change its results.
     return [
@@ -101,14 +100,12 @@ def gpu_suite(args, out: Path) -> list[tuple[str, list[str], Path | None, float]
     to test the check on a CPU)."""
     steps = []
     for name, script, options, budget, smoke in GPU_SUITE:
-        dtype = "--dtype" if script == "attention_scaling.py" else "--precision"
-        cmd = [str(HERE / script), "--threads", str(args.threads), "--device", args.device, dtype, args.precision,
-               *(smoke if args.smoke else options), "--out", str(out / f"{name}.json")]
+        cmd = command(script, args, out / f"{name}.json", *(smoke if args.smoke else options))
         steps.append((name, cmd, None if script == "attention_scaling.py" else out / f"{name}.md", budget))
     return steps
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter versions of every benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the timed benchmarks")
@@ -126,6 +123,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=None, help="where results go (default: results/, or "
                    "results/<device>-<precision>/ for any other setting)")
     args = p.parse_args(argv)
+    return p, args
+
+
+def run_step(name: str, cmd: list[str], md_file: Path | None, limit: float | None, out: Path) -> tuple:
+    """Run one benchmark: (exit status or "timeout", seconds, its Markdown or, failed, the end of its stderr)."""
+    t0 = time.perf_counter()
+    log_path = out / f"{name}.log"
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=log, text=True,
+                                  timeout=limit)  # fmt: skip
+            rc, stdout = proc.returncode, proc.stdout
+        except subprocess.TimeoutExpired as stopped:
+            rc = "timeout"
+            stdout = stopped.stdout or ""
+            stdout = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout
+    elapsed = time.perf_counter() - t0
+    if md_file is None:
+        (out / f"{name}.md").write_text(stdout)
+        body = stdout
+    else:
+        body = md_file.read_text() if md_file.exists() and rc == 0 else stdout
+    if rc != 0:
+        tail = log_path.read_text()[-3000:]
+        why = f"stopped after its {limit:.0f} s budget" if rc == "timeout" else f"exit status {rc}"
+        body = f"**FAILED: {why}**\n\n```\n{tail}\n```\n\n{body}"
+    print(f"    exit {rc} in {elapsed:.0f} s (stderr: {log_path})", flush=True)
+    return rc, elapsed, body
+
+
+def summary_text(args, sections: list[tuple], notes: list[str], started: str, total: float, load0) -> str:
+    import torch
+
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"Started {started}; total {total / 60:.1f} min; `{Path(sys.executable)}` (torch {torch.__version__}), "
+        f"{os.cpu_count()} cores, threads {args.threads}, device {args.device}, {args.precision}, load average at start "
+        f"{'—' if load0 is None else f'{load0:.2f}'}{', quick mode' if args.quick else ''}"
+        f"{f', suite {args.suite}' + (' (smoke sizes)' if args.smoke else '') if args.suite != 'all' else ''}.",
+        "",
+    ]
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines.append(md_table(["benchmark", "command", "exit", "seconds"],
+                          [[name, f"`{shown}`", rc, f"{el:.0f}"] for name, shown, rc, el, _ in sections], "llrr"))
+    lines.append("")
+    for name, shown, rc, el, body in sections:
+        lines += ["---", "", f"# `{name}`", "", f"`{shown}` — exit {rc}, {el:.0f} s", ""]
+        # Demote the benchmark's own headings by one level so the summary keeps one H1 per section.
+        lines += [("#" + line) if line.startswith("#") else line for line in body.splitlines()]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, args = parse_args(argv)
     # The CPU fp32 results live in results/; any other setting in its own folder beside them.
     default = args.device == "cpu" and args.precision == "fp32"
     out = args.out_dir or (RESULTS_DIR if default else RESULTS_DIR / f"{args.device}-{args.precision}")
@@ -145,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, cmd, md_file, budget in steps:
         if args.only and name not in args.only:
             continue
-        full = [sys.executable, *cmd]
         shown = " ".join(["python", *[os.path.relpath(c) if c.startswith(str(HERE)) else c for c in cmd]])
         left = None if args.budget is None else args.budget - (time.perf_counter() - t_all)
         limit = min((t for t in (budget, left) if t is not None), default=None)
@@ -155,52 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             sections.append((name, shown, "skipped", 0.0, "**Skipped: the run's time budget was spent.**"))
             continue
         print(f"=== {name}: {shown}" + ("" if limit is None else f" (at most {limit:.0f} s)"), flush=True)
-        t0 = time.perf_counter()
-        log_path = out / f"{name}.log"
-        with open(log_path, "w") as log:
-            try:
-                proc = subprocess.run(full, stdout=subprocess.PIPE, stderr=log, text=True, timeout=limit)
-                rc, stdout = proc.returncode, proc.stdout
-            except subprocess.TimeoutExpired as stopped:
-                rc = "timeout"
-                stdout = stopped.stdout.decode(errors="replace") if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
-        elapsed = time.perf_counter() - t0
-        if md_file is None:
-            (out / f"{name}.md").write_text(stdout)
-            body = stdout
-        else:
-            body = md_file.read_text() if md_file.exists() and rc == 0 else stdout
-        if rc != 0:
-            failed += 1
-            tail = log_path.read_text()[-3000:]
-            why = f"stopped after its {limit:.0f} s budget" if rc == "timeout" else f"exit status {rc}"
-            body = f"**FAILED: {why}**\n\n```\n{tail}\n```\n\n{body}"
-        print(f"    exit {rc} in {elapsed:.0f} s (stderr: {log_path})", flush=True)
+        rc, elapsed, body = run_step(name, cmd, md_file, limit, out)
+        failed += rc != 0
         sections.append((name, shown, rc, elapsed, body))
 
     total = time.perf_counter() - t_all
-    import torch
-
-    lines = [
-        "# Benchmark summary",
-        "",
-        f"Started {started}; total {total / 60:.1f} min; `{Path(sys.executable)}` (torch {torch.__version__}), "
-        f"{os.cpu_count()} cores, threads {args.threads}, device {args.device}, {args.precision}, load average at start "
-        f"{'—' if load0 is None else f'{load0:.2f}'}{', quick mode' if args.quick else ''}"
-        f"{f', suite {args.suite}' + (' (smoke sizes)' if args.smoke else '') if args.suite != 'all' else ''}.",
-        "",
-    ]
-    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    lines += ["| benchmark | command | exit | seconds |", "| :--- | :--- | ---: | ---: |"]
-    lines += [f"| {name} | `{shown}` | {rc} | {el:.0f} |" for name, shown, rc, el, _ in sections]
-    lines.append("")
-    for name, shown, rc, el, body in sections:
-        lines += ["---", "", f"# `{name}`", "", f"`{shown}` — exit {rc}, {el:.0f} s", ""]
-        # Demote the benchmark's own headings by one level so the summary keeps one H1 per section.
-        lines += [("#" + line) if line.startswith("#") else line for line in body.splitlines()]
-        lines.append("")
     summary = out / "SUMMARY.md"
-    summary.write_text("\n".join(lines) + "\n")
+    summary.write_text(summary_text(args, sections, notes, started, total, load0))
     print(f"wrote {summary} ({total / 60:.1f} min)")
     return 1 if failed else 0
 

@@ -5,9 +5,9 @@
 
 Images of the built-in segmentation set at native resolution and aspect ratio (sides 64 to 384
 px, at most ``--max-tokens`` patches of 16 px), enough to fill ``--num-seqs`` sequences of
-``--seq-len`` tokens by first fit. One training step (forward, the pixel cross entropy of
-``navit.tasks.segment``, backward, AdamW) of the same Segmenter (ViT-Ti width, depth
-``--depth``) on three layouts of the same examples:
+``--seq-len`` tokens by first fit. One training step (forward; the pixel cross entropy over real
+tokens, computed here from the model's logits and the packed ``mask`` field; backward; AdamW) of
+the same Segmenter (ViT-Ti width, depth ``--depth``) on three layouts of the same examples:
 
 * ``navit``: packed, several images per sequence (the default attention backend);
 * ``padded-longest``: one image per row, padded to the longest image of the batch, dense key mask;
@@ -25,19 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import navit  # noqa: E402
-from bench_common import fmt, interleaved, md_table, new_result, run_parser, summarize, synchronize, write_report  # noqa: E402
-
-from navit.synthetic.segmentation import SyntheticSegmentation  # noqa: E402
-from navit.distributed import DistInfo  # noqa: E402
-from navit.batch import PAD
+from bench_common import (  # noqa: E402
+    add_batch_options, add_repeat_options, interleaved, parse_run, run_parser, summarize, training_step,
+)
+from navit.batch import PAD  # noqa: E402
+from navit.data.segmentation import IGNORE  # noqa: E402
 from navit.packing import assign_first_fit  # noqa: E402
-from navit.tasks import get_task  # noqa: E402
+from navit.synthetic.segmentation import SyntheticSegmentation  # noqa: E402
 from navit.tasks.segment import Segmenter  # noqa: E402
+from report import fmt, heading, md_table, write_report  # noqa: E402
 
 PATCH = 16
 
@@ -57,20 +59,14 @@ def make_examples(args) -> list[navit.Example]:
 
 
 def step_fn(model: Segmenter, batch, args):
-    task = get_task("segment", None, SyntheticSegmentation().class_names)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    model.train()
-    half = args.precision == "bf16"
+    """A training step on the pixel cross entropy of the real tokens: the model's logits
+    [B, L, p², C] against the ``mask`` field carried with the tokens (padding ignored)."""
+    labels = batch.fields["mask"].masked_fill(~batch.token_mask[..., None], IGNORE).flatten()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=half):
-            result = task.loss(model, model, batch, {}, DistInfo(), args.device)
-        result.loss.backward()
-        opt.step()
-        synchronize(args.device)
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 2), labels, ignore_index=IGNORE)
 
-    return step
+    return training_step(model, lambda m: m(batch), loss, args.device, args.precision == "bf16")
 
 
 def run(args) -> dict:
@@ -104,10 +100,10 @@ def run(args) -> dict:
 
 def render(res: dict) -> str:
     a, r = res["args"], res["run"]
-    lines = [f"## Segmentation training (`{' '.join(res['command'])}`)", "",
-             f"torch {res['machine']['torch']}, {res['machine']['threads']} threads, {a['device']}, {a['precision']}; "
-             f"{r['images']} images of {min(r['tokens'])} to {max(r['tokens'])} tokens ({r['real_tokens']} real), "
-             f"Segmenter ViT-Ti width, depth {a['depth']}, linear decoder; median of {a['repeats']}.", ""]  # fmt: skip
+    lines = heading("Segmentation training", res) + [
+        f"torch {res['machine']['torch']}, {res['machine']['threads']} threads, {a['device']}, {a['precision']}; "
+        f"{r['images']} images of {min(r['tokens'])} to {max(r['tokens'])} tokens ({r['real_tokens']} real), "
+        f"Segmenter ViT-Ti width, depth {a['depth']}, linear decoder; median of {a['repeats']}.", ""]  # fmt: skip
     rows = [(name, fmt(1000 * row["median_s"]), fmt(row["images_per_s"]), row["computed_tokens"],
              f"{100 * (1 - r['real_tokens'] / row['computed_tokens']):.1f}%",
              "—" if name == "navit" else f"{r['ratios'][name]:.2f}×") for name, row in r["rows"].items()]  # fmt: skip
@@ -117,17 +113,10 @@ def render(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = run_parser(__doc__, "segment")
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--num-seqs", type=int, default=4)
-    p.add_argument("--max-examples-per-seq", type=int, default=32)
+    add_batch_options(p)
+    add_repeat_options(p, repeats=5, warmup=1)
     p.add_argument("--max-tokens", type=int, default=256, help="patches per image at most")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    args = p.parse_args(argv)
-    args.device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    res = new_result("segment.py", argv, args)
+    args, res = parse_run(p, argv, "segment.py")
     res["run"] = run(args)
     write_report(res, render(res), args.out)
     return 0

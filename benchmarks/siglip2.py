@@ -28,10 +28,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import (  # noqa: E402
-    fmt, hwm_kb, interleaved, md_table, new_result, reset_hwm, rss_kb, run_parser, summarize, synchronize, write_report,
-)
+from bench_common import hwm_kb, interleaved, reset_hwm, rss_kb, run_parser, summarize, synchronize  # noqa: E402
 from packing_padding import sample_sizes  # noqa: E402
+from report import fmt, heading, md_table, new_result, write_report  # noqa: E402
 
 
 def make_images(args):
@@ -155,10 +154,10 @@ def memory_worker(args) -> None:
 
 def render(res: dict) -> str:
     a = res["args"]
-    lines = [f"## SigLIP2 NaFlex inference (`{' '.join(res['command'])}`)", "",
-             f"torch {res['machine']['torch']}, transformers {res['transformers']}, {a['threads']} threads, "
-             f"{a['device']}, {a['precision']}; width {a['width']}, depth {a['depth']}, {a['images']} images "
-             f"(long side 64..1024 px, mixed aspect), {a['batch_images']} per batch; median of {a['repeats']}.", ""]  # fmt: skip
+    lines = heading("SigLIP2 NaFlex inference", res) + [
+        f"torch {res['machine']['torch']}, transformers {res['transformers']}, {a['threads']} threads, "
+        f"{a['device']}, {a['precision']}; width {a['width']}, depth {a['depth']}, {a['images']} images "
+        f"(long side 64..1024 px, mixed aspect), {a['batch_images']} per batch; median of {a['repeats']}.", ""]  # fmt: skip
     table = []
     for patches, r in res["speed"].items():
         ips = r["images_per_s"]

@@ -38,14 +38,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import navit  # noqa: E402
-from bench_common import fmt, interleaved, md_table, new_result, run_parser, summarize, synchronize, write_report  # noqa: E402
-from packing_padding import run_stream  # noqa: E402
-
-from navit.synthetic.video import SyntheticMotion  # noqa: E402
-from navit.batch import PAD
+from bench_common import (  # noqa: E402
+    add_batch_options, add_repeat_options, interleaved, packed_loader, parse_run, run_parser, summarize, time_batches,
+    training_step,
+)
+from navit.batch import PAD, Example  # noqa: E402
 from navit.packing import assign_first_fit  # noqa: E402
-from navit.batch import Example
 from navit.patchify import grid_coords, patchify  # noqa: E402
+from navit.synthetic.video import SyntheticMotion  # noqa: E402
+from packing_padding import run_stream  # noqa: E402
+from report import fmt, heading, md_table, write_report  # noqa: E402
 
 PATCH, TUBE = 16, 2
 
@@ -95,22 +97,6 @@ def lucidrains_model(args, volumes):
                  dim=192, depth=args.depth, heads=3, dim_head=64, mlp_dim=768, token_dropout_prob=0.0)  # fmt: skip
 
 
-def train_fn(model, forward, labels, args):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    model.train()
-    half = args.precision == "bf16"
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=half):
-            logits = forward(model)
-        F.cross_entropy(logits.float(), labels).backward()
-        opt.step()
-        synchronize(args.device)
-
-    return step
-
-
 def run_train(args) -> dict:
     volumes, examples = make_clips(args)
     device = args.device
@@ -136,7 +122,8 @@ def run_train(args) -> dict:
     fns = {}
     for name, (model, forward, _) in impls.items():
         model.to(device)
-        fns[name] = train_fn(model, forward, labels, args)
+        fns[name] = training_step(model, forward, lambda logits: F.cross_entropy(logits.float(), labels), device,
+                                  args.precision == "bf16")  # fmt: skip
     times = interleaved(fns, warmup=args.warmup, repeats=args.repeats)
     rows = {}
     for name, (_, _, computed) in impls.items():
@@ -151,27 +138,20 @@ def run_train(args) -> dict:
 
 
 def run_loader(args, step_rate: float | None) -> dict:
-    from navit.data.loader import PackedLoader
-    from navit.data.sources import ImageFolder
+    from navit.data.folder import ImageFolder
     from navit.synthetic.video import write_video_folder
-    from navit.data.transforms import ExampleTransform
 
     with tempfile.TemporaryDirectory(prefix="navit_video_loader_") as tmp:
         t0 = time.perf_counter()
         write_video_folder(SyntheticMotion(args.loader_clips, seed=args.seed, min_side=64, max_side=256), tmp,
                            progress=False)  # fmt: skip
         write_s = time.perf_counter() - t0
-        loader = PackedLoader(ImageFolder(tmp), ExampleTransform(processor(args)), seq_len=args.seq_len,
-                              num_seqs=args.num_seqs, max_examples_per_seq=args.max_examples_per_seq,
-                              buffer_size=args.loader_buffer, num_workers=2, seed=args.seed)  # fmt: skip
-        stamps, clips = [], []
+        loader = packed_loader(ImageFolder(tmp), processor(args), seq_len=args.seq_len, num_seqs=args.num_seqs,
+                               max_examples_per_seq=args.max_examples_per_seq, buffer_size=args.loader_buffer,
+                               num_workers=2, seed=args.seed)  # fmt: skip
         per_batch = args.num_seqs * args.seq_len / (args.max_tokens * 0.75)
         limit = max(3, int((args.loader_clips - args.loader_buffer) / per_batch * 0.9))
-        for i, item in enumerate(loader):
-            stamps.append(time.perf_counter())
-            clips.append(item.batch.num_examples)
-            if i + 1 >= limit:
-                break
+        _, stamps, clips = time_batches(loader, limit, lambda item: item.batch.num_examples)
     steady = stamps[-1] - stamps[0]
     rate = (len(stamps) - 1) / steady
     return {"clips_written": args.loader_clips, "write_s": write_s, "batches": len(stamps), "batches_per_s": rate,
@@ -208,8 +188,8 @@ def run_padding(args) -> dict:
 
 def render(res: dict) -> str:
     a = res["args"]
-    lines = [f"## Video (`{' '.join(res['command'])}`)", "",
-             f"torch {res['machine']['torch']}, {res['machine']['threads']} threads, {a['device']}, {a['precision']}.", ""]  # fmt: skip
+    lines = heading("Video", res) + [
+        f"torch {res['machine']['torch']}, {res['machine']['threads']} threads, {a['device']}, {a['precision']}.", ""]  # fmt: skip
     if "train" in res:
         t = res["train"]
         lines += [f"### Training step on {t['clips']} clips, {t['real_tokens']} real tokens (frames "
@@ -239,21 +219,14 @@ def render(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = run_parser(__doc__, "video")
     p.add_argument("--sections", nargs="+", default=["train", "loader", "padding"], choices=["train", "loader", "padding"])
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--num-seqs", type=int, default=4)
-    p.add_argument("--max-examples-per-seq", type=int, default=32)
+    add_batch_options(p)
+    add_repeat_options(p, repeats=5, warmup=1)
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per clip at most")
     p.add_argument("--max-frames", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--loader-clips", type=int, default=400)
     p.add_argument("--loader-buffer", type=int, default=64)
     p.add_argument("--padding-examples", type=int, default=20000)
-    args = p.parse_args(argv)
-    args.device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    res = new_result("video.py", argv, args)
+    args, res = parse_run(p, argv, "video.py")
     step_rate = None
     if "train" in args.sections:
         res["train"] = run_train(args)

@@ -94,7 +94,7 @@ def load_yaml_config(path: str) -> dict[str, Any]:
 def resumed_config(path: str):
     """The config a run was trained with, from its checkpoint (or its ``config.yaml``)."""
     from navit.checkpoint import load_meta, resolve_checkpoint
-    from navit.train import run_folder_of
+    from navit.run_folder import run_folder_of
     from navit.train_config import TrainConfig
 
     meta = load_meta(resolve_checkpoint(path))
@@ -140,10 +140,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from navit.data.sources import open_source, with_class_names
+    from navit.data.labels import with_class_names
+    from navit.data.registry import open_source
     from navit.evaluate import evaluate_budgets, write_budget_report
     from navit.inference import load_checkpoint
-    from navit.train import open_data, pick_device, run_folder_of
+    from navit.run_folder import run_folder_of
+    from navit.train import pick_device
+    from navit.train_data import open_data
     from navit.train_config import TrainConfig
 
     try:
@@ -217,33 +220,28 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``navit data NAME``: (module, generated set, its writer, what it writes) of each built-in set.
+SYNTH_WRITERS = {
+    "synth": ("navit.synthetic.shapes", "SyntheticShapes", "write_image_folder", "images"),
+    "synth-video": ("navit.synthetic.video", "SyntheticMotion", "write_video_folder", "clips"),
+    "synth-seg": ("navit.synthetic.segmentation", "SyntheticSegmentation", "write_segmentation_folder",
+                  "images with masks"),
+}
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
-    from navit.synthetic.shapes import SyntheticShapes, write_image_folder
+    """A built-in set written out as files (``navit data synth``, ``synth-video``, ``synth-seg``)."""
+    import importlib
 
-    source = SyntheticShapes(num_images=args.num_images, seed=args.seed)
-    write_image_folder(source, args.out)
-    print(f"wrote {len(source)} images in {len(source.class_names)} classes to {args.out}")
-    return 0
-
-
-def cmd_synth_video(args: argparse.Namespace) -> int:
-    from navit.synthetic.video import SyntheticMotion, write_video_folder
-
-    source = SyntheticMotion(num_clips=args.num_clips, seed=args.seed)
+    module, generated, writer, noun = SYNTH_WRITERS[args.data_command]
+    found = importlib.import_module(module)
+    source = getattr(found, generated)(args.count, seed=args.seed)
+    options = {"ext": args.ext} if "ext" in args else {}
     try:
-        write_video_folder(source, args.out, ext=args.ext)
+        getattr(found, writer)(source, args.out, **options)
     except ValueError as error:
-        raise SystemExit(f"navit data synth-video: {error}") from error
-    print(f"wrote {len(source)} clips in {len(source.class_names)} classes to {args.out}")
-    return 0
-
-
-def cmd_synth_seg(args: argparse.Namespace) -> int:
-    from navit.synthetic.segmentation import SyntheticSegmentation, write_segmentation_folder
-
-    source = SyntheticSegmentation(num_images=args.num_images, seed=args.seed)
-    write_segmentation_folder(source, args.out)
-    print(f"wrote {len(source)} images with masks in {len(source.class_names)} classes to {args.out}")
+        raise SystemExit(f"navit data {args.data_command}: {error}") from error
+    print(f"wrote {len(source)} {noun} in {len(source.class_names)} classes to {args.out}")
     return 0
 
 
@@ -265,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tokens per example to evaluate at, besides native (default: the run's)")  # fmt: skip
     evaluate.add_argument("--by", choices=("resize", "drop"), default="resize",
                           help="meet each budget by resizing the input to it, or by dropping all but that many of "
-                          "its native tokens at random (default: resize)")  # fmt: skip
+                          "its native tokens at random; not for segmentation (default: resize)")  # fmt: skip
     evaluate.add_argument("--frames", type=positive_int, nargs="*", metavar="N",
                           help="clips: frames per clip to evaluate at, besides native (default: the run's)")  # fmt: skip
     evaluate.add_argument("--out", help="folder for eval.json and the plot (default: the run folder)")
@@ -308,22 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the built-in dataset as an image folder")
     synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--num-images", type=int, default=3000, help="images to write (default: 3000)")
+    synth.add_argument("--num-images", dest="count", type=int, default=3000, help="images to write (default: 3000)")
     synth.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     synth.set_defaults(func=cmd_synth)
     synth_video = data_sub.add_parser("synth-video", help="write the built-in video set as video files")
     synth_video.add_argument("--out", required=True, help="output folder")
-    synth_video.add_argument("--num-clips", type=int, default=600, help="clips to write (default: 600)")
+    synth_video.add_argument("--num-clips", dest="count", type=int, default=600, help="clips to write (default: 600)")
     synth_video.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
     synth_video.add_argument("--ext", default=".mp4", choices=(".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpg"),
                              help="container (default: .mp4)")  # fmt: skip
-    synth_video.set_defaults(func=cmd_synth_video)
+    synth_video.set_defaults(func=cmd_synth)
     synth_seg = data_sub.add_parser("synth-seg", help="write the built-in segmentation set as images/, masks/ "
                                     "and classes.txt")  # fmt: skip
     synth_seg.add_argument("--out", required=True, help="output folder")
-    synth_seg.add_argument("--num-images", type=int, default=2000, help="images to write (default: 2000)")
+    synth_seg.add_argument("--num-images", dest="count", type=int, default=2000, help="images to write (default: 2000)")
     synth_seg.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    synth_seg.set_defaults(func=cmd_synth_seg)
+    synth_seg.set_defaults(func=cmd_synth)
     return parser
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
+from navit import attention
 from navit.posemb import rope_pairs_per_axis
 
 POS_EMBED_KINDS = ("learned", "sincos", "fourier", "grid", "table", "none")
@@ -19,7 +20,6 @@ POS_MODES = ("absolute", "fractional")
 POS_COMBINES = ("sum", "stack", "product")
 POOL_KINDS = ("map", "mean")
 FINAL_NORMS = ("tokens", "pooled")
-ATTN_BACKENDS = ("auto", "dense", "bucketed", "varlen", "flex")  # see navit.attention.BACKENDS
 
 
 def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -115,6 +115,11 @@ class NaViTConfig:
     of every example's tokens inside the model; they attend and are attended to within their
     example but are not pooled and not returned. ``final_norm`` normalises every token before
     pooling (``"tokens"``) or the pooled vector (``"pooled"``, timm's ``fc_norm``).
+
+    ``pool`` and ``final_norm`` are the encoder's: how it makes one pooled vector per example.
+    ``num_classes`` is the head's: ``NaViT(config)`` puts a ``classifier`` head of that many classes
+    on the encoder, or none for 0; a model with another head (:mod:`navit.heads`) sets it to that
+    head's classes.
     """
 
     patch_size: int = 16
@@ -166,7 +171,7 @@ class NaViTConfig:
         choice("pos_combine", POS_COMBINES)
         choice("pool", POOL_KINDS)
         choice("final_norm", FINAL_NORMS)
-        choice("attn_backend", ATTN_BACKENDS)
+        choice("attn_backend", ("auto", *attention.names()))  # the registry, plug-ins included
         for name in ("patch_size", "temporal_patch_size", "num_axes", "in_chans", "embed_dim", "depth",
                      "num_heads", "pos_max_len"):
             if getattr(self, name) < 1:

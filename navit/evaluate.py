@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from navit.data.loader import PackedLoader
-from navit.data.transforms import ExampleTransform
+from navit.ops import eval_chain
+from navit.packing import PackingConfig
 from navit.processor import Processor
 from navit.tasks import Task
 
@@ -39,24 +40,20 @@ def evaluate_budgets(
     example to it, or by dropping all but that many of its native tokens."""
     if by not in ("resize", "drop"):
         raise ValueError(f"by={by!r}; expected 'resize' or 'drop'")
+    if by == "drop" and budgets and task.dense_keys:  # a dropped patch has no prediction to score
+        raise ValueError(f"by='drop' cannot evaluate the {task.name!r} task: its dropped patches would have no "
+                         "prediction to score; meet the budgets by resizing (--by resize)")
     device = torch.device(device)
     settings = [("native", {})] + [(str(b), {"budget" if by == "resize" else "keep": b}) for b in budgets]
-    if getattr(source, "has_video", False):
+    if "video" in source.provides:
         settings += [(f"{n} frames", {"max_frames": n}) for n in frames]
     results = {}
     for name, options in settings:
         budget = options.get("budget")
-        transform = ExampleTransform(processor, dense_keys=task.dense_keys, **options)
-        loader = PackedLoader(
-            source,
-            transform,
-            targets=task.eval_targets,
-            seq_len=max(seq_len, processor.max_tokens, budget or 0),
-            num_seqs=8,
-            buffer_size=64,
-            train=False,
-            num_workers=workers,
-        )
+        chain = eval_chain(processor, **options, extra=tuple(task.ops(train=False)))
+        packing = PackingConfig(seq_len=max(seq_len, processor.max_tokens, budget or 0), num_seqs=8, buffer_size=64)
+        loader = PackedLoader(source, chain, targets=task.eval_targets, packing=packing, train=False,
+                              num_workers=workers)  # fmt: skip
         results[name] = task.evaluate(model, loader, device)
     return results
 

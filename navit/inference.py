@@ -7,6 +7,7 @@ its options, the model config, the class names and the :class:`~navit.processor.
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,18 +17,20 @@ from torch import nn
 
 from navit.checkpoint import load_meta, load_weights, resolve_checkpoint, write_checkpoint
 from navit.data.files import walk
-from navit.data.sources import is_media_name
+from navit.media import is_media_name
 from navit.packing import pack
 from navit.processor import Processor
 from navit.tasks import Task, get_task, task_of
 
 
 def checkpoint_meta(task: Task, model: nn.Module, processor: Processor) -> dict[str, Any]:
-    """The part of ``meta.json`` that rebuilds the model and its preprocessing."""
+    """The part of ``meta.json`` that rebuilds the model and its preprocessing: the task, the
+    model's config (for a NaViT, its encoder's), its head (``{"name": ..., **config}``, or None)."""
     return {
         "task": task.name,
         "task_options": task.options_dict(),
         "model": task.model_to_dict(model),
+        "head": task.head_to_dict(model),
         "class_names": task.class_names,
         "processor": processor.to_dict(),
     }
@@ -43,21 +46,30 @@ def save_model(
     and class names (e.g. a classifier trained with one sigmoid per class)."""
     if not isinstance(task, Task):
         task = get_task(task or task_of(model))
-    contrastive = task.name == "contrastive"
-    classes = model.config.image.num_classes if contrastive else model.config.num_classes
-    names = list(class_names if class_names is not None else task.class_names or map(str, range(classes)))
-    if not contrastive and len(names) != classes:
+    classes = model.num_classes  # None: the model takes any class names (zero-shot)
+    names = list(class_names if class_names is not None else task.class_names or map(str, range(classes or 0)))
+    if classes is not None and len(names) != classes:
         raise ValueError(f"the model has {classes} classes but {len(names)} class names were given")
     task = type(task)(task.options, names)
     meta = checkpoint_meta(task, model, model.processor)
     with torch.device("meta"):  # what load_model will build, without memory
-        expected = task.model_from_dict(meta["model"], model.processor).state_dict()
+        expected = build_from_meta(task, meta, model.processor).state_dict()
     weights = model.state_dict()
     if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in expected.items()}:
         differ = sorted(set(weights) ^ set(expected)) or [k for k in weights if weights[k].shape != expected[k].shape]
         raise ValueError(f"a {type(model).__name__} does not load back as task {task.name!r}'s model (weights "
                          f"{differ[:3]} differ); pass the task it belongs to")  # fmt: skip
     return write_checkpoint(folder, weights, meta)
+
+
+def build_from_meta(task: Task, meta: dict[str, Any], processor: Processor) -> nn.Module:
+    """The (untrained) model a checkpoint's metadata describes. Checkpoints written before heads
+    were saved have no ``"head"``: the task's model class builds the head its config implies."""
+    head = meta.get("head")
+    # A plug-in task written before heads were saved rebuilds its model from the config alone.
+    if head is None or "head" not in inspect.signature(task.model_from_dict).parameters:
+        return task.model_from_dict(meta["model"], processor)
+    return task.model_from_dict(meta["model"], processor, head)
 
 
 def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +93,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if missing:
         raise ValueError(f"checkpoint metadata {checkpoint / 'meta.json'} lacks {missing}")
     task = get_task(meta["task"], meta.get("task_options"), meta["class_names"])
-    model = task.model_from_dict(meta["model"], Processor.from_dict(meta["processor"]))
+    model = build_from_meta(task, meta, Processor.from_dict(meta["processor"]))
     try:
         model.load_state_dict(load_weights(checkpoint))
     except RuntimeError as error:

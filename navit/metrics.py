@@ -1,11 +1,84 @@
-"""Training metrics to JSONL and CSV in the run folder, and to TensorBoard when it is installed."""
+"""Training metrics: sums over the steps between two records (:class:`Window`), and the records
+themselves to JSONL and CSV in the run folder, and to TensorBoard when it is installed."""
 
 from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from navit import distributed as D
+
+
+class Window:
+    """Sums between two metric records, saved with checkpoints so that a resumed run records what
+    an uninterrupted one would. ``examples`` and ``count`` (the loss's terms) are over all ranks;
+    ``tokens``, ``slots``, ``loss_sum`` and the task's own ``logs`` are this rank's and summed
+    over ranks in the record (the logs as their mean over steps and ranks)."""
+
+    SUMS = ("examples", "count", "tokens", "slots", "steps", "loss_sum")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.examples = self.count = self.tokens = self.slots = self.steps = 0
+        self.loss_sum = self.seconds_before = 0.0  # seconds_before: training time before a resume
+        self.logs: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start
+
+    def state_dict(self) -> dict[str, float]:
+        return {**{name: getattr(self, name) for name in self.SUMS}, "logs": dict(self.logs),
+                "seconds_before": self.elapsed()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.reset()
+        # A window saved before losses were counted in terms counted examples.
+        state = {"count": state.get("examples", 0), **state}
+        for name in (*self.SUMS, "seconds_before"):
+            setattr(self, name, state[name])
+        self.logs = dict(state.get("logs", {}))
+
+    def add(self, *, examples: int, count: int, loss_sum: float, tokens: int, slots: int,
+            logs: dict[str, float] | None = None) -> None:  # fmt: skip
+        self.steps += 1
+        self.examples += examples
+        self.count += count
+        self.loss_sum += loss_sum
+        self.tokens += tokens
+        self.slots += slots
+        for name, value in (logs or {}).items():
+            self.logs[name] = self.logs.get(name, 0.0) + value
+
+    def record(self, info: D.DistInfo, device: torch.device, *, step: int, epoch: float, lr: float,
+               grad_norm: torch.Tensor | None, seen: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+        """The metrics record (collective: sums over ranks); ``seen``: the run's totals so far."""
+        elapsed = self.elapsed()
+        tokens = D.sum_over_ranks(self.tokens, info, device)
+        slots = D.sum_over_ranks(self.slots, info, device)
+        loss_sum = D.sum_over_ranks(self.loss_sum, info, device)
+        logs = {name: D.sum_over_ranks(self.logs[name], info, device) / (self.steps * info.world_size)
+                for name in sorted(self.logs)}  # fmt: skip
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": round(loss_sum / max(1, self.count), 5),
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+            "examples_per_s": round(self.examples / elapsed, 2),
+            "tokens_per_s": round(tokens / elapsed, 1),
+            "padding": round(1 - tokens / slots, 5),
+            "examples_per_batch": round(self.examples / self.steps / info.world_size, 2),
+            **seen,
+            **{name: round(value, 5) for name, value in logs.items()},
+        }
 
 
 class MetricsLogger:

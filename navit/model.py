@@ -1,4 +1,5 @@
-"""The NaViT encoder: a pre-norm ViT over packed sequences, with masked pooling and a head.
+"""The NaViT encoder: a pre-norm ViT over packed sequences, with masked pooling, and the head a
+task puts on it (see :mod:`navit.heads`).
 
 The model consumes a :class:`~navit.packing.PackedBatch` and nothing else. Per-batch work
 (attention plans, positional embeddings, RoPE angles) happens once in ``forward_features``;
@@ -13,10 +14,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from navit.attention import AttentionBackend, auto_backend, get_backend
-from navit.attention.base import HALF_DTYPES
+from navit.attention import AttentionBackend, Situation, choose
 from navit.config import NaViTConfig, resolve_config
 from navit.batch import PAD, PackedBatch
+from navit.heads import Head, build_head, default_head, head_class
 from navit.pooling import MAPPool, MeanPool, slot_index
 from navit.posemb import FactorizedPosEmbed, GridPosEmbed, Rope, TablePosEmbed, apply_rope
 from navit.prefix import PrefixLayout
@@ -56,21 +57,20 @@ def example_ids(segment_ids: torch.Tensor, max_examples_per_seq: int) -> tuple[t
 
 def prepare_attention(backend: AttentionBackend, segment_ids: torch.Tensor) -> tuple[Any, Any]:
     """The backend's state for this batch, and its slot order when the blocks can keep their
-    tokens in it (backends with ``prepare_slots``, in eager mode): see navit.attention.bucketed.
-    Under ``torch.compile`` the packed [B, L] order stays, so one graph serves every batch of a
-    packed shape."""
-    prepare_slots = getattr(backend, "prepare_slots", None)
-    if prepare_slots is None or torch.compiler.is_compiling():
+    tokens in it (backends whose capabilities say ``slot_order``, in eager mode): see
+    navit.attention.bucketed. Under ``torch.compile`` the packed [B, L] order stays, so one
+    graph serves every batch of a packed shape."""
+    if not backend.capabilities.slot_order or torch.compiler.is_compiling():
         return run_backend(backend, backend.prepare, segment_ids), None
-    state = run_backend(backend, prepare_slots, segment_ids)
+    state = run_backend(backend, backend.prepare_slots, segment_ids)
     return state, (state if state.in_slot_order else None)
 
 
 def run_backend(backend: AttentionBackend, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` for a method of ``backend``; eagerly, even inside ``torch.compile``, unless the
-    backend is traceable: a plan that depends on the data, traced into the graph, would force a
-    recompile for every new batch."""
-    return fn(*args) if backend.traceable else _eagerly(fn, *args)
+    backend's capabilities say it is traceable: a plan that depends on the data, traced into the
+    graph, would force a recompile for every new batch."""
+    return fn(*args) if backend.capabilities.traceable else _eagerly(fn, *args)
 
 
 @torch.compiler.disable
@@ -153,7 +153,16 @@ class Block(nn.Module):
 
 
 class NaViT(nn.Module):
-    """Vision Transformer for packed images and clips of any resolution, aspect ratio and length.
+    """Vision Transformer for packed images and clips of any resolution, aspect ratio and length:
+    an encoder with the head of a task on it.
+
+    The encoder gives per-token features (:meth:`forward_features`) and, through its pooling
+    (``config.pool``, with ``config.final_norm``), one pooled vector per example (:meth:`embed`).
+    ``head`` is the spec of a registered head (``{"name": ..., **config}``, see
+    :mod:`navit.heads`); by default a ``classifier`` over ``config.num_classes`` classes, and no
+    head for ``num_classes=0`` (then ``model(batch)`` is the pooled vectors). ``config.num_classes``
+    always states the head's classes. The pooling is built only when something reads pooled
+    vectors: no head, or a head that reads them (a segmenter reads tokens).
 
     ``processor`` (a :class:`navit.Processor`) is the preprocessing that turns files and images
     into this model's ``PackedBatch``; it is saved with the weights and restored by
@@ -161,8 +170,11 @@ class NaViT(nn.Module):
     channels) take packed examples only and have none.
     """
 
-    def __init__(self, config: NaViTConfig, processor: Processor | None = None) -> None:
+    def __init__(self, config: NaViTConfig, processor: Processor | None = None, head: dict[str, Any] | None = None) -> None:
         super().__init__()
+        head = head if head is not None else default_head(config)
+        if head is not None:  # the config states the head's classes
+            config = config.replace(num_classes=int(head.get("num_classes", 0)))
         self.config = cfg = config
         self.processor = processor or (Processor.for_model(cfg) if Processor.can_feed(cfg) else None)
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim)
@@ -193,11 +205,13 @@ class NaViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.pool = (
-            MAPPool(cfg.embed_dim, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, activation(cfg.act))
+            None
+            if head is not None and not head_class(head).pooled
+            else MAPPool(cfg.embed_dim, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, activation(cfg.act))
             if cfg.pool == "map"
             else MeanPool()
         )
-        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.head: nn.Module = build_head(head, cfg) if head is not None else nn.Identity()
         self.apply(_init_weights)
 
     @property
@@ -213,6 +227,43 @@ class NaViT(nn.Module):
     @property
     def num_features(self) -> int:
         return self.config.embed_dim
+
+    @property
+    def num_classes(self) -> int:
+        """The head's classes; 0 without a head."""
+        return self.config.num_classes
+
+    # -- the head, and what a checkpoint holds -----------------------------------------------
+    def head_spec(self) -> dict[str, Any] | None:
+        """The head as ``{"name": ..., **config}`` (see :mod:`navit.heads`), or None for none."""
+        return self.head.spec() if isinstance(self.head, Head) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The encoder's config as a JSON-able dict (``num_classes``: the head's); with
+        :meth:`head_spec`, what :meth:`from_dict` rebuilds the model from."""
+        return self.config.to_dict()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], processor: Processor | None = None,
+                  head: dict[str, Any] | None = None) -> "NaViT":  # fmt: skip
+        """The model :meth:`to_dict` and :meth:`head_spec` describe (by default the head the
+        class builds from the config: checkpoints written before heads were saved)."""
+        return cls(NaViTConfig.from_dict(values), processor, head)
+
+    def reset_head(self, num_classes: int) -> None:
+        """A new head of the same kind for ``num_classes`` classes, initialised as in a new model;
+        the encoder keeps its weights (timm's ``reset_classifier``). A classifier with
+        ``num_classes=0`` becomes no head: ``model(batch)`` is then the pooled vectors."""
+        kind = self.head.name if isinstance(self.head, Head) else "classifier"
+        spec = {**(self.head_spec() or {}), "name": kind, "num_classes": num_classes}
+        if kind == "classifier" and num_classes == 0:
+            self.head = nn.Identity()
+        else:
+            weight = self.patch_embed.weight
+            head = build_head(spec, self.config)
+            head.apply(_init_weights)
+            self.head = head.to(device=weight.device, dtype=weight.dtype)
+        self.config = self.config.replace(num_classes=num_classes)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay: biases, norms, layer scales, position tables,
@@ -244,19 +295,22 @@ class NaViT(nn.Module):
         return 3 * forward - 2 * embed if training else forward
 
     def head_flops(self, batch: PackedBatch) -> int:
-        """FLOPs of pooling and the head over ``batch`` (the head runs once per example)."""
-        pool = self.pool.flops(batch.num_seqs, batch.seq_len, batch.max_examples_per_seq)
-        return 2 * batch.num_examples * self.config.embed_dim * self.config.num_classes + pool
+        """FLOPs of pooling (when built) and the head over ``batch`` (see the head's ``flops``)."""
+        pool = self.pool.flops(batch.num_seqs, batch.seq_len, batch.max_examples_per_seq) if self.pool else 0
+        return pool + (self.head.flops(batch) if isinstance(self.head, Head) else 0)
+
+    def attention_situation(self, device: torch.device) -> Situation:
+        """What attention faces in a forward on ``device`` now: the dtype of its inputs (autocast's
+        when autocast is on there, else the weights') and whether gradients flow through it."""
+        autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.patch_embed.weight.dtype
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        return Situation(device, dtype, grad)
 
     def attention_backend(self, device: torch.device) -> AttentionBackend:
-        name = self.config.attn_backend
-        if name != "auto":
-            return get_backend(name)
-        autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
-        half = self.patch_embed.weight.dtype in HALF_DTYPES or (
-            autocast and torch.get_autocast_dtype(device.type) in HALF_DTYPES
-        )
-        return auto_backend(device, half)
+        """The backend ``config.attn_backend`` names ('auto': the preferred one that fits) for a
+        forward on ``device`` now; a named one that cannot run here raises, naming those that can."""
+        return choose(self.config.attn_backend, self.attention_situation(device))
 
     def _check_batch(self, batch: PackedBatch) -> None:
         cfg = self.config
@@ -316,24 +370,44 @@ class NaViT(nn.Module):
 
     def pool_slots(self, tokens: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Pooled vectors per slot [B, E, D] (fixed shape; empty slots are zero)."""
+        if self.pool is None:
+            raise ValueError(f"this model's {self.head.name!r} head reads per-token features, so it has no pooling: "
+                             "use forward_features, or build the encoder without that head for pooled vectors")  # fmt: skip
         slots = self.pool(tokens, batch.segment_ids, batch.max_examples_per_seq)
         if self.config.final_norm == "pooled":
             slots = self.norm(slots) * (batch.slot_to_example != PAD)[..., None].to(slots.dtype)
         return slots
 
+    def pooled(self, tokens: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """One pooled vector per example [N, D], in input order, from the features ``tokens``."""
+        return self.pool_slots(tokens, batch).flatten(0, 1)[batch.example_slots()]
+
     def forward_head(self, tokens: torch.Tensor, batch: PackedBatch, *, pre_logits: bool = False) -> torch.Tensor:
-        """Pool per example and apply the head; rows follow the input order."""
-        slots = self.pool_slots(tokens, batch)
-        pooled = slots.flatten(0, 1)[batch.example_slots()]
-        return pooled if pre_logits else self.head(pooled)
+        """The head on the features ``tokens``: on each example's pooled vector (rows in input
+        order), or on every token for a head that reads tokens. ``pre_logits``: what the head
+        reads (the pooled vectors, or the tokens), without the head."""
+        features = tokens if isinstance(self.head, Head) and not self.head.pooled else self.pooled(tokens, batch)
+        return features if pre_logits else self.head(features)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """One pooled vector per example [N, D], in input order."""
-        return self.forward_head(self.forward_features(batch), batch, pre_logits=True)
+        return self.pooled(self.forward_features(batch), batch)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Logits [N, num_classes], one row per example in input order."""
+        """The head's outputs: a classifier's logits [N, num_classes], one row per example in input
+        order; a segmenter's [B, L, p·p, classes]; without a head the pooled vectors [N, D]."""
         return self.forward_head(self.forward_features(batch), batch)
+
+    def outputs(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """Everything one forward gives, by name: ``"tokens"`` [B, L, D]; ``"pooled"`` [N, D] (input
+        order) when the encoder pools; ``"logits"``, the head's outputs, when there is a head."""
+        tokens = self.forward_features(batch)
+        out = {"tokens": tokens}
+        if self.pool is not None:
+            out["pooled"] = self.pooled(tokens, batch)
+        if isinstance(self.head, Head):
+            out["logits"] = self.head(out["pooled"] if self.head.pooled else tokens)
+        return out
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -387,6 +461,6 @@ def inflate_to_clips(model: NaViT, temporal_patch_size: int = 2) -> NaViT:
     see :func:`inflate_weights`. Its processor is the image model's, for clips."""
     config = model.config.replace(num_axes=3, temporal_patch_size=temporal_patch_size)
     processor = model.processor.replace(num_axes=3, temporal_patch_size=temporal_patch_size) if model.processor else None
-    clip = NaViT(config, processor)
+    clip = NaViT(config, processor, model.head_spec())
     clip.load_state_dict(inflate_weights(model.state_dict(), model.config, config))
     return clip

@@ -8,16 +8,29 @@ how many axes an example has beyond the width of its coordinates.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from navit.batch import PAD, Example, PackedBatch
+from navit.config import option
 from navit.patchify import image_to_example
 from navit.token_drop import TokenDropper
 
 STRATEGIES = ("first_fit", "first_fit_decreasing")
+
+
+@dataclass
+class PackingConfig:
+    """How a loader packs: its batches are ``num_seqs`` sequences of ``seq_len`` tokens with up to
+    ``max_examples_per_seq`` examples each, packed first fit whenever ``buffer_size`` examples wait."""
+
+    seq_len: int = option(256, "tokens per packed sequence")
+    num_seqs: int = option(4, "sequences per batch")
+    max_examples_per_seq: int = option(32, "most examples in one sequence (pooling slots)")
+    buffer_size: int = option(128, "examples the loader holds before it packs a batch")
 
 
 def assign_first_fit(

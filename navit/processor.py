@@ -10,7 +10,7 @@ at inference what it saw in training:
     batch = model.processor(["cat.jpg", pil_image, uint8_tensor])
     logits = model(batch)
 
-Training adds augmentation and resolution sampling in front of it (``navit.data.transforms``);
+Training adds augmentation and resolution sampling in front of it (the ops of ``navit.ops``);
 the resize, patchify and normalise steps are these.
 """
 

@@ -7,6 +7,7 @@ matches ``1 - rate`` in expectation, and at least one token is always kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -202,3 +203,34 @@ class TokenDropper:
         chosen[torch.randperm(cells.numel(), generator=generator)[:count]] = True
         return torch.nonzero(chosen[owner]).squeeze(1)
 
+
+@dataclass(frozen=True)
+class DropSchedule:
+    """Multiplier of the per-image drop rates over training progress in [0, 1].
+
+    ``sigmoid`` (the paper's) moves from ``start`` to ``end`` along a logistic curve centred
+    mid-training; ``linear`` moves straight; ``constant`` stays at ``start``.
+    """
+
+    KINDS = ("constant", "linear", "sigmoid")
+
+    kind: str = "constant"
+    start: float = 1.0
+    end: float = 1.0
+    steepness: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"drop schedule {self.kind!r}; expected one of {self.KINDS}")
+        for name in ("start", "end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"drop schedule {name} must be in [0, 1], got {getattr(self, name)}")
+
+    def __call__(self, progress: float) -> float:
+        t = min(max(progress, 0.0), 1.0)
+        if self.kind == "constant":
+            return self.start
+        if self.kind == "sigmoid":
+            squash = lambda x: 1.0 / (1.0 + math.exp(-self.steepness * (x - 0.5)))  # noqa: E731
+            t = (squash(t) - squash(0.0)) / (squash(1.0) - squash(0.0))
+        return self.start + (self.end - self.start) * t

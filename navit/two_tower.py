@@ -1,6 +1,6 @@
 """Two-tower image-text model for contrastive pre-training (NaViT paper §2.4, §3.2).
 
-The image tower is a :class:`~navit.NaViT` without a classification head (``num_classes=0``), so
+The image tower is the :class:`~navit.NaViT` encoder alone, without a head (``num_classes=0``), so
 ``embed(batch)`` gives one pooled vector per packed image; the text tower is a
 :class:`~navit.text.TextTransformer`. Each is followed by a bias-free linear projection to a
 shared ``embed_dim`` and L2-normalised. Train with :meth:`ImageTextModel.contrastive_loss`
@@ -152,9 +152,20 @@ class ImageTextModel(nn.Module):
         """The model's config as a JSON-able dict; ``from_dict(d)`` + ``load_state_dict`` rebuild it."""
         return self.config.to_dict()
 
+    def head_spec(self) -> None:
+        """None: no registered head; the text tower and projections are described by the config."""
+        return None
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ImageTextModel":
-        return cls(ImageTextConfig.from_dict(values))
+    def from_dict(cls, values: dict[str, Any], processor=None, head: dict[str, Any] | None = None) -> "ImageTextModel":
+        if head is not None:
+            raise ValueError(f"an image-text model takes no head, got {head.get('name')!r}")
+        return cls(ImageTextConfig.from_dict(values), processor)
+
+    @property
+    def num_classes(self) -> None:
+        """None: the model classifies by class names, any number of them (zero-shot)."""
+        return None
 
     def tokenizer(self, **kwargs: Any):
         """The tokenizer of this model's text tower: a pretrained one attached to the model

@@ -1,4 +1,4 @@
-"""Data sources (ImageFolder, Manifest, TarShards, Subset, splits, shards) and load_rgb."""
+"""Data sources (ImageFolder, Manifest, TarShards, Subset, holdout, parts, the registry) and load_rgb."""
 
 from __future__ import annotations
 
@@ -7,27 +7,19 @@ import json
 import os
 import pickle
 import tarfile
-from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from navit.data import (
-    CLASS_NAMES,
-    ImageFolder,
-    ImageSource,
-    Manifest,
-    Subset,
-    SyntheticShapes,
-    TarShards,
-    load_rgb,
-    open_source,
-    shard,
-    split_holdout,
-    with_class_names,
-    write_image_folder,
-)
+from navit.data.folder import ImageFolder
+from navit.data.labels import with_class_names
+from navit.data.manifest import Manifest
+from navit.data.registry import open_source, register_source, unregister_source
+from navit.data.stream import IndexedSource, Source, Subset, holdout_side, split_holdout
+from navit.data.tar import TarShards
+from navit.media.image import load_rgb
+from navit.synthetic.shapes import CLASS_NAMES, SyntheticShapes, write_image_folder
 from navit.media.image import BACKGROUND_RGB
 
 
@@ -179,7 +171,7 @@ def test_write_image_folder_round_trip(tmp_path):
     synth = SyntheticShapes(24, seed=5)
     write_image_folder(synth, tmp_path / "tree", progress=False)
     folder = ImageFolder(tmp_path / "tree")
-    assert isinstance(folder, ImageSource)
+    assert isinstance(folder, Source)
     assert folder.class_names == list(CLASS_NAMES)
     assert len(folder) == 24
     seen = set()
@@ -371,10 +363,10 @@ def test_manifest_without_captions_says_so(tmp_path):
         with pytest.raises(ValueError, match=r"has no captions.*caption"):
             m.caption(0)
         assert m.label(0) == 0 and m.load(0).getpixel((0, 0)) == (10, 10, 10)
+        assert "caption" not in m.provides
     # A Subset of a source without captions (an ImageFolder) says so too.
     _make_images(tmp_path / "folder" / "a", [(1, 2, 3)])
-    with pytest.raises(ValueError, match="no captions"):
-        Subset(ImageFolder(tmp_path / "folder"), [0]).caption(0)
+    assert "caption" not in Subset(ImageFolder(tmp_path / "folder"), [0]).provides
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,52 +469,79 @@ def test_tar_shards_errors(tmp_path):
 def test_subset_protocol_and_flattening():
     base = SyntheticShapes(30, seed=1)
     sub = Subset(base, [5, 7, 9, 11])
-    assert isinstance(sub, ImageSource)
-    assert len(sub) == 4 and sub.class_names == base.class_names
-    assert sub.label(1) == base.label(7) and sub.describe(1) == base.describe(7)
-    assert np.array_equal(np.asarray(sub.load(3)), np.asarray(base.load(11)))
+    assert isinstance(sub, Source) and isinstance(base, Source)
+    assert len(sub) == 4 and sub.class_names == base.class_names and sub.provides == base.provides
+    assert sub.label(1) == base.label(7) and sub.describe(1) == base.describe(7) and sub.key(1) == "7"
+    assert np.array_equal(np.asarray(sub.item(3)["image"]), np.asarray(base.item(11)["image"]))
     nested = Subset(sub, [3, 0])
     assert nested.source is base and nested.indices == [11, 5]
-    with pytest.raises(IndexError):
-        Subset(base, [30])
-    with pytest.raises(IndexError):
-        sub.load(4)
 
 
-def test_split_holdout_disjoint_stratified_deterministic():
+def test_holdout_by_key_hash_needs_no_labels_and_is_stable():
     base = SyntheticShapes(600, seed=2)
     rest, hold = split_holdout(base, 0.1, seed=0)
-    assert len(hold) == 60 and len(rest) == 540
+    assert 40 <= len(hold) <= 80 and len(rest) + len(hold) == 600
     assert set(rest.indices).isdisjoint(hold.indices)
-    assert sorted(rest.indices + hold.indices) == list(range(600))
-    assert Counter(hold.label(i) for i in range(len(hold))) == {c: 10 for c in range(6)}
+    assert all(holdout_side(base.key(i), 0.1, 0) for i in hold.indices)
     rest2, hold2 = split_holdout(base, 0.1, seed=0)
     assert hold2.indices == hold.indices and rest2.indices == rest.indices
     _, hold3 = split_holdout(base, 0.1, seed=1)
     assert hold3.indices != hold.indices
-    # Uneven classes: the total still matches the fraction and every class is represented.
-    uneven = Subset(base, [i for i in range(600) if base.label(i) != 0 or i % 5 == 0])
-    r, h = split_holdout(uneven, 0.25, seed=3)
-    assert len(h) == round(0.25 * len(uneven)) and len(r) + len(h) == len(uneven)
-    assert len({h.label(i) for i in range(len(h))}) == 6
+    # An item stays on its side when others are added: the split is a function of its key.
+    _, bigger = split_holdout(SyntheticShapes(900, seed=2), 0.1, seed=0)
+    assert set(hold.indices) == {i for i in bigger.indices if i < 600}
+
+    class Unlabelled(SyntheticShapes):
+        def label(self, index):
+            raise AssertionError("the split must not read labels")
+
+        def item(self, index):
+            raise AssertionError("the split must not read items")
+
+    split_holdout(Unlabelled(50), 0.2, seed=0)
     for bad in (0, 0.0, 1, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="fraction"):
             split_holdout(base, bad, seed=0)
-    tiny_rest, tiny_hold = split_holdout(SyntheticShapes(3), 0.01, seed=0)
-    assert len(tiny_hold) == 1 and len(tiny_rest) == 2
+    with pytest.raises(ValueError, match="no validation item"):
+        split_holdout(SyntheticShapes(1), 0.01, seed=0)
 
 
-def test_shard_disjoint_and_covering():
+def test_parts_are_disjoint_over_ranks_and_cover_each_epoch():
     base = SyntheticShapes(103)
     for world in (1, 2, 3, 4, 8):
-        parts = [shard(base, r, world) for r in range(world)]
-        flat = [i for p in parts for i in p.indices]
+        ranks = [base.parts(5, r, world, shuffle=True, seed=1, size=4) for r in range(world)]
+        flat = [i for parts in ranks for part in parts for i in part.spec]
         assert sorted(flat) == list(range(103)) and len(set(flat)) == 103
-        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
-        assert [p.indices for p in parts] == [shard(base, r, world).indices for r in range(world)]
-    for rank, world in ((2, 2), (-1, 2), (0, 0)):
-        with pytest.raises(ValueError):
-            shard(base, rank, world)
+        counts = [sum(len(part.spec) for part in parts) for parts in ranks]
+        assert max(counts) - min(counts) <= 1
+        assert all(len(part.spec) <= 4 for parts in ranks for part in parts)
+    first, again = base.parts(0, 0, 1, shuffle=True, seed=1, size=8), base.parts(0, 0, 1, shuffle=True, seed=1, size=8)
+    assert first == again and first != base.parts(1, 0, 1, shuffle=True, seed=1, size=8)
+    assert [i for part in base.parts(0, 0, 1, shuffle=False, seed=1, size=8) for i in part.spec] == list(range(103))
+    records = list(base.read(first[0], start=3))
+    assert [r.key for r in records] == [str(i) for i in first[0].spec[3:]] and records[0].item["label"] == base.label(first[0].spec[3])
+
+
+def test_registry_opens_plug_in_schemes_and_lists_the_forms():
+    class Two(IndexedSource):
+        class_names = ["a"]
+
+        def __len__(self):
+            return 2
+
+        def item(self, index):
+            return {"image": Image.new("RGB", (8, 8)), "label": 0}
+
+    register_source("two", lambda spec: Two(), scheme=True, form="two:")
+    try:
+        assert isinstance(open_source("two:"), Two)
+        with pytest.raises(FileNotFoundError, match="two:"):
+            open_source("no/such/place")
+    finally:
+        unregister_source("two")
+    with pytest.raises(FileNotFoundError) as error:
+        open_source("no/such/place")
+    assert "two:" not in str(error.value) and "synthetic" in str(error.value)
 
 
 def test_open_source_dispatch_and_errors(tmp_path):
@@ -534,6 +553,9 @@ def test_open_source_dispatch_and_errors(tmp_path):
     assert isinstance(open_source(str(tmp_path / "m.jsonl")), Manifest)
     _write_shards(tmp_path / "sh")
     assert len(open_source(str(tmp_path / "sh" / "shard-*.tar"))) == 3
+    assert len(open_source("synthetic:7:3")) == 7 and open_source("synthetic-seg:2").provides == {"image", "mask", "label"}
+    with pytest.raises(ValueError, match="bad synthetic spec"):
+        open_source("synthetic:x")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_source(str(tmp_path / "nothing_here"))
     (tmp_path / "weights.bin").write_bytes(b"x")
@@ -560,9 +582,11 @@ def test_every_source_gives_items_as_dicts(tmp_path):
             item = source.item(i)
             assert item["label"] == source.label(i), name
             assert np.array_equal(np.asarray(item["image"]), np.asarray(source.load(i))), name
+        assert {"image", "label"} <= source.provides, name
     assert sources["manifest"].item(1)["caption"] == "green one"
     assert sources["synthetic"].item(2)["caption"] == sources["synthetic"].caption(2)
-    assert "caption" not in sources["folder"].item(0)
+    assert "caption" not in sources["folder"].item(0) and "caption" not in sources["folder"].provides
+    assert "caption" in sources["manifest"].provides
     sub = Subset(sources["synthetic"], [4, 2])
     assert sub.item(1)["caption"] == sources["synthetic"].caption(2)
 

@@ -17,6 +17,9 @@ from conftest import TINY_TRAIN, random_images, run_ranks, tiny_model
 from navit import distributed as D
 from navit import pack_images
 from navit.tasks import get_task
+from navit.train import normalised
+from navit.data.stream import split_holdout
+from navit.synthetic.segmentation import SyntheticSegmentation
 
 TASK = get_task("classify", {"label_smoothing": 0.1}, [str(i) for i in range(7)])
 # Rank 0 holds 2 images, rank 1 holds 5: uneven, as packing makes them.
@@ -37,10 +40,11 @@ def _ddp_rank_step(rank: int, world: int, out: str) -> None:
     images, labels = _data()
     mine = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
     batch = pack_images(images[mine], 8, 32)
-    step = TASK.loss(wrapped, model, batch, {"label": labels[mine]}, info, torch.device("cpu"))
-    step.loss.backward()
+    step = TASK.loss(wrapped, model, batch, {"label": labels[mine]})
+    total = int(D.sum_over_ranks(step.count, info, torch.device("cpu")))  # as the trainer does
+    normalised(step, total, world).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    torch.save({"grads": grads, "images": step.examples}, f"{out}/rank{rank}.pt")
+    torch.save({"grads": grads, "images": total}, f"{out}/rank{rank}.pt")
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -58,9 +62,9 @@ def test_ddp_gradients_match_single_process_for_uneven_ranks(tmp_path):
     run_ranks(_ddp_worker, 2, (2, str(tmp_path / "init"), str(tmp_path)))
     model = tiny_model(seed=0).train()
     images, labels = _data()
-    step = TASK.loss(model, model, pack_images(images, 8, 32), {"label": labels}, D.DistInfo(), torch.device("cpu"))
-    step.loss.backward()
-    count = step.examples
+    step = TASK.loss(model, model, pack_images(images, 8, 32), {"label": labels})
+    normalised(step, step.count, 1).backward()
+    count = step.count
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["images"] == count == len(SIZES)
@@ -110,7 +114,8 @@ def test_torchrun_trains_and_evaluates_segmentation_under_ddp(tmp_path):
     run([*torchrun, "-m", "navit", "train", "--task", "segment", "--data", "synthetic-seg:24", "--out", str(tmp_path),
          *TINY_TRAIN, "--distributed", "ddp", "--name", "seg", "--max-steps", "3"])  # fmt: skip
     report = json.loads((Path(tmp_path) / "seg" / "eval.json").read_text())
-    assert set(report) == {"native", "4", "16"} and report["native"]["examples"] == 5
+    held_out = len(split_holdout(SyntheticSegmentation(24), 0.2, seed=0)[1])
+    assert set(report) == {"native", "4", "16"} and report["native"]["examples"] == held_out > 0
     assert 0 < report["native"]["pixel_accuracy"] <= 1
 
 

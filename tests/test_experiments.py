@@ -15,16 +15,16 @@ import yaml
 from PIL import Image
 
 from navit.cli import main
-from navit.data.sources import open_source
+from navit.data.registry import open_source
 from navit.synthetic.hard import KINDS, SyntheticLargest
-from navit.data.transforms import ExampleTransform, ResolutionSampler
+from navit.ops import ResolutionSampler, eval_chain
 from navit.experiments import EXPERIMENTS
-from navit.experiments.attention_share import measure
-from navit.experiments.base import compare, no_worse
+from navit.experiments.base import Setting, compare, no_worse
 from navit.experiments.compute import flops_to_reach
 from navit.experiments.posemb import best_of
 from navit.processor import Processor
-from navit.train import open_data, train
+from navit.train import train
+from navit.train_data import open_data
 from navit.train_config import TrainConfig
 
 DATA = "synthetic-hard:60"
@@ -32,13 +32,58 @@ DATA = "synthetic-hard:60"
 
 def run_quick(tmp_path, name, seeds=1):
     assert main(["experiment", name, "--data", DATA, "--out", str(tmp_path), "--quick", "--seeds", str(seeds)]) == 0
-    folder = tmp_path / name
+    return read_report(tmp_path / name)
+
+
+def read_report(folder):
     results = json.loads((folder / "results.json").read_text())
     report = (folder / "report.md").read_text()
-    for line in report.splitlines():
-        if line.startswith("!["):
-            Image.open(folder / line.split("(")[1].rstrip(")")).verify()  # a real PNG
+    plots = [line for line in report.splitlines() if line.startswith("![")]
+    assert plots, "the report shows its plots"
+    for line in plots:
+        Image.open(folder / line.split("(")[1].rstrip(")")).verify()  # a real PNG
     return results, report
+
+
+@pytest.fixture(scope="module")
+def token_drop_quick(tmp_path_factory):
+    """``navit experiment token-drop --quick``, run once for the tests that read it."""
+    return run_quick(tmp_path_factory.mktemp("xp"), "token-drop")
+
+
+def quick_records(name, tmp_path):
+    """The settings of every arm of experiment ``name`` as ``--quick`` would train them (the
+    records' ``settings``, without training)."""
+    experiment, setting = EXPERIMENTS[name](), Setting(DATA, tmp_path, quick=True, seeds=1)
+    return [{"arm": arm.name, "options": arm.options, "settings": experiment.config(arm, 0, setting).to_dict()}
+            for arm in experiment.arms(setting)]  # fmt: skip
+
+
+def made_up(accuracy=None, at=None, seen=None, groups=None, **fields):
+    """Run records with made-up outcomes, seed by seed: ``accuracy[arm]``, ``at[budget][arm]``
+    (accuracy at a token budget) and ``seen[arm]`` (examples seen) are lists over seeds."""
+    accuracy, at, seen, groups = accuracy or {}, at or {}, seen or {}, groups or {}
+    arms = list(accuracy or next(iter(at.values())))
+    seeds = len(next(iter((accuracy or next(iter(at.values()))).values())))
+    return [{"arm": arm, "group": groups.get(arm, ""), "seed": seed, "accuracy": accuracy.get(arm, [0.5] * seeds)[seed],
+             "accuracy_vs_tokens": {b: {"accuracy": values[arm][seed], "tokens_per_example": int(b)}
+                                    for b, values in at.items()},
+             "examples_seen": seen.get(arm, [100] * seeds)[seed], "train_flops": 1e12,
+             **{key: value[arm][seed] for key, value in fields.items()}}
+            for seed in range(seeds) for arm in arms]  # fmt: skip
+
+
+def verdicts_of(name, runs, tmp_path):
+    """``(claim, verdict)`` of every verdict experiment ``name`` reaches on ``runs``, after
+    writing its report and plots from them."""
+    setting = Setting(DATA, tmp_path, quick=True, seeds=2)
+    experiment = EXPERIMENTS[name]()
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    results = experiment.report(runs, setting, 1.0)
+    _, report = read_report(tmp_path / name)
+    for verdict in results["verdicts"]:
+        assert f"| {verdict['claim']} | **{verdict['verdict']}** |" in report
+    return [(v["claim"], v["verdict"]) for v in results["verdicts"]]
 
 
 def flat_settings(run):
@@ -111,19 +156,20 @@ def test_compute_trains_every_arm_to_its_flop_budget(tmp_path):
 
 @pytest.mark.parametrize("name, arms", [("resolution", 6), ("token-drop", 7), ("posemb", 14)])
 def test_each_arm_changes_only_its_own_options(tmp_path, name, arms):
-    results, report = run_quick(tmp_path, name)
-    runs = results["runs"]
+    # The settings train_arm trains with (token-drop's run end to end below).
+    runs = quick_records(name, tmp_path)
     assert len(runs) == arms and len({r["arm"] for r in runs}) == arms
     assert_arms_differ_only_where_they_say(runs)
     assert len({r["settings"]["model"]["args"].get("pos_embed", "learned") for r in runs}) == (5 if name == "posemb" else 1)
+
+
+def test_token_drop_runs_end_to_end_and_its_schedules_see_the_same_images(token_drop_quick):
+    results, report = token_drop_quick
+    assert [r["arm"] for r in results["runs"]] == [r["arm"] for r in quick_records("token-drop", Path("xp"))]
+    assert_arms_differ_only_where_they_say(results["runs"])
     for verdict in results["verdicts"]:
-        assert verdict["verdict"] and f"| {verdict['claim']} |" in report
-    if name == "resolution":  # the verdicts "low vs mid / low vs high" name their rivals in that order
-        assert "against side-normal-mid / side-normal-high" in report
-
-
-def test_token_drop_schedules_see_the_same_images_with_less_or_more_dropping(tmp_path):
-    results, _ = run_quick(tmp_path, "token-drop")
+        assert verdict["verdict"] in ("holds", "does not hold", "tie within the seed spread")
+        assert f"| {verdict['claim']} | **{verdict['verdict']}** |" in report
     runs = {r["arm"]: r for r in results["runs"]}
     schedules = [runs[a] for a in ("fixed-half", "increasing", "decreasing")]
     assert len({r["examples_seen"] for r in schedules}) == 1
@@ -158,6 +204,119 @@ def test_budget_evaluates_one_model_by_resizing_and_by_dropping(tmp_path, capsys
     run_quick(tmp_path, "budget", seeds=2)
     out = capsys.readouterr().out
     assert out.count("reusing") == 1 and "navit seed 0: reusing" in out and "training navit seed 1" in out
+    # A run killed before it finished (no summary) is trained again from scratch, not resumed or reused.
+    killed = tmp_path / "budget" / "runs" / "navit-s1"
+    (killed / "summary.json").unlink()
+    (killed / "left-over").write_text("from the killed run")
+    again, _ = run_quick(tmp_path, "budget", seeds=2)
+    out = capsys.readouterr().out
+    assert "navit seed 0: reusing" in out and "training navit seed 1" in out and out.count("reusing") == 1
+    assert (killed / "summary.json").exists() and not (killed / "left-over").exists()
+    assert len(again["runs"]) == 2
+
+
+def test_token_drop_verdicts_follow_made_up_runs(tmp_path):
+    acc = {"none": [0.50, 0.52], "constant": [0.60, 0.62], "beta": [0.55, 0.70], "resolution": [0.40, 0.45],
+           "fixed-half": [0.60, 0.61], "increasing": [0.50, 0.55], "decreasing": [0.70, 0.72]}  # fmt: skip
+    at = {b: acc for b in ("16", "36", "64")}
+    assert verdicts_of("token-drop", made_up(acc, at), tmp_path) == [
+        ("constant beats none", "holds"), ("beta beats constant", "tie within the seed spread"),
+        ("resolution beats constant", "does not hold"), ("decreasing beats fixed-half", "holds"),
+        ("increasing beats fixed-half", "does not hold"), ("decreasing beats increasing", "holds"),
+    ]  # fmt: skip
+    assert "| constant | 61.00 ± 1.41 |" in (tmp_path / "token-drop" / "report.md").read_text()
+
+
+def test_resolution_verdicts_follow_made_up_runs(tmp_path):
+    at = {"16": {"fixed": [0.30, 0.31], "side-normal-low": [0.50, 0.52]},
+          "36": {"fixed": [0.50, 0.52], "side-normal-low": [0.45, 0.51]},
+          "64": {"fixed": [0.80, 0.81], "side-normal-low": [0.70, 0.71], "side-normal-mid": [0.60, 0.61],
+                 "side-normal-high": [0.65, 0.72], "side-uniform": [0.72, 0.73], "area-uniform": [0.60, 0.62]}}  # fmt: skip
+    arms = list(at["64"])
+    at = {b: {arm: values.get(arm, [0.4, 0.4]) for arm in arms} for b, values in at.items()}
+    assert verdicts_of("resolution", made_up(at=at), tmp_path) == [
+        ("sampled (side-normal-low) beats fixed at 16 tokens", "holds"),
+        ("sampled (side-normal-low) beats fixed at 36 tokens", "tie within the seed spread"),
+        ("sampled (side-normal-low) beats fixed at 64 tokens", "does not hold"),
+        ("the normal biased to low resolution beats the middle and high ones", "holds / tie within the seed spread"),
+        ("the normal biased to low resolution beats uniform side sampling", "does not hold"),
+        ("side-length sampling beats area sampling (both uniform)", "holds"),
+    ]
+    assert "against side-normal-mid / side-normal-high; best normal: side-normal-low" in (tmp_path / "resolution" / "report.md").read_text()
+
+
+def test_posemb_verdicts_follow_made_up_runs(tmp_path):
+    from navit.experiments.posemb import COMBINES, KINDS
+
+    arms = [f"{k}-{m}-sum" for k in KINDS for m in ("abso", "frac")] + [f"{k}-frac-{c}" for k in KINDS for c in COMBINES[1:]]
+    arms += ["vit-resized", "pix2struct"]
+    at = {b: {arm: [0.40, 0.41] for arm in arms} for b in ("16", "36", "64", "144", "256")}
+    for b, arm, values in [
+        ("144", "learned-frac-sum", [0.60, 0.61]), ("256", "learned-frac-sum", [0.60, 0.61]),
+        ("256", "pix2struct", [0.55, 0.65]),  # tie at 256
+        ("64", "learned-frac-sum", [0.50, 0.52]), ("64", "vit-resized", [0.40, 0.60]),  # no worse: inside, mean higher
+        ("64", "pix2struct", [0.60, 0.62]),  # beats the chosen one
+        ("256", "sincos-frac-sum", [0.30, 0.31]), ("256", "sincos-frac-stack", [0.45, 0.47]),
+        ("256", "sincos-frac-product", [0.46, 0.50]),  # sincos: stack and product tie for best
+        ("256", "fourier-frac-product", [0.70, 0.71]), ("256", "fourier-abso-sum", [0.38, 0.45]),
+    ]:  # fmt: skip
+        at[b][arm] = values
+    got = dict(verdicts_of("posemb", made_up(at=at), tmp_path))
+    assert got == {
+        "factorized (learned-frac-sum) beats vit-resized at 144 tokens (unseen)": "holds",
+        "factorized (learned-frac-sum) beats vit-resized at 256 tokens (unseen)": "holds",
+        "factorized (learned-frac-sum) beats pix2struct at 144 tokens (unseen)": "holds",
+        "factorized (learned-frac-sum) beats pix2struct at 256 tokens (unseen)": "tie within the seed spread",
+        "learned-frac-sum is no worse than vit-resized at 64 tokens (trained)": "holds",
+        "learned-frac-sum is no worse than pix2struct at 64 tokens (trained)": "does not hold",
+        "learned: fractional beats absolute at 256 tokens (unseen)": "holds",
+        "sincos: fractional beats absolute at 256 tokens (unseen)": "does not hold",
+        "fourier: fractional beats absolute at 256 tokens (unseen)": "tie within the seed spread",
+        "learned fractional: the best combination at 256 tokens (unseen)": "sum",
+        "sincos fractional: the best combination at 256 tokens (unseen)": "tie within the seed spread",
+        "fourier fractional: the best combination at 256 tokens (unseen)": "product",
+    }
+
+
+def test_compute_verdicts_follow_made_up_runs(tmp_path):
+    # NaViT against three ViTs at three FLOP budgets; the best ViT changes with the budget.
+    table = {"NaViT": ([0.50, 0.51], [0.60, 0.61], [0.70, 0.71]), "ViT 16 tok": ([0.40, 0.41], [0.45, 0.46], [0.50, 0.51]),
+             "ViT 36 tok": ([0.45, 0.46], [0.62, 0.64], [0.55, 0.56]), "ViT 64 tok": ([0.30, 0.31], [0.50, 0.52], [0.60, 0.62])}  # fmt: skip
+    per_flop = {"NaViT": 500, "ViT 16 tok": 400, "ViT 36 tok": 200, "ViT 64 tok": 100}  # examples per TFLOP
+    runs = [{"arm": f"{group}-{level}", "group": group, "seed": seed, "accuracy": accs[i][seed],
+             "settings": {"optim": {"max_flops": level * 1e12}}, "train_flops": level * 1e12,
+             "examples_seen": per_flop[group] * level}
+            for seed in range(2) for group, accs in table.items() for i, level in enumerate((1, 2, 4))]  # fmt: skip
+    setting = Setting(DATA, tmp_path, quick=True, seeds=2)
+    analysis = EXPERIMENTS["compute"]().analyse(runs, setting)
+    assert [(v.claim, v.verdict) for v in analysis.verdicts] == [
+        ("NaViT beats the best ViT at 1 TFLOPs", "holds"),  # against ViT 36
+        ("NaViT beats the best ViT at 2 TFLOPs", "does not hold"),  # against ViT 36
+        ("NaViT beats the best ViT at 4 TFLOPs", "holds"),  # against ViT 64
+        ("NaViT matches ViT's best accuracy with <= 1/4 of its compute", "does not hold"),
+        ("NaViT sees more images per FLOP (paper: ~5x)", "5.00x"),  # over ViT 64, the best at 4 TFLOPs
+    ]
+    # ViT 64's 61% is reached between NaViT's 60.5% at 2 and 70.5% at 4 TFLOPs, in log FLOPs
+    assert analysis.figures["flops_ratio_to_match_vit_best"] == pytest.approx(2 ** 0.05 / 2)
+    runs = [dict(r, accuracy=r["accuracy"] + 0.2) if r["group"] == "NaViT" else r for r in runs]
+    matched = EXPERIMENTS["compute"]().analyse(runs, setting).verdicts[3]
+    assert matched.verdict == "holds" and "reaches it at 0.25x ViT's compute" in matched.detail
+
+
+def test_budget_verdicts_follow_made_up_runs(tmp_path):
+    from navit.experiments.budget import BUDGETS
+
+    resize = {b: [0.30 + 0.1 * i, 0.31 + 0.1 * i] for i, b in enumerate(BUDGETS)}
+    drop = dict(zip(BUDGETS, ([0.20, 0.21], [0.38, 0.45], [0.60, 0.61], [0.40, 0.50], [0.40, 0.50], [0.40, 0.50])))
+    runs = [{"arm": "navit", "seed": seed, "accuracy_vs_tokens": {str(b): {"accuracy": resize[b][seed]} for b in BUDGETS},
+             "accuracy_vs_dropped_tokens": {str(b): {"accuracy": drop[b][seed]} for b in BUDGETS}}
+            for seed in range(2)]  # fmt: skip
+    assert verdicts_of("budget", runs, tmp_path)[:4] == [
+        ("accuracy rises with the budget: 64 tokens beat 8 (resizing)", "holds"),
+        ("resizing beats dropping at 8 tokens", "holds"),
+        ("resizing beats dropping at 16 tokens", "tie within the seed spread"),
+        ("resizing beats dropping at 24 tokens", "does not hold"),
+    ]
 
 
 def test_the_report_gives_the_command_that_reruns_it():
@@ -175,13 +334,65 @@ def test_bad_experiment_arguments_fail_in_one_line(tmp_path):
         main(["experiment", "budget", "--data", str(tmp_path / "missing"), "--out", str(tmp_path), "--quick"])
 
 
-def test_attention_share_falls_with_width_and_matches_the_count():
-    rows = [measure(width, quick=True, repeats=1) for width in (64, 256)]
-    assert rows[0]["attention_flops_share"] > rows[1]["attention_flops_share"] > 0
-    for row in rows:  # per layer, forward: 4·Σn²·d for attention, 8·L·d² + 4·L·d·h for the rest
-        assert 0 <= row["attention_time_share"] < 1
+def test_attention_share_runs_from_the_command_line_and_times_the_attention_core(tmp_path, monkeypatch):
+    """The experiment's clock is made to run 100 s further in every call of the attention core
+    (one per layer): the step with the core must be the one timed as the slower, by that much,
+    whatever else the CPU does meanwhile."""
+    import time
+    from types import SimpleNamespace
+
+    from navit.experiments import attention_share
+    from navit.model import NaViT
+
+    extra = [0.0]
+    monkeypatch.setattr(attention_share, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + extra[0]))
+
+    class SlowCore:
+        def __init__(self, backend):
+            self._backend = backend
+
+        def __getattr__(self, name):
+            return getattr(self._backend, name)
+
+        def attend(self, *args):
+            extra[0] += 100.0
+            return self._backend.attend(*args)
+
+        def attend_slots(self, *args):
+            extra[0] += 100.0
+            return self._backend.attend_slots(*args)
+
+    backend_of = NaViT.attention_backend
+    monkeypatch.setattr(NaViT, "attention_backend", lambda self, device: SlowCore(backend_of(self, device)))
+    monkeypatch.setattr(attention_share, "WIDTHS", (64, 256))
+    assert main(["experiment", "attention-share", "--out", str(tmp_path), "--quick"]) == 0
+    results, report = read_report(tmp_path / "attention-share")
+    rows = results["runs"]
+    assert [r["width"] for r in rows] == [64, 256]
+    flops = [r["attention_flops_share"] for r in rows]
+    assert flops[0] > flops[1] > 0
+    # per layer, forward: 4·Σn²·d for attention, 8·L·d² + 4·L·d·h for the rest (n <= 256, so Σn² <= 256·L)
     d = 64
-    assert rows[0]["attention_flops_share"] < 12 * 256 * d / (12 * 256 * d + 3 * 2 * 12 * d * d)
+    assert flops[0] < 12 * 256 * d / (12 * 256 * d + 3 * 2 * 12 * d * d)
+    for row in rows:  # the step with the core takes 200 s longer than the step without it
+        assert row["step_seconds"] > 200 and 190 < row["attention_time_share"] * row["step_seconds"] < 210
+    assert results["verdicts"][0] == {"claim": "attention's share of step FLOPs falls with width", "verdict": "holds",
+                                      "detail": " → ".join(f"{100 * s:.1f}%" for s in flops)}  # fmt: skip
+    assert "| 64 |" in report and "| 256 |" in report
+
+
+def test_attention_share_verdicts_follow_made_up_rows(tmp_path):
+    def row(width, flops, seconds):
+        return {"width": width, "tokens": 1000, "step_flops": 1e9, "attention_flops_share": flops,
+                "attention_time_share": seconds, "step_seconds": 0.1}  # fmt: skip
+
+    rows = [row(64, 0.30, 0.20), row(128, 0.20, 0.25), row(256, 0.10, 0.15)]
+    setting = Setting(DATA, tmp_path, quick=True)
+    verdicts = EXPERIMENTS["attention-share"]().analyse(rows, setting).verdicts
+    assert [(v.verdict, v.detail) for v in verdicts] == [("holds", "30.0% → 20.0% → 10.0%"),
+                                                          ("holds overall", "20.0% → 25.0% → 15.0%")]  # fmt: skip
+    rising = EXPERIMENTS["attention-share"]().analyse([row(64, 0.1, 0.1), row(128, 0.2, 0.2)], setting).verdicts
+    assert [v.verdict for v in rising] == ["does not hold", "does not hold"]
 
 
 def test_every_experiment_has_a_claim_and_a_paper_reference():
@@ -245,29 +456,29 @@ def test_res_mean_moves_the_centre_of_the_sampled_sides():
     assert low < 140 and 145 < mid < 175 and high > 180
     with pytest.raises(ValueError, match="res_mean must be in"):
         ResolutionSampler("side", 64, 256, "truncnorm", 1.5)
-    assert TrainConfig.from_dict({"res_mode": "side", "res_mean": 0.75}).resolution().res_mean == 0.75
+    assert TrainConfig.from_dict({"res_mode": "side", "res_mean": 0.75}).data.resolution_sampler().res_mean == 0.75
 
 
 def test_increasing_schedule_starts_without_dropping():
     cfg = TrainConfig.from_dict({"drop": "constant", "drop_rate": 0.5, "drop_schedule": "linear",
                                  "drop_schedule_start": 0.0, "drop_schedule_end": 1.0})  # fmt: skip
-    schedule = cfg.drop_schedule()
+    schedule = cfg.data.drop_rate_schedule()
     assert schedule(0.0) == 0.0 and schedule(0.5) == 0.5 and schedule(1.0) == 1.0
 
 
 def test_keep_drops_tokens_at_inference_the_same_way_every_time():
     processor = Processor(patch_size=16, max_tokens=64)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
-    full = ExampleTransform(processor)({"image": image}, name="a")
-    kept = ExampleTransform(processor, keep=10)({"image": image}, name="a")
-    again = ExampleTransform(processor, keep=10)({"image": image}, name="a")
-    other = ExampleTransform(processor, keep=10)({"image": image}, name="b")
+    full = eval_chain(processor)({"image": image, "__name__": "a"})["example"]
+    kept = eval_chain(processor, keep=10)({"image": image, "__name__": "a"})["example"]
+    again = eval_chain(processor, keep=10)({"image": image, "__name__": "a"})["example"]
+    other = eval_chain(processor, keep=10)({"image": image, "__name__": "b"})["example"]
     assert kept.num_tokens == 10 and kept.grid == full.grid
     assert torch.equal(kept.coords, again.coords) and not torch.equal(kept.coords, other.coords)
     index = kept.coords[:, 0] * full.grid[1] + kept.coords[:, 1]
     assert torch.equal(kept.patches, full.patches[index])  # a subset of the native tokens, unchanged
     with pytest.raises(ValueError, match="not both"):
-        ExampleTransform(processor, keep=10, budget=16)
+        eval_chain(processor, keep=10, budget=16)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,24 +1,26 @@
-"""The packing loader: fixed shapes, nothing lost, deterministic, resumable mid-epoch."""
+"""The packing loader: fixed shapes, nothing lost, deterministic for any number of workers,
+resumable mid-epoch with the buffer as it was, ranks disjoint."""
+
+import warnings
 
 import pytest
+from PIL import Image
 
-from navit.data.loader import DropSchedule, PackedLoader
-from navit.synthetic.shapes import SyntheticShapes
-from navit.data.transforms import ExampleTransform, ResolutionSampler
+from navit.data.folder import ImageFolder
+from navit.data.loader import PackedLoader
+from navit.ops import ResolutionSampler, train_chain
+from navit.packing import PackingConfig
 from navit.processor import Processor
-from navit.token_drop import ConstantRate, TokenDropper
+from navit.synthetic.shapes import SyntheticShapes
+from navit.token_drop import ConstantRate, DropSchedule, TokenDropper
 
 
-def make_loader(num_images=48, workers=0, **overrides):
+def make_loader(num_images=48, workers=0, dropper=None, packing=None, **overrides):
     options = dict(
         source=SyntheticShapes(num_images=num_images, seed=3, max_side=160),
-        transform=ExampleTransform(
-            Processor(patch_size=16, max_tokens=32), ResolutionSampler(res_mode="side", res_min=32, res_max=128)
-        ),
-        seq_len=64,
-        num_seqs=2,
-        max_examples_per_seq=8,
-        buffer_size=16,
+        chain=train_chain(Processor(patch_size=16, max_tokens=32), crop_min=0.6, flip=True, dropper=dropper,
+                          resolution=ResolutionSampler(res_mode="side", res_min=32, res_max=128)),
+        packing=packing or PackingConfig(seq_len=64, num_seqs=2, max_examples_per_seq=8, buffer_size=16),
         seed=7,
         num_workers=workers,
         chunk_size=4,
@@ -27,19 +29,19 @@ def make_loader(num_images=48, workers=0, **overrides):
     return PackedLoader(**options)
 
 
-def batch_signature(item):
-    return (item.indices.tolist(), item.batch.segment_ids.tolist(), item.batch.patches.sum().item())
+def signature(item):
+    return (item.keys, item.batch.segment_ids.tolist(), item.batch.patches.sum().item())
 
 
-def test_every_image_once_per_epoch_with_fixed_shapes():
+def test_every_item_once_per_epoch_with_fixed_shapes():
     loader = make_loader()
     seen = []
     for item in loader:
         assert item.batch.patches.shape[:2] == (2, 64)
         assert item.batch.slot_to_example.shape == (2, 8)
-        assert item.targets["label"].shape == item.indices.shape == (item.batch.num_examples,)
-        seen += item.indices.tolist()
-    assert sorted(seen) == list(range(48))
+        assert item.targets["label"].shape == (len(item.keys),) == (item.batch.num_examples,)
+        seen += item.keys
+    assert sorted(seen, key=int) == [str(i) for i in range(48)]
     assert loader.epoch == 1
 
 
@@ -47,38 +49,51 @@ def test_targets_follow_output_rows():
     loader = make_loader()
     source = loader.source
     for item in loader:
-        assert item.targets["label"].tolist() == [source.label(i) for i in item.indices.tolist()]
+        assert item.targets["label"].tolist() == [source.label(int(k)) for k in item.keys]
     # A task's own targets (here: label and caption) travel the same way.
     loader = make_loader(targets=lambda item: {"label": item["label"], "caption": item["caption"]})
     for item in loader:
-        assert item.targets["caption"] == [source.caption(i) for i in item.indices.tolist()]
+        assert item.targets["caption"] == [source.caption(int(k)) for k in item.keys]
 
 
-def test_deterministic_and_independent_of_worker_count():
-    a = [batch_signature(item) for item in make_loader(workers=0)]
-    b = [batch_signature(item) for item in make_loader(workers=2)]
-    assert a == b
-    c = [batch_signature(item) for item in make_loader(seed=8)]
-    assert a != c
+@pytest.mark.parametrize("workers", [2, 3])
+def test_deterministic_and_independent_of_worker_count(workers):
+    reference = [signature(item) for item in make_loader(workers=0)]
+    assert [signature(item) for item in make_loader(workers=workers)] == reference
+    assert [signature(item) for item in make_loader(seed=8)] != reference
 
 
 def test_epochs_reshuffle():
     loader = make_loader()
-    first = [item.indices.tolist() for item in loader]
-    second = [item.indices.tolist() for item in loader]
-    assert first != second
+    first = [item.keys for item in loader]
+    second = [item.keys for item in loader]
+    assert first != second and sorted(sum(first, [])) == sorted(sum(second, []))
 
 
-def test_resume_mid_epoch_reproduces_the_rest():
-    reference = [batch_signature(item) for item in make_loader()]
-    loader = make_loader()
+def epochs(loader, count):
+    for _ in range(count):
+        yield from loader
+
+
+@pytest.mark.parametrize("workers, cut", [(0, 3), (2, 2), (3, 4)])
+def test_resume_mid_epoch_reproduces_the_rest_and_the_next_epoch(workers, cut):
+    reference = [signature(item) for item in epochs(make_loader(workers=workers), 2)]
+    loader = make_loader(workers=workers)
     stream = iter(loader)
-    for _ in range(3):
+    for _ in range(cut):
         next(stream)
     state = loader.state_dict()
-    resumed = make_loader()
+    assert state["buffer"], "the saved state holds examples waiting in the buffer"
+    resumed = make_loader(workers=workers)
     resumed.load_state_dict(state)
-    assert [batch_signature(item) for item in resumed] == reference[3:]
+    assert [signature(item) for item in epochs(resumed, 2)] == reference[cut:]
+    with pytest.raises(ValueError, match="same --workers"):
+        make_loader(workers=workers + 2).load_state_dict(state)
+
+
+def test_ranks_read_disjoint_parts_that_cover_the_epoch():
+    keys = [{k for item in make_loader(rank=r, world_size=3) for k in item.keys} for r in range(3)]
+    assert set.union(*keys) == {str(i) for i in range(48)} and sum(map(len, keys)) == 48
 
 
 def test_token_dropping_in_training_only():
@@ -92,6 +107,17 @@ def test_token_dropping_in_training_only():
     )
 
 
+def test_drop_schedule_reads_the_progress_of_the_run():
+    dropper = TokenDropper(ConstantRate(0.5), seed=0)
+    chain = train_chain(Processor(patch_size=16, max_tokens=32), dropper=dropper,
+                        schedule=DropSchedule("linear", start=1.0, end=0.0))  # fmt: skip
+    loader = make_loader(chain=chain, epochs=2.0)
+    first = sum(item.batch.num_real_tokens for item in loader)
+    second = sum(item.batch.num_real_tokens for item in loader)
+    full = sum(item.batch.num_real_tokens for item in make_loader(chain=train_chain(Processor(patch_size=16, max_tokens=32))))
+    assert first < second < full  # rates fall from 0.5 to 0 over the two epochs
+
+
 def test_sigmoid_drop_schedule_moves_from_start_to_end():
     schedule = DropSchedule("sigmoid", start=1.0, end=0.0)
     values = [schedule(t / 10) for t in range(11)]
@@ -102,7 +128,7 @@ def test_sigmoid_drop_schedule_moves_from_start_to_end():
         DropSchedule("cosine")
 
 
-def test_bad_images_are_skipped_and_counted(tmp_path):
+def test_bad_images_are_skipped_and_counted():
     class Broken(SyntheticShapes):
         def item(self, index):
             if index % 5 == 0:
@@ -112,20 +138,14 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     source = Broken(num_images=20, seed=0, max_side=96)
     loader = make_loader(source=source)
     with pytest.warns(UserWarning, match="skipping synthetic"):
-        seen = [i for item in loader for i in item.indices.tolist()]
-    assert sorted(seen) == [i for i in range(20) if i % 5]
+        seen = [k for item in loader for k in item.keys]
+    assert sorted(seen, key=int) == [str(i) for i in range(20) if i % 5]
     assert sum(loader.skipped.values()) == 4
     with pytest.raises(ValueError, match="broken-0"):
         list(make_loader(source=source, fail_fast=True))
 
 
 def test_skips_are_counted_by_cause_and_a_file_gone_bad_before_a_resume_is_skipped(tmp_path):
-    import warnings
-
-    from PIL import Image
-
-    from navit.data.sources import ImageFolder
-
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         for i in range(6):
@@ -133,11 +153,11 @@ def test_skips_are_counted_by_cause_and_a_file_gone_bad_before_a_resume_is_skipp
         (tmp_path / name / "empty.png").write_bytes(b"")
     (tmp_path / "a" / "junk.png").write_text("junk")
     source = ImageFolder(tmp_path)
-    make = lambda: PackedLoader(source, ExampleTransform(Processor(patch_size=16, max_tokens=16)), seq_len=16,  # noqa: E731
-                                num_seqs=1, buffer_size=8, num_workers=0, chunk_size=4, seed=1)  # fmt: skip
-    loader = make()
+    make = lambda: make_loader(source=source, chain=train_chain(Processor(patch_size=16, max_tokens=16)),  # noqa: E731
+                               packing=PackingConfig(seq_len=16, num_seqs=1, buffer_size=8), seed=1)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        loader = make()
         list(loader)
         # Two empty files are one cause (the names are in the warnings, not in the counts).
         assert dict(loader.skipped) == {"cannot decode image <file>: the file is empty (0 bytes)": 2,
@@ -146,18 +166,17 @@ def test_skips_are_counted_by_cause_and_a_file_gone_bad_before_a_resume_is_skipp
         stream = iter(loader)
         next(stream)
         state = loader.state_dict()
-        broken = source.path(state["buffer"][0][0])
-        with open(broken, "wb"):  # emptied between the save and the resume
+        waiting = {item.key for item in loader._buffer}
+        broken = next(k for k in sorted(waiting))
+        with open(tmp_path / broken, "wb"):  # emptied between the save and the resume
             pass
         resumed = make()
         resumed.load_state_dict(state)
-        seen = [i for batch in resumed for i in batch.indices.tolist()]
-    assert source.path(state["buffer"][0][0]) not in {source.path(i) for i in seen}
+        seen = [k for batch in resumed for k in batch.keys]
+    assert broken not in seen and waiting - {broken} <= set(seen)
     assert sum(resumed.skipped.values()) == 3 + 1, "the epoch's three bad files and the one gone bad"
 
 
-def test_impossible_loader_settings_fail_early():
-    with pytest.raises(ValueError, match="32 tokens, which exceeds seq_len=16"):
-        make_loader(seq_len=16)
-    with pytest.raises(ValueError, match="empty"):
-        make_loader(source=SyntheticShapes(num_images=0))
+def test_an_example_longer_than_a_sequence_is_refused_by_name():
+    with pytest.raises(ValueError, match="cannot be packed into seq_len=16: raise seq_len"):
+        list(make_loader(packing=PackingConfig(seq_len=16, num_seqs=2, max_examples_per_seq=8, buffer_size=4)))

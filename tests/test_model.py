@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from conftest import PATCH, assert_rel_close, image_of_slot, random_images, tiny_config, tiny_model
 
 from navit import NaViT, NaViTConfig, create_model, list_models, pack, pack_images
-from navit.attention import BACKENDS
-from navit.config import ATTN_BACKENDS
 from navit.model import drop_path, example_ids
 from navit.patchify import image_to_example
 from navit.pooling import MAPPool
@@ -241,7 +239,6 @@ def test_unknown_config_field_in_overrides():
 
 
 def test_unknown_attention_backend_is_rejected_when_configuring():
-    assert set(ATTN_BACKENDS) == {"auto", *BACKENDS}
     with pytest.raises(ValueError, match=r"NaViTConfig.attn_backend='flash'; expected one of"):
         create_model(tiny_config(), attn_backend="flash")
 
@@ -485,3 +482,106 @@ def test_a_model_cast_to_bf16_weights_runs_every_position_embedding(pos_embed):
         logits = copy.deepcopy(model).bfloat16()(batch)
     assert logits.dtype == torch.bfloat16
     assert_rel_close(logits.float(), expected, 5e-2, f"bf16 weights, {pos_embed} positions")
+
+
+# --------------------------------------------------------------------------------------------
+# Heads: the encoder's outputs, and the head a task composes on them.
+
+
+def test_state_dict_keys_stay_those_of_the_encoder_its_pooling_and_its_head():
+    # Checkpoints and the pretrained key maps rely on these names.
+    keys = set(tiny_model(pos_embed="grid").state_dict())
+    assert {"patch_embed.weight", "pos_embed.table", "blocks.1.mlp.3.bias", "norm.weight", "pool.probe",
+            "pool.kv.weight", "head.weight", "head.bias"} <= keys  # fmt: skip
+    assert {k for k in keys if k.startswith("head.")} == {"head.weight", "head.bias"}
+    assert not {k for k in tiny_model(num_classes=0).state_dict() if k.startswith("head.")}
+
+
+def test_a_head_given_as_a_spec_is_the_one_the_config_implies():
+    torch.manual_seed(3)
+    implied = NaViT(tiny_config(num_classes=5))
+    torch.manual_seed(3)
+    given = NaViT(tiny_config(num_classes=0), head={"name": "classifier", "num_classes": 5})
+    assert given.config.num_classes == 5 and given.head_spec() == {"name": "classifier", "num_classes": 5}
+    torch.testing.assert_close(given.state_dict(), implied.state_dict(), rtol=0, atol=0)
+    assert implied.head_spec() == implied.head.spec() and NaViT(tiny_config(num_classes=0)).head_spec() is None
+
+
+def test_unknown_heads_and_bad_head_configs_are_refused():
+    with pytest.raises(ValueError, match=r"unknown head 'boxes'; available: \['classifier', 'segmenter'\]"):
+        NaViT(tiny_config(), head={"name": "boxes", "num_classes": 2})
+    with pytest.raises(ValueError, match=r"unknown HeadConfig field\(s\) \['queries'\]"):
+        NaViT(tiny_config(), head={"name": "classifier", "num_classes": 2, "queries": 4})
+    with pytest.raises(ValueError, match="num_classes >= 1, got 0"):
+        NaViT(tiny_config(), head={"name": "segmenter", "num_classes": 0})
+    with pytest.raises(ValueError, match="segmenter head takes images"):
+        NaViT(tiny_config(num_axes=3), head={"name": "segmenter", "num_classes": 2})
+
+
+def test_a_token_head_reads_every_token_and_builds_no_pooling():
+    torch.manual_seed(0)
+    model = NaViT(tiny_config(pool="map"), head={"name": "segmenter", "num_classes": 3}).eval()
+    assert model.pool is None and not any(k.startswith("pool.") for k in model.state_dict())
+    batch = batch_of()
+    with torch.no_grad():
+        features = model.forward_features(batch)
+        logits = model(batch)
+        outputs = model.outputs(batch)
+    b, length = batch.segment_ids.shape
+    assert logits.shape == (b, length, PATCH**2, 3)
+    expected = (features @ model.head.weight.T + model.head.bias).view(b, length, PATCH**2, 3)
+    torch.testing.assert_close(logits, expected)
+    assert set(outputs) == {"tokens", "logits"} and torch.equal(outputs["logits"], logits)
+    assert torch.equal(model.forward_head(features, batch, pre_logits=True), features)
+    with pytest.raises(ValueError, match="'segmenter' head reads per-token features, so it has no pooling"):
+        model.embed(batch)
+    plain = tiny_model()  # the same encoder with a classifier: the decoder runs on every token instead
+    decoder = 2 * batch.segment_ids.numel() * model.config.embed_dim * PATCH**2 * 3
+    assert model.flops(batch) - decoder == plain.flops(batch) - plain.head_flops(batch)
+
+
+def test_outputs_name_the_tokens_the_pooled_vectors_and_the_logits():
+    model = tiny_model()
+    batch = batch_of()
+    with torch.no_grad():
+        outputs = model.outputs(batch)
+        torch.testing.assert_close(outputs["tokens"], model.forward_features(batch))
+        torch.testing.assert_close(outputs["pooled"], model.embed(batch))
+        torch.testing.assert_close(outputs["logits"], model(batch))
+    assert set(tiny_model(num_classes=0).outputs(batch)) == {"tokens", "pooled"}
+
+
+def test_reset_head_makes_a_new_head_and_keeps_the_encoder():
+    model = tiny_model(num_classes=5)
+    batch = batch_of()
+    encoder = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    with torch.no_grad():
+        embeddings = model.embed(batch)
+    torch.manual_seed(1)
+    model.reset_head(3)
+    assert model.head.out_features == 3 and model.num_classes == model.config.num_classes == 3
+    assert model.head_spec() == {"name": "classifier", "num_classes": 3}
+    assert 0 < model.head.weight.std() < 0.03 and (model.head.bias == 0).all(), "initialised as in a new model"
+    assert any(p is model.head.weight for p in model.parameters()), "the optimizer sees the new head"
+    for key, value in model.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(value, encoder[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model.head(embeddings))
+        model.reset_head(0)  # no head: pooled vectors out
+        torch.testing.assert_close(model(batch), embeddings)
+    assert model.head_spec() is None and model.config.num_classes == 0
+    model.reset_head(4)
+    assert model.head.out_features == 4
+    half = tiny_model().bfloat16()
+    half.reset_head(2)
+    assert half.head.weight.dtype == torch.bfloat16
+
+
+def test_reset_head_keeps_the_kind_of_head():
+    model = NaViT(tiny_config(), head={"name": "segmenter", "num_classes": 3})
+    model.reset_head(6)
+    assert model.head_spec() == {"name": "segmenter", "num_classes": 6} and model.pool is None
+    assert model.head.out_features == PATCH**2 * 6
+    with pytest.raises(ValueError, match="num_classes >= 1"):
+        model.reset_head(0)

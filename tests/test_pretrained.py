@@ -65,14 +65,19 @@ def navit_outputs(model: NaViT, pictures, seq_len: int = 80):
     return [(tokens, pooled) for tokens, pooled, _ in packed_outputs(model, pictures, seq_len)]
 
 
-@pytest.mark.parametrize("backend", [*available_backends("cpu"), "flex", "auto"])  # flex: inference on CPU
-def test_vision_model_gives_the_references_outputs_packed_on_every_backend(vision_folder, backend):
+@pytest.fixture(scope="module")
+def vision_expected(vision_folder):
+    """The reference's outputs on :func:`images`, computed once for the tests that compare with them."""
     folder, reference = vision_folder
+    return reference_outputs(reference, Siglip2ImageProcessorPil.from_pretrained(folder), images())
+
+
+@pytest.mark.parametrize("backend", [*available_backends("cpu"), "flex", "auto"])  # flex: inference on CPU
+def test_vision_model_gives_the_references_outputs_packed_on_every_backend(vision_folder, vision_expected, backend):
+    folder, _ = vision_folder
     model = load_hf(folder)
     model.config = model.config.replace(attn_backend=backend)
-    processor = Siglip2ImageProcessorPil.from_pretrained(folder)
-    for (ref_tokens, ref_pooled), (tokens, pooled) in zip(reference_outputs(reference, processor, images()),
-                                                          navit_outputs(model, images())):  # fmt: skip
+    for (ref_tokens, ref_pooled), (tokens, pooled) in zip(vision_expected, navit_outputs(model, images())):
         assert tokens.shape == ref_tokens.shape
         assert relative(tokens, ref_tokens) < TOLERANCE and relative(pooled, ref_pooled) < TOLERANCE
 
@@ -131,11 +136,10 @@ def test_settings_and_configs_navit_cannot_follow_are_refused_by_name(vision_fol
     assert load_hf(written).config == four.config
 
 
-def test_a_wrong_piece_does_not_hide_in_the_tolerance(vision_folder):
-    folder, reference = vision_folder
+def test_a_wrong_piece_does_not_hide_in_the_tolerance(vision_folder, vision_expected):
+    folder, _ = vision_folder
     model = load_hf(folder)
-    processor = Siglip2ImageProcessorPil.from_pretrained(folder)
-    expected = reference_outputs(reference, processor, images())
+    expected = vision_expected
     for field, value in (("act", "gelu"), ("pos_interp", "bicubic")):
         wrong = NaViT(model.config.replace(**{field: value}), model.processor).eval()
         wrong.load_state_dict(model.state_dict())
@@ -194,6 +198,7 @@ def test_two_tower_model_gives_the_references_embeddings_and_logits(two_tower_fo
 
 
 def test_saving_back_in_the_hugging_face_layout_round_trips(vision_folder, two_tower_folder, tmp_path):
+    pictures = images(3)[:4]
     for (folder, reference), cls in ((vision_folder, Siglip2VisionModel), (two_tower_folder, Siglip2Model)):
         model = load_hf(folder)
         with torch.no_grad():  # a "fine-tuned" change that must survive the trip
@@ -201,6 +206,21 @@ def test_saving_back_in_the_hugging_face_layout_round_trips(vision_folder, two_t
         out = write_hf(model, tmp_path / cls.__name__)
         again = cls.from_pretrained(out).eval()
         assert set(again.state_dict()) == set(reference.state_dict())
+        # What transformers reads back computes what the navit model computes, with the
+        # preprocessing written beside it.
+        inputs = Siglip2ImageProcessorPil.from_pretrained(out)(images=pictures, return_tensors="pt")
+        batch = model.processor(pictures, seq_len=80, max_examples_per_seq=4)
+        with torch.no_grad():
+            if cls is Siglip2VisionModel:
+                pooled = [p for _, p in navit_outputs(model, pictures)]
+                assert relative(torch.stack(pooled), again(**inputs).pooler_output) < TOLERANCE
+            else:
+                ids, mask = model.tokenizer().encode(["a photo of a tall ellipse .", "square", "an image"])
+                expected = again(input_ids=ids, attention_mask=mask.long(), **inputs)
+                img, txt = model(batch, ids, mask)
+                assert relative(img, expected.image_embeds) < TOLERANCE
+                assert relative(txt, expected.text_embeds) < TOLERANCE
+                assert relative(model.logits(img, txt), expected.logits_per_image) < TOLERANCE
         ours = load_hf(out)
         for (key, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(ours.state_dict().items())):
             assert torch.equal(a, b), key
@@ -212,6 +232,20 @@ def test_saving_back_in_the_hugging_face_layout_round_trips(vision_folder, two_t
     assert (text["pad_token_id"], text["eos_token_id"]) == (tokenizer.tokenizer.pad_token_id, tokenizer.tokenizer.eos_token_id)
     # The weights file of a pretrained folder reads as its folder.
     assert isinstance(navit.load_model(out / "model.safetensors"), type(ours))
+
+
+def test_a_folder_without_its_preprocessor_config_warns_and_a_wrong_patch_size_is_refused(vision_folder, tmp_path):
+    folder, _ = vision_folder
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((folder / name).read_bytes())
+    with pytest.warns(UserWarning, match=rf"{bare} has no preprocessor_config.json: using SigLIP2's default"):
+        model = load_hf(bare)
+    assert model.processor.max_tokens == 256 and model.processor.resample == "bilinear"
+    Siglip2ImageProcessorPil(patch_size=16, max_num_patches=40).save_pretrained(bare)
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: patch_size=16 does not match config.json's patch_size=8"):
+        load_hf(bare)
 
 
 def test_mismatched_weights_are_refused_by_name(vision_folder, tmp_path):

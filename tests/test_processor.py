@@ -12,9 +12,10 @@ from PIL import Image
 from conftest import tiny_config, tiny_model
 
 import navit
+from navit.data.folder import ImageFolder
 from navit.data.loader import PackedLoader
-from navit.data.sources import ImageFolder
-from navit.data.transforms import ExampleTransform
+from navit.ops import eval_chain
+from navit.packing import PackingConfig
 from navit.inference import load_checkpoint
 from navit.patchify import patchify
 from navit.processor import Processor
@@ -43,10 +44,10 @@ def test_processor_gives_exactly_the_eval_pipelines_patches_for_real_files(image
     processor = Processor(patch_size=8, max_tokens=40)
     source = ImageFolder(root)
     for budget in (None, 12):
-        loader = PackedLoader(source, ExampleTransform(processor, budget=budget), seq_len=64, num_seqs=2,
-                              buffer_size=3, train=False, num_workers=0)  # fmt: skip
+        loader = PackedLoader(source, eval_chain(processor, budget=budget), train=False, num_workers=0,
+                              packing=PackingConfig(seq_len=64, num_seqs=2, buffer_size=3))  # fmt: skip
         for item in loader:
-            paths = [source.path(i) for i in item.indices.tolist()]
+            paths = [str(root / key) for key in item.keys]
             batch = processor(paths, budget=budget)
             assert batch.num_examples == len(paths)
             for row, (mine, theirs) in enumerate(zip(per_example(batch), per_example(item.batch))):

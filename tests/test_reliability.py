@@ -19,8 +19,9 @@ from PIL import Image
 from navit.checkpoint import load_meta, load_train_state, load_weights, resolve_checkpoint
 from navit.cli import main
 from navit.data.loader import PackedLoader
-from navit.data.sources import ImageFolder
-from navit.data.transforms import ExampleTransform
+from navit.data.folder import ImageFolder
+from navit.ops import train_chain
+from navit.packing import PackingConfig
 from navit.processor import Processor
 from navit.train_config import TrainConfig
 
@@ -61,17 +62,18 @@ def write_odd_files(folder: Path) -> dict[str, int]:
 def test_odd_images_are_packed_and_broken_ones_counted(tmp_path):
     expected = write_odd_files(tmp_path / "data")
     source = ImageFolder(tmp_path / "data")
-    loader = PackedLoader(source, ExampleTransform(Processor(patch_size=16, max_tokens=64)), seq_len=64, num_seqs=2,
-                          buffer_size=4, num_workers=0)  # fmt: skip
+    make = lambda **options: PackedLoader(source, train_chain(Processor(patch_size=16, max_tokens=64)),  # noqa: E731
+                                          packing=PackingConfig(seq_len=64, num_seqs=2, buffer_size=4), num_workers=0,
+                                          **options)  # fmt: skip
+    loader = make()
     with pytest.warns(UserWarning, match="skipping"):
-        seen = [i for item in loader for i in item.indices.tolist()]
+        seen = [key for item in loader for key in item.keys]
     assert len(seen) == expected["good"], "every decodable image is packed, however odd"
     assert sum(loader.skipped.values()) == expected["bad"]
-    names = {Path(source.describe(i)).name for i in seen}
+    names = {Path(key).name for key in seen}
     assert {"one_pixel.png", "tall_1_to_100.png", "wide_100_to_1.png"} <= names
     with pytest.raises(ValueError, match="fail_fast"):
-        list(PackedLoader(source, ExampleTransform(Processor(patch_size=16, max_tokens=64)), seq_len=64, num_seqs=2,
-                          buffer_size=4, num_workers=0, fail_fast=True))  # fmt: skip
+        list(make(fail_fast=True))
 
 
 def test_extreme_aspect_ratios_keep_their_shape():
@@ -230,8 +232,8 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path):
     locked = tmp_path / "data" / "a" / "locked.png"
     Image.new("RGB", (32, 32)).save(locked)
     locked.chmod(0)
-    loader = PackedLoader(ImageFolder(tmp_path / "data"), ExampleTransform(Processor(patch_size=16, max_tokens=4)),
-                          seq_len=8, num_seqs=1, buffer_size=2, num_workers=0)  # fmt: skip
+    loader = PackedLoader(ImageFolder(tmp_path / "data"), train_chain(Processor(patch_size=16, max_tokens=4)),
+                          packing=PackingConfig(seq_len=8, num_seqs=1, buffer_size=2), num_workers=0)  # fmt: skip
     with pytest.warns(UserWarning, match="locked.png"):
         assert sum(item.targets["label"].numel() for item in loader) == 1
     assert sum(loader.skipped.values()) == 1

@@ -14,11 +14,13 @@ import navit
 from navit import pack
 from navit.attention import available_backends
 from navit.data import segmentation as seg
-from navit.data.sources import open_source
-from navit.data.transforms import ExampleTransform, ResolutionSampler
-from navit.distributed import DistInfo
+from navit.data.registry import open_source
+from navit.ops import ResolutionSampler, eval_chain, train_chain
+from navit.packing import PackingConfig
 from navit.batch import PAD
+from navit.evaluate import evaluate_budgets
 from navit.processor import Processor
+from navit.synthetic.segmentation import SyntheticSegmentation
 from navit.tasks import get_task
 from navit.tasks.segment import Segmenter, confusion, scores
 from navit.token_drop import ConstantRate, TokenDropper
@@ -66,9 +68,9 @@ def test_a_folder_written_by_the_cli_reads_back_with_its_classes(tmp_path):
 
     assert main(["data", "synth-seg", "--out", str(tmp_path / "seg"), "--num-images", "5"]) == 0
     folder = open_source(str(tmp_path / "seg"))
-    assert isinstance(folder, seg.SegmentationFolder) and folder.class_names == seg.SyntheticSegmentation().class_names
+    assert isinstance(folder, seg.SegmentationFolder) and folder.class_names == SyntheticSegmentation().class_names
     assert Image.open(next((tmp_path / "seg" / "masks").iterdir())).mode == "P", "palette masks"
-    built_in = seg.SyntheticSegmentation(5)
+    built_in = SyntheticSegmentation(5)
     for i in range(5):
         assert np.array_equal(np.asarray(folder.item(i)["mask"]), np.asarray(built_in.item(i)["mask"]))
     # Linked sub-folders are read as in an ImageFolder.
@@ -91,9 +93,18 @@ def write_pair(root, name, image: Image.Image, mask: Image.Image) -> None:
     mask.save(root / "masks" / f"{name}.png")
 
 
+def palette_image(values: np.ndarray, colour: tuple[int, int, int] = (1, 1, 1)) -> Image.Image:
+    """A palette ("P") mask holding ``values`` as indices, each index shown as ``colour``: read as
+    grey levels instead of indices, every pixel would say class 1."""
+    mask = Image.fromarray(values.astype(np.uint8), mode="P")
+    mask.putpalette(list(colour) * 256)
+    return mask
+
+
 def test_bad_masks_are_refused_naming_the_file(tmp_path):
     good = coded_item(20, 30)
     cases = {
+        "palette": (good["image"], palette_image(np.full((20, 30), 5)), r"values \[5\] beyond the 4 classes"),
         "size": (good["image"], good["mask"].resize((31, 20)), "is 31x20 pixels but its image"),
         "colour": (good["image"], good["mask"].convert("RGB"), "is a RGB image; masks must be single-channel"),
         "index": (good["image"], Image.fromarray(np.full((20, 30), 9, np.uint8)), r"values \[9\] beyond the 4 classes"),
@@ -105,6 +116,11 @@ def test_bad_masks_are_refused_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=message) as error:
             open_source(str(root)).item(0)
         assert "x.png" in str(error.value)
+    # A palette mask in range reads as its indices, not as the colours its palette shows.
+    indices = np.asarray(good["mask"])
+    write_pair(tmp_path / "palette-ok", "x", good["image"], palette_image(indices))
+    (tmp_path / "palette-ok" / "classes.txt").write_text("\n".join(CLASSES))
+    assert np.array_equal(np.asarray(open_source(str(tmp_path / "palette-ok")).item(0)["mask"]), indices)
     ignored = tmp_path / "ignore"
     write_pair(ignored, "x", good["image"], Image.fromarray(np.full((20, 30), 255, np.uint8)))
     (ignored / "classes.txt").write_text("\n".join(CLASSES))
@@ -123,8 +139,8 @@ def test_a_bad_mask_is_skipped_and_counted_by_the_training_loader(tmp_path):
         item = coded_item(24, 32, seed=i)
         write_pair(tmp_path, f"{i}", item["image"], item["mask"] if i != 3 else item["mask"].resize((8, 8)))
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
-    loader = PackedLoader(open_source(str(tmp_path)), ExampleTransform(Processor(patch_size=PATCH, max_tokens=16),
-                          dense_keys=("mask",)), targets=lambda item: {}, seq_len=32, num_seqs=2, num_workers=0)  # fmt: skip
+    loader = PackedLoader(open_source(str(tmp_path)), train_chain(Processor(patch_size=PATCH, max_tokens=16)),
+                          targets=lambda item: {}, packing=PackingConfig(seq_len=32, num_seqs=2), num_workers=0)  # fmt: skip
     with pytest.warns(UserWarning, match="3.png"):
         examples = sum(batch.batch.num_examples for batch in loader)
     assert examples == 5 and sum(loader.skipped.values()) == 1
@@ -140,12 +156,16 @@ def test_manifests_with_masks_and_exif_turned_images(tmp_path):
     exif[0x0112] = 6
     stored.save(tmp_path / "b.jpg", exif=exif.tobytes(), quality=100)
     item["mask"].transpose(Image.Transpose.ROTATE_90).save(tmp_path / "b_mask.png")
-    (tmp_path / "list.csv").write_text("path,mask\na.png,a_mask.png\nb.jpg,b_mask.png\n")
+    # The same JPEG, its mask drawn on the image as shown (already turned): taken as it is.
+    stored.save(tmp_path / "c.jpg", exif=exif.tobytes(), quality=100)
+    item["mask"].save(tmp_path / "c_mask.png")
+    (tmp_path / "list.csv").write_text("path,mask\na.png,a_mask.png\nb.jpg,b_mask.png\nc.jpg,c_mask.png\n")
     (tmp_path / "list.jsonl").write_text('{"path": "a.png", "mask": "a_mask.png"}\n')
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
     source = open_source(str(tmp_path / "list.csv"))
     assert isinstance(source, seg.SegmentationManifest) and source.class_names == CLASSES
-    for i in range(2):
+    assert len(source) == 3
+    for i in range(3):
         got = source.item(i)
         assert got["image"].size == (30, 20) and np.array_equal(np.asarray(got["mask"]), np.asarray(item["mask"]))
     assert len(open_source(str(tmp_path / "list.jsonl"))) == 1
@@ -158,17 +178,16 @@ def test_the_mask_stays_aligned_through_crop_flip_resolution_and_dropping():
     """Nearest-neighbour resizing on both: every kept token's pixels must equal 60 × its mask."""
     processor = Processor(patch_size=PATCH, max_tokens=64, resample="nearest", reducing_gap=None, mean=(0, 0, 0),
                           std=(1, 1, 1))  # fmt: skip
-    transform = ExampleTransform(processor, ResolutionSampler("side", 40, 90), crop_scale=(0.4, 1.0), flip=True,
-                                 dense_keys=("mask",))  # fmt: skip
-    dropper = TokenDropper(ConstantRate(0.5))
+    transform = train_chain(processor, resolution=ResolutionSampler("side", 40, 90), crop_min=0.4, flip=True,
+                            dropper=TokenDropper(ConstantRate(0.5)))  # fmt: skip
     flipped = 0
     for seed in range(12):
         item = coded_item(37, 71, seed)
-        example = transform(item, np.random.default_rng(seed), dropper=dropper)
+        example = transform(item, np.random.default_rng(seed))["example"]
         pixels = (example.patches * 255).round().view(example.num_tokens, PATCH * PATCH, 3)
         assert example.num_tokens < example.grid[0] * example.grid[1], "tokens were dropped"
         assert torch.equal(pixels[..., 0], example.fields["mask"].float() * 60), f"misaligned at seed {seed}"
-        full = transform(item, None)
+        full = eval_chain(processor)(item)["example"]
         flipped += not torch.equal(full.fields["mask"], example.fields["mask"])
     assert flipped, "the augmentation changed something"
 
@@ -211,15 +230,15 @@ def test_the_loss_is_the_mean_pixel_cross_entropy_over_labelled_pixels_of_kept_t
     examples = coded_batch([(24, 40), (16, 16), (40, 24)], model, drop=0.3)
     examples[0].fields["mask"][0, :5] = seg.IGNORE
     batch = pack(examples, 40).batch
-    result = task.loss(model, model, batch, {}, DistInfo(), torch.device("cpu"))
+    result = task.loss(model, model, batch, {})
     pieces = []
     for x in examples:
         logits = model.head(model.forward_features(pack([x], 40).batch))[0, : x.num_tokens].view(-1, len(CLASSES))
         labels = x.fields["mask"].flatten()
         pieces.append(torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="none")[labels != 255])
     expected = torch.cat(pieces).mean()
-    torch.testing.assert_close(result.loss, expected, rtol=1e-5, atol=1e-6)
-    assert result.examples == 3 and result.flops == model.flops(batch, training=True)
+    torch.testing.assert_close(result.loss_sum / result.count, expected, rtol=1e-5, atol=1e-6)
+    assert result.count == sum(len(p) for p in pieces) and task.flops(model, batch, {}) == model.flops(batch, training=True)
 
 
 def test_label_maps_put_each_pixel_back_where_it_came_from():
@@ -263,6 +282,53 @@ def test_scores_count_iou_per_class_and_leave_out_what_is_absent():
     assert result["pixel_accuracy"] == pytest.approx(4 / 6)
 
 
+def grey_reader(model: Segmenter, mapping: list[int]) -> Segmenter:
+    """``model`` with its forward replaced by a reader of the coded images' grey levels (60 ×
+    class, with mean 0 and std 1): logits [B, L, p², C] that pick ``mapping[class]`` for every
+    pixel, so what evaluation and prediction must report follows from the mask alone."""
+    table = torch.tensor(mapping)
+
+    def forward(batch):
+        grey = batch.patches.view(*batch.patches.shape[:2], -1, 3)[..., 0]  # [B, L, p²]
+        truth = (grey * 255 / 60).round().long().clamp(0, len(mapping) - 1)
+        return torch.nn.functional.one_hot(table[truth], len(CLASSES)).float() * 10
+
+    model.forward = forward
+    return model
+
+
+def test_evaluation_and_prediction_report_what_a_known_mask_says(tmp_path):
+    # Classes background, a and b are read right; every "c" pixel is predicted "a".
+    mapping = [0, 1, 2, 1]
+    processor = Processor(patch_size=PATCH, max_tokens=64, mean=(0, 0, 0), std=(1, 1, 1))
+    model = grey_reader(segmenter(), mapping)
+    model.processor = processor
+    items = [coded_item(h, w, seed) for seed, (h, w) in enumerate([(24, 40), (32, 16), (40, 48)])]  # within 64 tokens
+    for i, item in enumerate(items):
+        write_pair(tmp_path / "data", f"{i}", item["image"], item["mask"])
+    (tmp_path / "data" / "classes.txt").write_text("\n".join(CLASSES))
+    truth = np.concatenate([np.asarray(x["mask"]).ravel() for x in items])
+    n = np.bincount(truth, minlength=4)
+    assert (n > 0).all(), "every class is in the masks"
+    task = get_task("segment", None, CLASSES)
+    result = evaluate_budgets(model, task, open_source(str(tmp_path / "data")), processor, budgets=[])["native"]
+    expected_iou = {"background": 1.0, "a": n[1] / (n[1] + n[3]), "b": 1.0, "c": 0.0}
+    assert result["class_iou"] == pytest.approx(expected_iou, abs=1e-6)
+    assert result["miou"] == pytest.approx(sum(expected_iou.values()) / 4)
+    assert result["pixel_accuracy"] == pytest.approx(1 - n[3] / n.sum())
+    assert result["examples"] == 3 and result["tokens_per_example"] == pytest.approx((15 + 8 + 30) / 3)
+    # Prediction: the mask at the input's size, the shares of its classes, and the PNG that holds it.
+    picture = items[2]["image"]
+    predicted = np.asarray(mapping)[np.asarray(items[2]["mask"])]
+    (result,) = task.predict(model, processor([picture]), inputs=[picture])
+    assert np.array_equal(result["mask"], predicted)
+    counts = np.bincount(predicted.ravel(), minlength=4)
+    assert result["classes"] == pytest.approx({CLASSES[i]: c / counts.sum() for i, c in enumerate(counts) if c})
+    assert list(result["classes"]) == [CLASSES[i] for i in np.argsort(-counts, kind="stable") if counts[i]]
+    saved = task.save_prediction(result, picture, tmp_path / "out", "x")
+    assert np.array_equal(np.asarray(Image.open(saved["mask"])), predicted)
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end
 
@@ -277,11 +343,14 @@ def test_train_eval_and_predict_from_the_command_line(tmp_path, capsys):
     for name in ("navit", "square"):
         report = json.loads((tmp_path / name / "eval.json").read_text())
         assert set(report) == {"native", "4", "16"} and 0 <= report["native"]["miou"] <= 1
-        assert set(report["native"]["class_iou"]) == set(seg.SyntheticSegmentation().class_names)
+        assert set(report["native"]["class_iou"]) == set(SyntheticSegmentation().class_names)
     assert (tmp_path / "navit" / "miou_vs_tokens.png").exists()
     assert main(["eval", "--checkpoint", str(tmp_path / "navit"), "--budgets", "8", "--workers", "0",
                  "--out", str(tmp_path / "again")]) == 0  # fmt: skip
     assert set(json.loads((tmp_path / "again" / "eval.json").read_text())) == {"native", "8"}
+    # Dropping tokens leaves patches without a prediction: refused for segmentation, not scored as background.
+    with pytest.raises(SystemExit, match="by='drop' cannot evaluate the 'segment' task.*--by resize"):
+        main(["eval", "--checkpoint", str(tmp_path / "navit"), "--budgets", "8", "--by", "drop", "--workers", "0"])
     with pytest.raises(SystemExit, match="needs masks"):  # data without masks is refused, not scored 0
         main(["eval", "--checkpoint", str(tmp_path / "navit"), "--data", "synthetic:8", "--workers", "0"])
 
@@ -300,7 +369,7 @@ def test_train_eval_and_predict_from_the_command_line(tmp_path, capsys):
             mask = Image.open(line["mask"])
             assert mask.size == Image.open(picture).size and mask.mode == "P", "the input's own size"
             assert Image.open(line["overlay"]).size == mask.size
-            names = seg.SyntheticSegmentation().class_names
+            names = SyntheticSegmentation().class_names
             counts = np.bincount(np.asarray(mask).flatten(), minlength=len(names))
             shares = {names[i]: c / counts.sum() for i, c in enumerate(counts) if c}
             assert line["classes"] == pytest.approx(shares, abs=1e-6), "the PNG holds the predicted class indices"

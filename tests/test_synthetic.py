@@ -9,7 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from navit.data import CLASS_NAMES, SyntheticShapes, open_source, shard
+from navit.data.registry import open_source
+from navit.data.stream import Subset
+from navit.synthetic.shapes import CLASS_NAMES, SyntheticShapes
 from navit.synthetic.shapes import CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES
 
 
@@ -87,7 +89,7 @@ def test_labels_balanced_and_consistent():
     assert [s.label(i) for i in range(12)] != [i % k for i in range(12)]
     big = SyntheticShapes(6000, seed=4)
     for rank in range(k):
-        sub = shard(big, rank, k)  # 1000 images each, ~167 +- 12 per class if shuffled
+        sub = Subset(big, range(rank, 6000, k))  # 1000 images each, ~167 +- 12 per class if shuffled
         c = Counter(sub.label(i) for i in range(len(sub)))
         assert len(c) == k and max(c.values()) - min(c.values()) < 90, c
     assert all(s.params(i).label == s.label(i) for i in range(60))

@@ -94,6 +94,37 @@ def test_the_processor_gives_timms_evaluation_patches(case):
         torch.testing.assert_close(example.patches, want["patches"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ref.RECORDED)
+def test_written_folders_hold_timms_names_shapes_and_values(case, tmp_path):
+    """What ``write_timm`` writes, checked without timm: the weights file timm saved, key by key,
+    and a config that rebuilds the same model, whose outputs are timm's recorded ones."""
+    from safetensors.torch import load_file
+
+    model = load_small(RECORDED / case)
+    written = write_timm(model, tmp_path / case)
+    saved_by_timm, ours = load_file(RECORDED / case / "model.safetensors"), load_file(written / "model.safetensors")
+    if "embeds.cls_token" in saved_by_timm:  # navit writes every prefix token as a register token, the class token first
+        cls = saved_by_timm.pop("embeds.cls_token")
+        saved_by_timm["embeds.reg_token"] = torch.cat([cls, saved_by_timm["embeds.reg_token"]], dim=1)
+    assert sorted(ours) == sorted(saved_by_timm)
+    for key, value in saved_by_timm.items():
+        assert ours[key].shape == value.shape and torch.equal(ours[key], value), key
+    hub, timms = (json.loads((folder / "config.json").read_text()) for folder in (written, RECORDED / case))
+    assert hub["num_classes"] == timms["num_classes"] and hub["global_pool"] == timms["global_pool"]
+    for key in ("mean", "std", "interpolation"):
+        assert hub["pretrained_cfg"][key] == timms["pretrained_cfg"][key], key
+    again = load_small(written)
+    assert again.config == model.config and again.processor == model.processor
+    pictures, expected = recorded(case)
+    assert_same_outputs(again, pictures, expected)
+    # A fine-tuned change survives the trip, in timm's names.
+    with torch.no_grad():
+        model.blocks[0].mlp[0].weight.add_(0.5)
+    changed = load_file(write_timm(model, tmp_path / "changed") / "model.safetensors")
+    moved = [key for key in saved_by_timm if not torch.equal(changed[key], saved_by_timm[key])]
+    assert moved == ["blocks.0.mlp.fc1.weight"]
+
+
 def test_every_piece_shows_in_the_outputs():
     """A wrong position grid, norm, activation or prefix moves the outputs far beyond the tolerance."""
     for case, changes in (

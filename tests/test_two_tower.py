@@ -13,7 +13,7 @@ from torch import nn
 
 from navit import NaViTConfig, pack
 from navit.contrastive import sigmoid_contrastive_loss
-from navit.data import SyntheticShapes
+from navit.synthetic.shapes import SyntheticShapes
 from navit.patchify import image_to_example
 from navit.text import ByteTokenizer
 from navit.two_tower import ImageTextConfig, ImageTextModel, create_image_text_model
@@ -77,6 +77,17 @@ def test_factory_defaults_and_validation():
         ImageTextModel(ImageTextConfig(image=NaViTConfig(depth=1)))
     with pytest.raises(TypeError, match="unknown"):
         ImageTextConfig.from_dict({"embed_dim": 8, "colour": 1})
+
+
+def test_the_image_tower_is_the_encoder_alone_and_the_model_takes_no_head():
+    batch, _ = synthetic_pairs(3)
+    model = tiny().eval()
+    assert model.image.head_spec() is None and model.image.pool is not None
+    assert model.head_spec() is None and model.num_classes is None, "it classifies by any class names"
+    with torch.no_grad():  # the image tower's outputs are its pooled vectors
+        torch.testing.assert_close(model.image(batch), model.image.outputs(batch)["pooled"])
+    with pytest.raises(ValueError, match="an image-text model takes no head, got 'classifier'"):
+        ImageTextModel.from_dict(model.to_dict(), head={"name": "classifier", "num_classes": 2})
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
@@ -224,7 +235,6 @@ def test_zero_shot_picks_the_matching_class():
 
 
 def test_captions_are_checked_in_the_loader_and_their_truncation_counted():
-    from navit import distributed as D
     from navit.tasks import get_task
 
     task = get_task("contrastive", {"text_max_len": 64}, ["a", "b"])
@@ -238,8 +248,8 @@ def test_captions_are_checked_in_the_loader_and_their_truncation_counted():
         task.check_data(broken, "x")
     model, (batch, captions) = tiny(), synthetic_pairs(4)
     long = [caption + " and a very long tail" * 4 for caption in captions[:3]] + captions[3:]
-    task.loss(model, model, batch, {"caption": long}, D.DistInfo(), torch.device("cpu"))
-    task.loss(model, model, batch, {"caption": captions}, D.DistInfo(), torch.device("cpu"))
+    task.loss(model, model, batch, {"caption": long})
+    task.loss(model, model, batch, {"caption": captions})
     assert task.counts() == {"truncated_captions": 3}
 
 

@@ -19,9 +19,11 @@ from PIL import Image
 
 from navit.cli import main
 from navit.data.loader import PackedLoader
-from navit.data.sources import ImageFolder, open_source
+from navit.data.folder import ImageFolder
+from navit.data.registry import open_source
 from navit.synthetic.video import MOTION_CLASSES, SyntheticMotion, write_video_folder
-from navit.data.transforms import ExampleTransform, ResolutionSampler
+from navit.ops import ResolutionSampler, eval_chain, train_chain
+from navit.packing import PackingConfig
 from navit.media.video import ArrayClip, FramePicker, VideoFile, write_video
 from navit.inference import load_checkpoint
 from navit.model import inflate_to_clips
@@ -112,9 +114,9 @@ def test_a_header_that_lies_about_frames_and_duration_changes_nothing_that_decod
     frames, _ = video.read(start=5.0, num_frames=3)
     assert levels(frames) == [0, 1, 2]
     # In training, sampling and sizing still give a valid example within the budget.
-    transform = ExampleTransform(CLIP, ResolutionSampler(res_mode="side", res_min=24, res_max=64), flip=True)
+    transform = train_chain(CLIP, resolution=ResolutionSampler(res_mode="side", res_min=24, res_max=64), flip=True)
     for seed in range(5):
-        example = transform({"video": video}, np.random.default_rng(seed))
+        example = transform({"video": video}, np.random.default_rng(seed))["example"]
         assert example.num_tokens <= 48 and example.grid[0] >= 1
 
 
@@ -138,20 +140,63 @@ def test_broken_files_fail_with_the_file_named(tmp_path):
         assert name in str(error.value) and message in str(error.value)
 
 
-def test_a_truncated_file_gives_its_good_frames_or_a_clear_error(tmp_path):
-    path = tmp_path / "cut.mp4"
+def assert_true_frames(frames, times, whole):
+    """``frames`` at ``times`` are frames of the undamaged file ``whole`` (a 10 fps ramp of step
+    6) at the same times, in order: times rise from 0, and each frame shows what the whole file
+    shows at its time."""
+    assert times[0] == pytest.approx(0.0, abs=2e-3) and all(b > a for a, b in zip(times, times[1:]))
+    reference, reference_times = VideoFile(whole).read(num_frames=100)
+    for frame, t in zip(frames, times):
+        same = reference[round(t * 10)]
+        assert reference_times[round(t * 10)] == pytest.approx(t, abs=2e-3)
+        assert np.abs(np.asarray(frame, np.float32) - np.asarray(same, np.float32)).mean() < 1, f"frame at {t} s"
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv", ".avi"])
+def test_a_truncated_file_gives_its_good_frames_or_a_clear_error(tmp_path, ext):
+    # An MP4 keeps its index at the end: cut, it cannot be read at all. MKV and AVI keep frames.
+    path = tmp_path / f"cut{ext}"
     write_video(path, ramp(40, size=(96, 128), step=6), fps=10)
     data = path.read_bytes()
+    decoded = []
     for keep in (0.3, 0.6, 0.9):
-        (tmp_path / "part.mp4").write_bytes(data[: int(len(data) * keep)])
+        (tmp_path / f"part{ext}").write_bytes(data[: int(len(data) * keep)])
         start = time.monotonic()
         try:
-            frames, _ = VideoFile(tmp_path / "part.mp4").read(num_frames=100)
+            frames, times = VideoFile(tmp_path / f"part{ext}").read(num_frames=100)
         except ValueError as error:
-            assert "part.mp4" in str(error)
+            assert f"part{ext}" in str(error)
+            decoded.append(0)
         else:  # whatever decodes is the true beginning of the clip, in order
-            assert levels(frames, step=6) == list(range(len(frames)))
+            assert_true_frames(frames, times, path)
+            decoded.append(len(frames))
         assert time.monotonic() - start < 10
+    if ext == ".mp4":
+        assert decoded == [0, 0, 0]
+    else:
+        assert 5 <= decoded[1] < decoded[2] < 40, decoded
+
+
+def test_a_damaged_stretch_ends_the_clip_after_its_good_frames(tmp_path):
+    whole = tmp_path / "whole.avi"
+    write_video(whole, ramp(40, size=(96, 128), step=6), fps=10)
+    data = bytearray(whole.read_bytes())
+    middle = int(len(data) * 0.55)
+    data[middle : middle + 500] = bytes(500)  # the decoder fails there, after the frames before it
+    (tmp_path / "damaged.avi").write_bytes(bytes(data))
+    frames, times = VideoFile(tmp_path / "damaged.avi").read(num_frames=100)
+    assert 5 <= len(frames) < 30
+    assert_true_frames(frames, times, whole)
+    # A damaged index (an MP4's is at its end) leaves a stream without a decoder: refused by name too.
+    path = tmp_path / "index.mp4"
+    write_video(path, ramp(40, size=(96, 128), step=6), fps=10)
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * 0.7)
+    data[at : at + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    for read in (lambda v: v.read(num_frames=4), lambda v: v.info()):
+        with pytest.raises(ValueError, match="index.mp4: its video stream has no decoder"):
+            read(VideoFile(path))
 
 
 def test_one_frame_clips_and_huge_frames(tmp_path):
@@ -160,10 +205,14 @@ def test_one_frame_clips_and_huge_frames(tmp_path):
     assert example.grid[0] == 1 and example.num_tokens <= 48  # one tubelet, the frame repeated
     image = CLIP.to_example(ramp(1)[0])
     assert torch.allclose(example.patches, image.patches, atol=3 / 127.5)  # as the image (codec error)
-    big = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (1800, 3200, 3), np.uint8)) for i in range(3)]
+    # Huge frames (smooth ones: x264 encodes them fast) are resized before patching, not patched whole.
+    ys, xs = np.mgrid[0:1800, 0:3200]
+    big = [Image.fromarray(np.repeat(((xs + ys) // 20 + 40 * i).astype(np.uint8)[..., None], 3, 2)) for i in range(3)]
     write_video(tmp_path / "big.mp4", big, fps=5)
     example = CLIP.to_example(str(tmp_path / "big.mp4"))
     assert example.grid == (2, *CLIP.grid(1800, 3200, tubelets=2)) and example.num_tokens == 48
+    expected = CLIP.clip_to_example(ArrayClip([im.resize((320, 180)) for im in big]))  # the same content, smaller
+    assert example.grid == expected.grid and torch.allclose(example.patches, expected.patches, atol=0.15)
 
 
 def encode(path, frame: np.ndarray, count: int = 3, rotation: int = 0, sar=None) -> None:
@@ -297,26 +346,39 @@ def test_motion_clips_are_deterministic_balanced_and_need_time():
             assert change > 5, f"{MOTION_CLASSES[p.label]} should change over the clip"
 
 
-def test_one_frame_of_a_motion_clip_says_little_about_its_class():
-    # The object's size and position at a random frame have about the same distribution in every class.
-    source = SyntheticMotion(1200, seed=1)
+def object_in(frame: Image.Image) -> tuple[float, float]:
+    """The dark object's size (square root of its area over the short side) and horizontal
+    centre (a share of the width), measured on a rendered frame."""
+    from navit.synthetic.shapes import DARK_MAX, LIGHT_MIN
+
+    grey = np.asarray(frame, np.float32).mean(2)
+    dark = grey < (DARK_MAX + LIGHT_MIN) / 2
+    return float(np.sqrt(dark.sum()) / min(grey.shape)), float(np.nonzero(dark)[1].mean() / grey.shape[1])
+
+
+def test_one_frame_of_a_motion_clip_says_little_about_its_class_except_the_first():
+    # At a random frame, the object's size and position have about the same distribution in every
+    # class; the first frame is the documented cue: a growing object starts small, a shrinking one large.
+    source = SyntheticMotion(1200, seed=1, max_side=96)
     rng = np.random.default_rng(0)
-    stats = {c: [] for c in range(6)}
+    anywhere, first = {c: [] for c in range(6)}, {c: [] for c in range(6)}
     for i in range(1200):
-        p = source.params(i)
-        u = rng.uniform()
-        size = (p.size0 + u * (p.size1 - p.size0)) / min(p.width, p.height)
-        x = (p.cx0 + u * (p.cx1 - p.cx0)) / p.width
-        stats[p.label].append((size, x))
-    means = np.array([np.mean(v, axis=0) for v in stats.values()])
-    assert np.ptp(means[:, 0]) < 0.03 and np.ptp(means[:, 1]) < 0.03
+        clip = source.item(i)["video"]
+        p = clip.params
+        anywhere[p.label].append(object_in(clip.frame(int(rng.integers(0, p.num_frames)))))
+        if MOTION_CLASSES[p.label] in ("grows", "shrinks", "still"):
+            first[p.label].append(object_in(clip.frame(0))[0])
+    means = np.array([np.mean(v, axis=0) for v in anywhere.values()])
+    assert np.ptp(means[:, 0]) < 0.03 and np.ptp(means[:, 1]) < 0.03, means
+    size = {MOTION_CLASSES[c]: np.mean(v) for c, v in first.items() if v}
+    assert size["grows"] < 0.8 * size["still"] and size["shrinks"] > 1.2 * size["still"], size
 
 
 def test_the_motion_set_written_as_video_files_reads_back(tmp_path):
     source = SyntheticMotion(6, seed=2, max_side=64)
     write_video_folder(source, tmp_path / "clips", progress=False)
     folder = ImageFolder(tmp_path / "clips")
-    assert folder.class_names == sorted(MOTION_CLASSES) and folder.has_video
+    assert folder.class_names == sorted(MOTION_CLASSES) and "video" in folder.provides
     for i in range(len(folder)):
         index = int(Path(folder.describe(i)).stem)
         assert folder.class_names[folder.label(i)] == MOTION_CLASSES[source.label(index)]
@@ -335,14 +397,53 @@ def test_the_motion_set_written_as_video_files_reads_back(tmp_path):
 @pytest.mark.parametrize("fps", [10, None])  # None: times are frame indices
 def test_training_windows_start_on_every_frame_equally(fps):
     clip = ArrayClip(ramp(6), fps=fps)
-    transform = ExampleTransform(CLIP.replace(max_frames=2, max_tokens=8), frames_min=2)
+    transform = train_chain(CLIP.replace(max_frames=2, max_tokens=8), frames_min=2)
     first_levels = []
     for seed in range(300):
-        example = transform({"video": clip}, np.random.default_rng(seed))
+        example = transform({"video": clip}, np.random.default_rng(seed))["example"]
         level = float(example.patches[0, 0]) * 0.5 + 0.5  # normalised grey back to [0, 1]
         first_levels.append(round(level * 255 / 20))
     counts = np.bincount(first_levels, minlength=6)
     assert counts[5] == 0 and all(35 <= c <= 85 for c in counts[:5]), counts  # starts 0..4, uniform
+
+
+def window_levels(processor, clip, seed: int, step: int = 20) -> list[int]:
+    """The grey levels (frame numbers of a ramp) of the two frames of a training window."""
+    example = train_chain(processor, frames_min=2)({"video": clip}, np.random.default_rng(seed))["example"]
+    first = example.patches[0].view(2, -1)[:, 0] * 0.5 + 0.5  # normalised grey back to [0, 1]
+    return [round(float(v) * 255 / step) for v in first]
+
+
+@pytest.mark.parametrize("fps, stride, starts", [(5, 1, [0, 2, 4, 6, 8]), (None, 3, [0, 3, 6])])
+def test_training_windows_follow_fps_and_frame_stride(fps, stride, starts):
+    # 12 frames at 10 fps: at 5 fps a window takes every other frame, with a stride of 3 every third.
+    clip = ArrayClip(ramp(12, step=20), fps=10)
+    processor = CLIP.replace(max_frames=2, max_tokens=8, fps=fps, frame_stride=stride)
+    windows = [window_levels(processor, clip, seed) for seed in range(120)]
+    gap = 2 if fps else stride
+    assert all(b - a == gap for a, b in windows), "frames a sampling step apart"
+    counts = np.bincount([a for a, _ in windows], minlength=12)
+    assert [i for i, c in enumerate(counts) if c] == starts and counts.max() < 2.5 * counts[counts > 0].min()
+
+
+def test_training_windows_of_a_variable_frame_rate_file_take_frames_that_follow_each_other(tmp_path):
+    times = [0.0, 0.05, 0.1, 0.4, 0.45, 0.5, 0.9, 1.0, 1.3, 1.35]
+    write_video(tmp_path / "vfr.mp4", ramp(10), fps=10, times=times)
+    clip = VideoFile(tmp_path / "vfr.mp4")
+    processor = CLIP.replace(max_frames=2, max_tokens=8)
+    windows = [window_levels(processor, clip, seed) for seed in range(40)]
+    # The window's start is on the nominal rate's grid, so some frames start none; but every
+    # window holds two frames that follow each other in the file, never one frame twice.
+    assert all(b == a + 1 for a, b in windows), windows
+    assert len({a for a, _ in windows}) >= 4
+
+
+def test_an_in_memory_clip_read_past_its_end_gives_its_first_frame():
+    clip = ArrayClip(ramp(5), fps=10)
+    frames, times = clip.read(start=2.0, num_frames=3)
+    assert levels(frames) == [0] and times == [0.0]
+    frames, times = clip.read(start=0.2, num_frames=3, stride=2)
+    assert levels(frames) == [2, 4] and times == pytest.approx([0.2, 0.4])
 
 
 def test_a_mixed_folder_of_clips_images_and_broken_files_loads(tmp_path):
@@ -357,9 +458,11 @@ def test_a_mixed_folder_of_clips_images_and_broken_files_loads(tmp_path):
     (cls / "dir.mkv").mkdir()
     source = ImageFolder(tmp_path / "data")
     assert len(source) == 6  # the folder named like a video is not an item
-    loader = PackedLoader(source, ExampleTransform(CLIP), seq_len=64, num_seqs=2, buffer_size=4, num_workers=0)
+    make = lambda **options: PackedLoader(source, train_chain(CLIP), num_workers=0,  # noqa: E731
+                                          packing=PackingConfig(seq_len=64, num_seqs=2, buffer_size=4), **options)
+    loader = make()
     with pytest.warns(UserWarning, match="skipping"):
-        seen = [Path(source.describe(i)).name for item in loader for i in item.indices.tolist()]
+        seen = [Path(key).name for item in loader for key in item.keys]
     assert sorted(seen) == ["clip.avi", "clip.mp4", "still.png"]
     assert sum(loader.skipped.values()) == 3
     assert not any(str(tmp_path) in reason for reason in loader.skipped), "skips are counted by cause, not by file"
@@ -367,12 +470,11 @@ def test_a_mixed_folder_of_clips_images_and_broken_files_loads(tmp_path):
         VideoFile(cls / "broken2.mkv").read(num_frames=1)
     assert str(error.value).count("broken2.mkv") == 1
     with pytest.raises(ValueError, match="fail_fast"):
-        list(PackedLoader(source, ExampleTransform(CLIP), seq_len=64, num_seqs=2, buffer_size=4, num_workers=0,
-                          fail_fast=True))  # fmt: skip
+        list(make(fail_fast=True))
 
 
 def test_video_files_train_evaluate_at_frames_and_predict_through_the_cli(tmp_path, capsys):
-    assert main(["data", "synth-video", "--out", str(tmp_path / "clips"), "--num-clips", "24", "--seed", "1"]) == 0
+    assert main(["data", "synth-video", "--out", str(tmp_path / "clips"), "--num-clips", "12", "--seed", "1"]) == 0
     assert main(["train", "--data", str(tmp_path / "clips"), "--out", str(tmp_path), "--name", "v", "--max-steps", "3",
                  "--max-frames", "6", "--frames", "1", "3", "--drop", "constant", "--drop-tube", *TINY_TRAIN]) == 0  # fmt: skip
     results = json.loads((tmp_path / "v" / "eval.json").read_text())
@@ -405,18 +507,30 @@ def test_torchrun_trains_on_clips(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "ddp" / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["model"]["num_axes"] == 3
+    # Both ranks' clips count: each step packs more tokens than one rank's 2 sequences of 64 hold.
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in steps)
+    tokens = np.diff([0] + [r["tokens_seen"] for r in steps])
+    assert all(2 * 64 < t <= 2 * 2 * 64 for t in tokens), tokens
+    assert summary["world_size"] == 2 and summary["tokens_seen"] == steps[-1]["tokens_seen"]
+    model, _, _ = load_checkpoint(tmp_path / "ddp")
+    with torch.no_grad():
+        logits = model(model.processor([torch.rand(4, 3, 24, 40)]))
+    assert logits.shape == (1, 6) and torch.isfinite(logits).all()
 
 
 def test_manifests_take_video_paths_and_one_frame_tubelets_work(tmp_path):
-    from navit.data.sources import Manifest
+    from navit.data.manifest import Manifest
 
     write_video(tmp_path / "a.mp4", ramp(5), fps=10)
     ramp(1)[0].save(tmp_path / "b.png")
     (tmp_path / "list.csv").write_text("path,label\na.mp4,moving\nb.png,still\n")
     manifest = Manifest(tmp_path / "list.csv")
-    assert manifest.has_video and set(manifest.item(0)) == {"video", "label"} and "image" in manifest.item(1)
+    assert "video" in manifest.provides and set(manifest.item(0)) == {"video", "label"} and "image" in manifest.item(1)
     per_frame = Processor(patch_size=8, temporal_patch_size=1, num_axes=3, max_tokens=60, max_frames=5)
-    example = ExampleTransform(per_frame)(manifest.item(0))
+    example = eval_chain(per_frame)(manifest.item(0))["example"]
     assert example.grid[0] == 5 and example.patches.shape[1] == 8 * 8 * 3  # one frame per tubelet
 
 

@@ -1,34 +1,29 @@
-"""Masked-attention backends, chosen by device and overridable by name."""
+"""Masked-attention backends, registered with their capabilities; ``auto`` picks by capability.
+
+A new kernel is its own module, whose class declares ``name`` and ``capabilities``, plus one
+``register(...)`` line (here, or in a plug-in outside navit).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from navit.attention import flex, varlen
-from navit.attention.base import AttentionBackend
+from navit.attention.base import AttentionBackend, Capabilities, Situation
 from navit.attention.bucketed import BucketedBackend
 from navit.attention.dense import DenseBackend
 from navit.attention.flex import FlexBackend
+from navit.attention.registry import (
+    BACKENDS,
+    auto_name,
+    available_backends,
+    choose,
+    fitting,
+    get_backend,
+    names,
+    register,
+    unregister,
+)
 from navit.attention.varlen import VarlenBackend
-
-BACKENDS = {
-    "dense": DenseBackend,
-    "bucketed": BucketedBackend,
-    "varlen": VarlenBackend,
-    "flex": FlexBackend,
-}
-
-
-def available_backends(device: torch.device | str) -> list[str]:
-    """Backends that run on ``device`` (``varlen`` additionally needs fp16/bf16)."""
-    on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-    names = ["dense", "bucketed"]
-    if on_cuda and varlen.available():
-        names.append("varlen")
-    if flex.available() and on_cuda:
-        names.append("flex")
-    return names
-
 
 # Measured on CPU in fp32 (benchmarks/attention_scaling.py): buckets win while their scores stay
 # below about 0.3 of the dense B·L² scores in sequences of up to 256 tokens; above that, gathering
@@ -37,21 +32,28 @@ def available_backends(device: torch.device | str) -> list[str]:
 CPU_DENSE_ABOVE = 0.3
 
 
-def auto_backend(device: torch.device, half_precision: bool) -> AttentionBackend:
-    """Fastest backend for a device: varlen flash attention on CUDA in half precision,
-    FlexAttention on CUDA in fp32, and on CPU the Σnᵢ² bucketed backend, which in fp32 switches
-    to one dense call for batches where that is cheaper."""
-    if device.type == "cuda":
-        if half_precision and varlen.available():
-            return VarlenBackend()
-        return FlexBackend() if flex.available() else DenseBackend()
-    return BucketedBackend(dense_above=None if half_precision else CPU_DENSE_ABOVE)
+def tuned_bucketed(situation: Situation) -> BucketedBackend:
+    """``auto``'s bucketed backend: in fp32 it switches to one dense call for batches where that
+    is cheaper (see CPU_DENSE_ABOVE); in half precision it always keeps its buckets."""
+    return BucketedBackend(dense_above=None if situation.half else CPU_DENSE_ABOVE)
 
 
-def get_backend(name: str) -> AttentionBackend:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected 'auto' or one of {sorted(BACKENDS)}")
-    return BACKENDS[name]()
+register(DenseBackend)
+register(BucketedBackend, auto=tuned_bucketed)
+register(VarlenBackend)
+register(FlexBackend)
 
 
-__all__ = ["AttentionBackend", "available_backends", "auto_backend", "get_backend", "BACKENDS"]
+def auto_backend(device: torch.device, half_precision: bool, grad: bool = True) -> AttentionBackend:
+    """``auto``'s backend for a device, in half precision (bf16) or fp32: varlen flash attention
+    on CUDA in half precision, FlexAttention on CUDA in fp32, and on CPU the Σnᵢ² bucketed
+    backend, which in fp32 switches to one dense call for batches where that is cheaper."""
+    dtype = torch.bfloat16 if half_precision else torch.float32
+    return choose("auto", Situation(torch.device(device), dtype, grad))
+
+
+__all__ = [
+    "BACKENDS", "CPU_DENSE_ABOVE", "AttentionBackend", "BucketedBackend", "Capabilities", "DenseBackend", "FlexBackend",
+    "Situation", "VarlenBackend", "auto_backend", "auto_name", "available_backends", "choose", "fitting", "get_backend",
+    "names", "register", "unregister",
+]  # fmt: skip

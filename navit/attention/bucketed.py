@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from navit.attention.base import HALF_DTYPES, segment_runs
+from navit.attention.base import HALF_DTYPES, Capabilities, segment_runs
 from navit.attention.dense import DenseBackend
 from navit.batch import PAD
 
@@ -119,7 +119,8 @@ class BucketedBackend:
     and 0.919 / 0.933 with ratio 0.9 and per-call gathers (one interleaved run of 7 steps each)."""
 
     name = "bucketed"
-    traceable = False
+    # Data-dependent plans (not traceable); ``auto``'s choice on CPU, where it trains.
+    capabilities = Capabilities(slot_order=True, preference={"cpu": 20})
 
     def __init__(self, ratio: float = 0.9, slack: int = 8, dense_above: float | None = None,
                  matmul_max_len: int = 512, dense_max_len: int = 256) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from navit.attention.base import Capabilities
+
 
 class DenseBackend:
     name = "dense"
-    traceable = True
+    # Runs anywhere SDPA does; ``auto``'s last resort where nothing faster fits.
+    capabilities = Capabilities(traceable=True, preference={"cpu": 0, "cuda": 0})
 
     def prepare(self, segment_ids: torch.Tensor) -> torch.Tensor:
         # Padding (-1) matches padding, so no row is fully masked and nothing becomes NaN.

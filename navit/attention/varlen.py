@@ -11,14 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from navit.attention.base import HALF_DTYPES, segment_runs
+from navit.attention.base import HALF_DTYPES, Capabilities, segment_runs
 
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.9
     varlen_attn = None
-
-KERNEL_DEVICES = ("cuda",)  # where torch ships the varlen flash kernel
 
 
 def available() -> bool:
@@ -33,12 +31,15 @@ class VarlenState:
 
 class VarlenBackend:
     name = "varlen"
-    traceable = False
+    # Torch ships the flash kernel for CUDA only, in half precision; ``auto``'s first choice there.
+    capabilities = Capabilities(
+        devices=("cuda",), dtypes=HALF_DTYPES, preference={"cuda": 30}, present=lambda device: available(),
+    )
 
     def prepare(self, segment_ids: torch.Tensor) -> VarlenState:
         if varlen_attn is None:
             raise RuntimeError("the varlen backend needs torch>=2.9 (torch.nn.attention.varlen)")
-        if segment_ids.device.type not in KERNEL_DEVICES:
+        if segment_ids.device.type not in self.capabilities.devices:
             raise RuntimeError("the varlen backend runs on CUDA only; use 'bucketed' on CPU")
         starts, lengths, _ = segment_runs(segment_ids)
         cu = torch.cat([starts, starts.new_tensor([segment_ids.numel()])]).to(torch.int32)

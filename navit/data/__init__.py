@@ -1,34 +1,27 @@
-"""Data sources: where items (images, labels, captions) come from: folders, manifests, tar shards, synthetic."""
+"""Data: sources that stream item dicts (``image``, ``video``, ``label``, ``caption``, ``mask``, ...),
+opened by name from a registry, and the loader that packs them into batches.
 
-from navit.media.image import load_rgb
-from navit.data.sources import (
-    IMAGE_EXTENSIONS,
-    ImageFolder,
-    ImageSource,
-    Manifest,
-    Subset,
-    TarShards,
-    open_source,
-    shard,
-    split_holdout,
-    with_class_names,
-)
-from navit.synthetic.shapes import CLASS_NAMES, ShapeParams, SyntheticShapes, write_image_folder
+The built-in generated sets live in :mod:`navit.synthetic`; decoding in :mod:`navit.media`.
+"""
+
+from navit.data.folder import ImageFolder
+from navit.data.labels import with_class_names
+from navit.data.manifest import Manifest
+from navit.data.registry import open_source, register_source
+from navit.data.stream import IndexedSource, Part, Record, Source, Subset, split_holdout
+from navit.data.tar import TarShards
 
 __all__ = [
-    "CLASS_NAMES",
-    "IMAGE_EXTENSIONS",
     "ImageFolder",
-    "ImageSource",
+    "IndexedSource",
     "Manifest",
-    "ShapeParams",
+    "Part",
+    "Record",
+    "Source",
     "Subset",
-    "SyntheticShapes",
     "TarShards",
-    "load_rgb",
     "open_source",
-    "shard",
+    "register_source",
     "split_holdout",
     "with_class_names",
-    "write_image_folder",
 ]

@@ -1,35 +1,38 @@
-"""The packing loader: workers turn items into examples, a streaming first-fit packer emits batches.
+"""The packing loader: lanes of workers turn a source's stream into examples, a first-fit packer
+in the main process emits fixed-shape batches.
 
-Workers decode, augment, resize, patchify and drop tokens, and take the task's targets from each
-item (all per-example Python work, in parallel with training). The main process keeps a buffer
-of examples and packs it into a fixed number of sequences per batch; examples that do not fit
-wait for the next batch.
+Each epoch a source cuts its data into parts (:mod:`navit.data.stream`); lane ``w`` of ``W``
+(a worker process each, or the main process with no workers) reads parts ``w, w + W, ...`` in
+order and runs each record through the ops (decode, augment, tokenize, drop: per-example Python
+work, in parallel with training) and the task's targets, in chunks of ``chunk_size`` items. The
+main process takes one chunk from each lane in turn, keeps a buffer of examples and packs it into
+``num_seqs`` sequences whenever it holds ``buffer_size``; examples that do not fit wait.
 
-Determinism: every example's randomness comes from (seed, epoch, index) alone, so batches do not
-depend on the number of workers. Resumption: the loader state is the epoch, how many items of
-the epoch's order entered the buffer, and the buffer's contents; re-tokenizing the buffer on
-resume reproduces it exactly.
+Determinism: an item's randomness comes from (seed, epoch, key) alone; with an indexed source the
+parts are chunks, so the order is the same for any number of workers. Resumption: the state is
+the epoch, each lane's position (items taken; part and offset) and, for each example still in the
+buffer, where it came from; a resumed loader rereads each lane from its oldest buffered example,
+restores the buffer as it was and goes on exactly where the saved one stood.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset
 
-from navit.data.transforms import ExampleTransform
-from navit.batch import PackedBatch
-from navit.packing import pack
-from navit.batch import Example
-from navit.token_drop import TokenDropper
+from navit.batch import Example, PackedBatch
+from navit.data.stream import Part, Record, Source
+from navit.packing import PackingConfig, pack
 
 Targets = Callable[[dict[str, Any]], dict[str, Any]]
+Chain = Callable[[dict[str, Any], "np.random.Generator | None"], dict[str, Any]]
 
 
 def label_targets(item: dict[str, Any]) -> dict[str, Any]:
@@ -37,15 +40,19 @@ def label_targets(item: dict[str, Any]) -> dict[str, Any]:
     return {"label": item["label"]}
 
 
-class ItemKey(NamedTuple):
-    index: int  # dataset index
-    epoch: int
-    progress: float  # fraction of training done when this item was drawn (for schedules)
+class Where(NamedTuple):
+    """Where an item sits in its lane's stream: its number there, its part and offset in it."""
+
+    lane: int
+    seq: int
+    part: int
+    offset: int
 
 
 @dataclass
 class LoadedItem:
-    key: ItemKey
+    where: Where
+    key: str
     example: Example | None
     targets: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # what went wrong, naming the item
@@ -69,80 +76,62 @@ def collate_targets(targets: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class LoaderBatch:
-    """A packed batch plus its targets; every target's rows follow the model's output rows."""
+    """A packed batch plus its targets; every target's rows, and ``keys``, follow the model's output rows."""
 
     batch: PackedBatch
     targets: dict[str, Any]  # e.g. {"label": [N] long} or {"caption": [N] str}
-    indices: torch.Tensor  # [N] dataset index of each example
+    keys: list[str]  # each example's item key
 
     def to(self, device: torch.device | str) -> "LoaderBatch":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.targets.items()}
-        return LoaderBatch(self.batch.to(device), moved, self.indices)
+        return LoaderBatch(self.batch.to(device), moved, self.keys)
 
 
 @dataclass(frozen=True)
-class DropSchedule:
-    """Multiplier of the per-image drop rates over training progress in [0, 1].
+class Pipeline:
+    """What a lane does to each record (picklable, so worker processes run it)."""
 
-    ``sigmoid`` (the paper's) moves from ``start`` to ``end`` along a logistic curve centred
-    mid-training; ``linear`` moves straight; ``constant`` stays at ``start``.
-    """
+    chain: Chain
+    targets: Targets
+    seed: int
+    train: bool
 
-    KINDS = ("constant", "linear", "sigmoid")
-
-    kind: str = "constant"
-    start: float = 1.0
-    end: float = 1.0
-    steepness: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in self.KINDS:
-            raise ValueError(f"drop schedule {self.kind!r}; expected one of {self.KINDS}")
-        for name in ("start", "end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"drop schedule {name} must be in [0, 1], got {getattr(self, name)}")
-
-    def __call__(self, progress: float) -> float:
-        t = min(max(progress, 0.0), 1.0)
-        if self.kind == "constant":
-            return self.start
-        if self.kind == "sigmoid":
-            squash = lambda x: 1.0 / (1.0 + math.exp(-self.steepness * (x - 0.5)))  # noqa: E731
-            t = (squash(t) - squash(0.0)) / (squash(1.0) - squash(0.0))
-        return self.start + (self.end - self.start) * t
-
-
-class _TokenizeDataset(Dataset):
-    """Runs in workers: a chunk of keys in, a list of examples with targets (or errors) out."""
-
-    def __init__(self, source, transform: ExampleTransform, targets: Targets, train: bool, seed: int,
-                 dropper: TokenDropper | None, schedule: DropSchedule) -> None:
-        self.source, self.transform, self.targets, self.train, self.seed = source, transform, targets, train, seed
-        self.dropper, self.schedule = dropper, schedule
-
-    def __len__(self) -> int:  # unused: keys come from the sampler
-        return 0
-
-    def tokenize(self, key: ItemKey) -> LoadedItem:
+    def load(self, record: Record, where: Where, epoch: int, progress: float) -> LoadedItem:
         try:
-            item = self.source.item(key.index)
-            rng = np.random.default_rng([self.seed, key.epoch, key.index]) if self.train else None
-            example = self.transform(
-                item, rng, dropper=self.dropper, drop_scale=self.schedule(key.progress),
-                name=self.source.describe(key.index),
-            )  # fmt: skip
-            targets = self.targets(item)
+            if record.item is None:
+                raise record.error or ValueError("unreadable")
+            rng = np.random.default_rng([self.seed, epoch, zlib.crc32(record.key.encode("utf-8", "surrogatepass"))]) \
+                if self.train else None  # fmt: skip
+            item = self.chain({**record.item, "__name__": record.name, "__progress__": progress}, rng)
+            return LoadedItem(where, record.key, item["example"], self.targets(item))
         except Exception as error:  # a long run must not die on one bad item
-            name = self.source.describe(key.index)
-            return LoadedItem(key, None, error=f"{name}: {error}", reason=str(error).replace(name, "<file>"))
-        return LoadedItem(key, example, targets)
-
-    def __getitem__(self, keys: list[ItemKey]) -> list[LoadedItem]:
-        return [self.tokenize(key) for key in keys]
+            return LoadedItem(where, record.key, None, error=f"{record.name}: {error}",
+                              reason=str(error).replace(record.name, "<file>"))  # fmt: skip
 
 
-def _as_is(chunk: list[LoadedItem]) -> list[LoadedItem]:
-    return chunk
+class _Lane(IterableDataset):
+    """One lane's stream of chunks, from ``start`` on (chunks end where the lane's item count is a
+    multiple of ``chunk_size``, wherever the lane starts, so a resumed lane cuts them alike)."""
+
+    def __init__(self, source: Source, pipeline: Pipeline, parts: list[Part], lane: int, start: Where,
+                 epoch: int, epochs: float | None, chunk_size: int) -> None:  # fmt: skip
+        self.source, self.pipeline, self.parts, self.lane, self.start = source, pipeline, parts, lane, start
+        self.epoch, self.epochs, self.chunk_size = epoch, epochs, chunk_size
+
+    def __iter__(self) -> Iterator[list[LoadedItem]]:
+        seq, chunk = self.start.seq, []
+        for p in range(self.start.part, len(self.parts)):
+            part = self.parts[p]
+            progress = (self.epoch + part.start) / self.epochs if self.epochs else 0.0
+            first = self.start.offset if p == self.start.part else 0
+            for offset, record in enumerate(self.source.read(part, first), first):
+                chunk.append(self.pipeline.load(record, Where(self.lane, seq, p, offset), self.epoch, progress))
+                seq += 1
+                if seq % self.chunk_size == 0:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
 
 
 def _worker_init(_: int) -> None:
@@ -150,138 +139,167 @@ def _worker_init(_: int) -> None:
 
 
 @dataclass
+class LaneState:
+    next: Where  # the next item to take
+    done: bool = False
+
+
+@dataclass
 class PackedLoader:
-    """Streams fixed-shape ``LoaderBatch``es of ``num_seqs`` × ``seq_len`` tokens.
+    """Streams fixed-shape ``LoaderBatch``es of ``packing.num_seqs`` × ``packing.seq_len`` tokens.
 
     Each ``iter()`` runs one epoch (continuing a resumed one); ``epoch`` advances at its end.
-    ``total_examples`` (the examples of the whole training run) turns stream position into the
-    training progress that drop-rate schedules read.
+    ``rank`` of ``world_size`` reads its own parts of each epoch. ``epochs`` (the run's length in
+    passes) turns stream position into the training progress that drop-rate schedules read.
     """
 
-    source: Any
-    transform: ExampleTransform
+    source: Source
+    chain: Chain
+    num_workers: int  # worker processes (lanes); 0 reads in the main process
     targets: Targets = label_targets  # item -> the task's targets (picklable)
-    seq_len: int = 256
-    num_seqs: int = 8
-    max_examples_per_seq: int = 32
-    buffer_size: int = 256
+    packing: PackingConfig = field(default_factory=PackingConfig)
     train: bool = True
     seed: int = 0
-    num_workers: int = 2
     chunk_size: int = 16
-    strategy: str = "first_fit"
-    dropper: TokenDropper | None = None
-    drop_schedule: DropSchedule = field(default_factory=DropSchedule)
-    total_examples: int | None = None
+    rank: int = 0
+    world_size: int = 1
+    epochs: float | None = None
     fail_fast: bool = False
+    strategy: str = "first_fit"
 
     epoch: int = 0
-    _consumed: int = 0
-    _buffer: list[LoadedItem] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        if len(self.source) == 0:
-            raise ValueError("the dataset is empty: there is nothing to load")
-        tokens = max(self.transform.processor.max_tokens, self.transform.budget or 0)
-        if tokens > self.seq_len:
-            raise ValueError(
-                f"an example may have {tokens} tokens, which exceeds seq_len={self.seq_len}: "
-                "it could never be packed; raise seq_len"
-            )
-        for name in ("seq_len", "num_seqs", "max_examples_per_seq", "buffer_size", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dropper is not None:
-            self.dropper.train(self.train)
+        for name in ("num_seqs", "seq_len", "max_examples_per_seq", "buffer_size"):
+            if getattr(self.packing, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self.packing, name)}")
+        if self.chunk_size < 1 or self.num_workers < 0:
+            raise ValueError(f"chunk_size must be >= 1 and num_workers >= 0, got {self.chunk_size}, {self.num_workers}")
+        self._lanes: list[LaneState] = self._fresh_lanes()
+        self._turn = 0
+        self._buffer: list[LoadedItem] = []
+        self._restore: list[Where] = []  # buffered examples to reread after a resume, in buffer order
+
+    @property
+    def num_lanes(self) -> int:
+        return max(1, self.num_workers)
+
+    def _fresh_lanes(self) -> list[LaneState]:
+        return [LaneState(Where(w, 0, 0, 0)) for w in range(self.num_lanes)]
 
     @property
     def at_epoch_start(self) -> bool:
         """True unless the current epoch is partly consumed (e.g. after resuming mid-epoch)."""
-        return self._consumed == 0 and not self._buffer
+        return not self._buffer and not self._restore and all(s.next.seq == 0 and not s.done for s in self._lanes)
 
-    def _order(self, epoch: int) -> list[int]:
-        n = len(self.source)
-        if not self.train:
-            return list(range(n))
-        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(n).tolist()
-
-    def _key(self, index: int, position: int) -> ItemKey:
-        done = self.epoch * len(self.source) + position
-        progress = done / self.total_examples if self.total_examples else 0.0
-        return ItemKey(index, self.epoch, progress)
+    def _open(self, lane: int, parts: list[Part], start: Where) -> Iterator[list[LoadedItem]]:
+        pipeline = Pipeline(self.chain, self.targets, self.seed, self.train)
+        dataset = _Lane(self.source, pipeline, parts[lane :: self.num_lanes], lane, start, self.epoch, self.epochs,
+                        self.chunk_size)  # fmt: skip
+        if self.num_workers == 0:
+            return iter(dataset)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=1, collate_fn=_as_is,
+                               worker_init_fn=_worker_init, prefetch_factor=4))  # fmt: skip
 
     def _emit(self) -> LoaderBatch:
-        result = pack(
-            [item.example for item in self._buffer],
-            self.seq_len,
-            max_examples_per_seq=self.max_examples_per_seq,
-            num_seqs=self.num_seqs,
-            strategy=self.strategy,
-        )
+        packing = self.packing
+        result = pack([item.example for item in self._buffer], packing.seq_len,
+                      max_examples_per_seq=packing.max_examples_per_seq, num_seqs=packing.num_seqs,
+                      strategy=self.strategy)  # fmt: skip
         items = [self._buffer[i] for i in result.packed]
         self._buffer = [self._buffer[i] for i in result.leftover]
-        return LoaderBatch(
-            batch=result.batch,
-            targets=collate_targets([item.targets for item in items]),
-            indices=torch.tensor([item.key.index for item in items], dtype=torch.long),
-        )
+        return LoaderBatch(result.batch, collate_targets([item.targets for item in items]), [item.key for item in items])
 
     def _accept(self, item: LoadedItem) -> None:
         if item.example is not None:
+            if item.example.num_tokens > self.packing.seq_len:
+                raise ValueError(f"an example of {item.example.num_tokens} tokens ({item.key}) cannot be packed into "
+                                 f"seq_len={self.packing.seq_len}: raise seq_len or lower the token budget")  # fmt: skip
             self._buffer.append(item)
             return
         if self.fail_fast:
             raise ValueError(f"could not load an item (fail_fast is on): {item.error}")
         self.skipped[item.reason.split("\n")[0][:120]] += 1
         if sum(self.skipped.values()) <= 10:
-            warnings.warn(f"skipping {item.error}", stacklevel=2)
+            warnings.warn(f"skipping {item.error}", stacklevel=3)
+
+    def _reread(self, lanes: list[Iterator[list[LoadedItem]] | None], parts: list[Part]) -> None:
+        """After a resume: reread each lane from its oldest buffered example up to where it stood,
+        and put the buffered examples back in their order (one gone bad meanwhile is skipped)."""
+        found: dict[Where, LoadedItem] = {}
+        wanted = set(self._restore)
+        for lane, state in enumerate(self._lanes):
+            mine = [w for w in self._restore if w.lane == lane]
+            if not mine:
+                continue
+            oldest = min(mine, key=lambda w: w.seq)
+            stream = self._open(lane, parts, oldest)
+            taken = oldest.seq
+            while taken < state.next.seq:
+                chunk = next(stream, None)
+                if chunk is None:
+                    break
+                for item in chunk:
+                    if item.where in wanted:
+                        found[item.where] = item
+                taken = chunk[-1].where.seq + 1
+            lanes[lane] = None if state.done else stream
+        for where in self._restore:
+            if where in found:
+                self._accept(found[where])
+        self._restore = []
 
     def __iter__(self) -> Iterator[LoaderBatch]:
-        order = self._order(self.epoch)
-        keys = [self._key(index, pos) for pos, index in enumerate(order)][self._consumed :]
-        chunks = [keys[i : i + self.chunk_size] for i in range(0, len(keys), self.chunk_size)]
-        dataset = self._dataset()
-        loader = DataLoader(
-            dataset,
-            sampler=chunks,
-            batch_size=None,
-            num_workers=self.num_workers,
-            collate_fn=_as_is,
-            worker_init_fn=_worker_init if self.num_workers else None,
-            prefetch_factor=4 if self.num_workers else None,
-            persistent_workers=False,
-        )
-        for chunk in loader:
+        parts = self.source.parts(self.epoch, self.rank, self.world_size, shuffle=self.train, seed=self.seed,
+                                  size=self.chunk_size)  # fmt: skip
+        lanes: list[Iterator[list[LoadedItem]] | None] = [None] * self.num_lanes
+        self._reread(lanes, parts)
+        for lane, state in enumerate(self._lanes):
+            if lanes[lane] is None and not state.done:
+                lanes[lane] = self._open(lane, parts, state.next)
+        while not all(state.done for state in self._lanes):
+            lane = self._turn
+            self._turn = (lane + 1) % self.num_lanes
+            state = self._lanes[lane]
+            if state.done:
+                continue
+            chunk = next(lanes[lane], None)
+            if chunk is None:
+                state.done = True
+                continue
             for item in chunk:
                 self._accept(item)
-            self._consumed += len(chunk)
-            while len(self._buffer) >= self.buffer_size:
+            last = chunk[-1].where
+            state.next = Where(lane, last.seq + 1, last.part, last.offset + 1)
+            while len(self._buffer) >= self.packing.buffer_size:
                 yield self._emit()
         while self._buffer:
             yield self._emit()
         self.epoch += 1
-        self._consumed = 0
-
-    def _dataset(self) -> _TokenizeDataset:
-        return _TokenizeDataset(
-            self.source, self.transform, self.targets, self.train, self.seed, self.dropper, self.drop_schedule
-        )
+        self._lanes, self._turn = self._fresh_lanes(), 0
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands between two batches, as plain JSON-able values."""
         return {
             "epoch": self.epoch,
-            "consumed": self._consumed,
-            "buffer": [list(item.key) for item in self._buffer],
+            "lanes": [[*state.next, state.done] for state in self._lanes],
+            "turn": self._turn,
+            "buffer": [list(item.where) for item in self._buffer],
             "skipped": dict(self.skipped),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self._consumed = int(state["epoch"]), int(state["consumed"])
-        self.skipped = Counter(state.get("skipped", {}))
-        dataset = self._dataset()
+        if len(state["lanes"]) != self.num_lanes:
+            raise ValueError(f"the saved loader ran {len(state['lanes'])} lane(s) (workers); this one runs "
+                             f"{self.num_lanes}: resume with the same --workers")  # fmt: skip
+        self.epoch, self._turn = int(state["epoch"]), int(state["turn"])
+        self._lanes = [LaneState(Where(*map(int, lane[:4])), bool(lane[4])) for lane in state["lanes"]]
+        self._restore = [Where(*map(int, where)) for where in state["buffer"]]
         self._buffer = []
-        for raw in state["buffer"]:
-            key = ItemKey(int(raw[0]), int(raw[1]), float(raw[2]))
-            self._accept(dataset.tokenize(key))  # a file gone bad since the save is skipped and counted
+        self.skipped = Counter(state.get("skipped", {}))
+
+
+def _as_is(chunk: list[LoadedItem]) -> list[LoadedItem]:
+    return chunk
+

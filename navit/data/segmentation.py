@@ -21,25 +21,15 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from navit.media.image import IMAGE_EXTENSIONS, load_rgb
 from navit.data.files import walk
-from navit.synthetic.shapes import (
-    CLASS_NAMES,
-    CLASS_SPECS,
-    DARK_MAX,
-    LIGHT_MIN,
-    RATIO_RANGES,
-    gradient,
-    grain,
-    shape_polygon,
-)
+from navit.data.stream import IndexedSource
 
 IGNORE = 255
 MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B")
@@ -121,16 +111,15 @@ def _largest_index(masks) -> int:
     return largest
 
 
-class _MaskPairs:
+class _MaskPairs(IndexedSource):
     """A list of (image path, mask path) pairs with class names: the shared part of the sources."""
 
-    has_masks = True
-    has_video = False
+    provides = frozenset({"image", "mask", "label"})
 
     def __init__(self, pairs: list[tuple[str, str]], classes_file: str, where: str) -> None:
         if not pairs:
             raise ValueError(f"{where} lists no images")
-        self.pairs = pairs
+        self.pairs, self.base = pairs, os.path.dirname(classes_file)
         names = read_classes(classes_file)
         if names is None:  # the classes are the indices the masks use
             names = [str(i) for i in range(_largest_index(m for _, m in pairs) + 1)]
@@ -144,6 +133,9 @@ class _MaskPairs:
 
     def describe(self, index: int) -> str:
         return self.pairs[index][0]
+
+    def key(self, index: int) -> str:
+        return "/".join(os.path.relpath(self.pairs[index][0], self.base).split(os.sep))
 
     def load(self, index: int) -> Image.Image:
         return load_rgb(self.pairs[index][0], name=self.describe(index))

@@ -131,9 +131,14 @@ class Experiment:
     trains: ClassVar[bool] = True
     measures: ClassVar[str] = ""
 
+    #: Training options every arm shares (on top of :data:`BASE`).
+    shared: ClassVar[dict[str, Any]] = {}
+    #: Training examples of every arm, whatever the data's size (None: the arms say, or epochs do).
+    examples: ClassVar[int | None] = None
+
     def options(self, setting: Setting) -> dict[str, Any]:
-        """The training options every arm shares (on top of :data:`BASE`)."""
-        return {}
+        """The training options every arm shares: :attr:`shared`, and epochs for :attr:`examples`."""
+        return {**self.shared, **({"epochs": self.epochs(self.examples, setting)} if self.examples else {})}
 
     def arms(self, setting: Setting) -> list[Arm]:
         raise NotImplementedError
@@ -146,8 +151,8 @@ class Experiment:
 
     def train_size(self, setting: Setting) -> int:
         """Examples in the training split of ``setting.data``."""
-        from navit.data.sources import open_source
-        from navit.train_config import DataSection
+        from navit.data.registry import open_source
+        from navit.train_data import DataSection
 
         size = len(open_source(setting.data))
         return size if setting.val_data else round(size * (1 - DataSection().val_fraction))

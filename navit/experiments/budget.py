@@ -21,9 +21,9 @@ class Budget(Experiment):
     claim = ("One NaViT serves every inference budget: accuracy rises smoothly with the tokens per image. Measured "
              "alongside, not a claim of the paper: whether resizing to a budget or dropping tokens to it keeps more.")
 
-    def options(self, setting: Setting) -> dict[str, Any]:
-        return {"budgets": BUDGETS, "res_mode": "side", "res_min": 64, "res_max": 128, "drop": "beta",
-                "drop_rate": 0.2, "drop_max": 0.5, "epochs": self.epochs(24000, setting)}  # fmt: skip
+    shared = {"budgets": BUDGETS, "res_mode": "side", "res_min": 64, "res_max": 128, "drop": "beta", "drop_rate": 0.2,
+              "drop_max": 0.5}  # fmt: skip
+    examples = 24000
 
     def arms(self, setting: Setting) -> list[Arm]:
         return [Arm("navit", {})]
@@ -31,7 +31,7 @@ class Budget(Experiment):
     def after_training(self, record: dict[str, Any], run_folder: Path, setting: Setting) -> None:
         from navit.evaluate import evaluate_budgets
         from navit.inference import load_checkpoint
-        from navit.train import open_data
+        from navit.train_data import open_data
         from navit.train_config import TrainConfig
 
         model, task, meta = load_checkpoint(run_folder)

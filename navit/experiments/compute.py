@@ -26,8 +26,7 @@ class Compute(Experiment):
     claim = ("At equal training FLOPs NaViT beats ViT at every budget; it matches ViT's best accuracy with at "
              "most a quarter of the compute and sees several times more images per FLOP (paper: ~5x).")
 
-    def options(self, setting: Setting) -> dict[str, Any]:
-        return {"budgets": [16, 36, 64]}
+    shared = {"budgets": [16, 36, 64]}
 
     def arms_at(self, flops: float, setting: Setting) -> list[Arm]:
         arms = [Arm(f"vit{t}-{flops:.3g}", {"baseline": "square", "square_tokens": t, "max_flops": flops}, f"ViT {t} tok")

@@ -34,9 +34,8 @@ class PosEmb(Experiment):
     claim = ("Factorized position embeddings carry a model trained at low resolution to higher, unseen ones better "
              "than a resized ViT embedding or a 2-D Pix2Struct table, and are no worse at the training resolution.")
 
-    def options(self, setting: Setting) -> dict[str, Any]:
-        return {"budgets": [*TRAIN, *UNSEEN], "res_mode": "side", "res_min": 64, "res_max": 128,
-                "epochs": self.epochs(12000, setting)}  # fmt: skip
+    shared = {"budgets": [*TRAIN, *UNSEEN], "res_mode": "side", "res_min": 64, "res_max": 128}
+    examples = 12000
 
     def arms(self, setting: Setting) -> list[Arm]:
         arms = [factorized(kind, mode) for kind in KINDS for mode in ("absolute", "fractional")]

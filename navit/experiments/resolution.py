@@ -24,8 +24,7 @@ class Resolution(Experiment):
     claim = ("At equal compute, sampling the training resolution beats one fixed resolution, at the fixed one and "
              "below it; sampling side lengths from a normal biased to low resolution is the best distribution.")
 
-    def options(self, setting: Setting) -> dict[str, Any]:
-        return {"budgets": [16, 36, 64], "res_min": RES_MIN, "res_max": RES_MAX}
+    shared = {"budgets": [16, 36, 64], "res_min": RES_MIN, "res_max": RES_MAX}
 
     def arms(self, setting: Setting) -> list[Arm]:
         flops = self.flops(16000, setting)

@@ -25,8 +25,7 @@ class TokenDrop(Experiment):
              "rates beat one constant rate (Fig. 8); a rate that changes during training can beat a constant one "
              "(Fig. 9; here a falling and a rising rate against a constant one, at equal tokens).")
 
-    def options(self, setting: Setting) -> dict[str, Any]:
-        return {"budgets": [16, 36, 64], "res_mode": "side", "res_min": 64, "res_max": 128, "drop_max": 0.5}
+    shared = {"budgets": [16, 36, 64], "res_mode": "side", "res_min": 64, "res_max": 128, "drop_max": 0.5}
 
     def arms(self, setting: Setting) -> list[Arm]:
         flops = self.flops(12000, setting)

@@ -109,7 +109,12 @@ class VideoFile:
         if not container.streams.video:
             container.close()
             raise ValueError(f"cannot decode video {self.name}: it has no video stream")
-        return container, container.streams.video[0]
+        stream = container.streams.video[0]
+        if stream.codec_context is None:  # FFmpeg found no decoder for it (an unknown codec, or a damaged header)
+            container.close()
+            raise ValueError(f"cannot decode video {self.name}: its video stream has no decoder (an unknown "
+                             "codec, or a damaged file)")  # fmt: skip
+        return container, stream
 
     def info(self) -> ClipInfo:
         """The clip as a player shows it: its size after the pixel aspect ratio and the display

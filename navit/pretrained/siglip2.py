@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +71,26 @@ def two_tower_config(hf: dict[str, Any]) -> ImageTextConfig:
 
 
 def processor_for(config: NaViTConfig, folder: Path | None = None) -> Processor | None:
-    """SigLIP2's preprocessing, from ``preprocessor_config.json`` when the folder has one (None
-    for a model no processor feeds, e.g. 4 channels). Its rescaling and normalisation, applied
-    to 0-255 pixels, become one mean and std on navit's [0, 1] pixels; a setting navit cannot
-    follow is refused by name."""
+    """SigLIP2's preprocessing, from ``preprocessor_config.json`` when the folder has one (a
+    folder without one gets SigLIP2's defaults, with a warning; None for a model no processor
+    feeds, e.g. 4 channels). Its rescaling and normalisation, applied to 0-255 pixels, become
+    one mean and std on navit's [0, 1] pixels; a setting navit cannot follow, or a patch size
+    other than ``config.json``'s, is refused by name."""
     if not Processor.can_feed(config):
         return None
     path = folder / "preprocessor_config.json" if folder is not None else None
     values = read_json(path) if path is not None and path.exists() else {}
+    if path is not None and not path.exists():
+        warnings.warn(f"{folder} has no preprocessor_config.json: using SigLIP2's default preprocessing "
+                      "(max_num_patches=256, bilinear, mean and std 0.5); copy the model's preprocessor_config.json "
+                      "into the folder if it was trained with other settings", stacklevel=3)  # fmt: skip
 
     def refuse(key: str, why: str) -> ValueError:
         return ValueError(f"{path}: {key}={values[key]!r} {why}")
 
+    if values.get("patch_size", config.patch_size) != config.patch_size:
+        raise refuse("patch_size", f"does not match config.json's patch_size={config.patch_size}; the two files "
+                                   "must come from the same model")  # fmt: skip
     if not values.get("do_resize", True):
         raise refuse("do_resize", "is not supported: SigLIP2 NaFlex resizes every image to fit max_num_patches")
     if values.get("resample", 2) not in RESAMPLE:

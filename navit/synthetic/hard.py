@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
 from navit.synthetic.shapes import DARK_MAX, LIGHT_MIN, balanced_label, gradient, grain
+from navit.synthetic.base import Generated
 
 KINDS: tuple[str, ...] = ("cross", "diamond", "ellipse", "rectangle", "star", "triangle")
 
@@ -55,37 +56,25 @@ def place(kind: str, radius: float, stretch: float, angle: float, cx: float, cy:
     return [(cx + x * sx * c - y * sy * s, cy + x * sx * s + y * sy * c) for x, y in OUTLINES[kind]]
 
 
-class SyntheticLargest:
+class SyntheticLargest(Generated):
     """Procedural image source: the label is the kind of the largest of several shapes. An item
     also lists the shapes drawn (kind, radius and centre in pixels), the labelled one first."""
 
-    has_video = False
+    kind = "synthetic-hard"
+    provides = frozenset({"image", "label"})
 
     def __init__(self, num_images: int = 6000, seed: int = 0, min_side: int = 48, max_side: int = 320,
                  *, noise_std: float = 3.0) -> None:  # fmt: skip
         if num_images < 1 or seed < 0 or not 16 <= min_side <= max_side:
             raise ValueError(f"need num_images >= 1, seed >= 0 and 16 <= min_side <= max_side, got "
                              f"{num_images}, {seed}, {min_side}, {max_side}")  # fmt: skip
-        self.num_images, self.seed, self.min_side, self.max_side = int(num_images), int(seed), min_side, max_side
+        self.num_images = self.count = int(num_images)
+        self.seed, self.min_side, self.max_side = int(seed), min_side, max_side
         self.noise_std = noise_std
         self.class_names: list[str] = list(KINDS)
 
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __repr__(self) -> str:
-        return f"SyntheticLargest(num_images={self.num_images}, seed={self.seed})"
-
     def label(self, index: int) -> int:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        return balanced_label(self.seed ^ 0x4A2D, int(index), len(KINDS))
-
-    def describe(self, index: int) -> str:
-        return f"synthetic-hard(seed={self.seed})[{index}]"
-
-    def load(self, index: int) -> Image.Image:
-        return self.item(index)["image"]
+        return balanced_label(self.seed ^ 0x4A2D, self._check(index), len(KINDS))
 
     def item(self, index: int) -> dict:
         label = self.label(index)

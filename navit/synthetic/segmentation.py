@@ -12,9 +12,10 @@ from PIL import Image, ImageDraw
 
 from navit.data.segmentation import palette_mask
 from navit.synthetic.shapes import CLASS_NAMES, CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES, gradient, grain, shape_polygon
+from navit.synthetic.base import Generated
 
 
-class SyntheticSegmentation:
+class SyntheticSegmentation(Generated):
     """Procedural segmentation set: 2 to 4 ellipses and rectangles per image, each pixel labelled
     with its object's class (its shape and its *true* proportions: tall, round/square, wide, as in
     :class:`~navit.synthetic.shapes.SyntheticShapes`) or background (0).
@@ -25,34 +26,22 @@ class SyntheticSegmentation:
     top. Item ``i`` is a pure function of ``(seed, i)``.
     """
 
-    has_masks = True
-    has_video = False
+    kind = "synthetic-seg"
+    provides = frozenset({"image", "mask", "label"})
 
     def __init__(self, num_images: int = 2000, seed: int = 0, min_side: int = 48, max_side: int = 192) -> None:
         if num_images < 1 or seed < 0 or not 8 <= min_side <= max_side:
             raise ValueError(f"need num_images >= 1, seed >= 0 and 8 <= min_side <= max_side, got "
                              f"{num_images}, {seed}, {min_side}, {max_side}")  # fmt: skip
-        self.num_images, self.seed, self.min_side, self.max_side = num_images, seed, min_side, max_side
+        self.num_images = self.count = num_images
+        self.seed, self.min_side, self.max_side = seed, min_side, max_side
         self.class_names: list[str] = ["background", *CLASS_NAMES]
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __repr__(self) -> str:
-        return f"SyntheticSegmentation(num_images={self.num_images}, seed={self.seed})"
 
     def label(self, index: int) -> int:
         return 0
 
-    def describe(self, index: int) -> str:
-        return f"synthetic-seg(seed={self.seed})[{index}]"
-
-    def load(self, index: int) -> Image.Image:
-        return self.item(index)["image"]
-
     def item(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self!r}")
+        index = self._check(index)
         rng = np.random.default_rng([self.seed, index, 7])
         aspect = math.exp(rng.uniform(math.log(0.25), math.log(4.0)))  # width / height
         elong = max(aspect, 1 / aspect)

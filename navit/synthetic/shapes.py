@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from navit.synthetic.base import Generated
 
 #: Class names, in sorted order so that ``write_image_folder`` + ``ImageFolder`` keep the indices.
 CLASS_NAMES: tuple[str, ...] = (
@@ -264,7 +265,7 @@ def caption_of(p: ShapeParams, template: int = 0) -> str:
     )
 
 
-class SyntheticShapes:
+class SyntheticShapes(Generated):
     """Procedural ImageSource: ellipses and rectangles whose class is their true proportions.
 
     ``SyntheticShapes(num_images, seed, min_side, max_side)`` holds ``num_images`` images with
@@ -276,6 +277,9 @@ class SyntheticShapes:
     (per-pixel grey noise, in 8-bit levels), ``fill_range`` (object size as a fraction of the
     largest size that fits).
     """
+
+    kind = "synthetic"
+    provides = frozenset({"image", "label", "caption"})
 
     def __init__(
         self,
@@ -300,7 +304,7 @@ class SyntheticShapes:
             raise ValueError(f"fill_range must satisfy 0 < lo <= hi <= 1, got {fill_range}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.num_images = int(num_images)
+        self.num_images = self.count = int(num_images)
         self.seed = int(seed)
         self.min_side = int(min_side)
         self.max_side = int(max_side)
@@ -312,32 +316,9 @@ class SyntheticShapes:
         self.min_aspect = max(0.25, self.min_side / self.max_side)
         self.max_aspect = min(4.0, self.max_side / self.min_side)
 
-    # -- ImageSource protocol -------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __repr__(self) -> str:
-        return (
-            f"SyntheticShapes(num_images={self.num_images}, seed={self.seed}, "
-            f"min_side={self.min_side}, max_side={self.max_side})"
-        )
-
-    def _check(self, index: int) -> int:
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        return int(index)
-
     def label(self, index: int) -> int:
         """Class of image ``index``: exact balance within each block of ``num_classes`` indices."""
         return balanced_label(self.seed, self._check(index), len(CLASS_NAMES))
-
-    def describe(self, index: int) -> str:
-        return f"synthetic(seed={self.seed})[{index}]"
-
-    def load(self, index: int) -> Image.Image:
-        return self.render(self.params(index))
 
     def item(self, index: int) -> dict:
         p = self.params(index)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from navit.synthetic.shapes import DARK_MAX, LIGHT_MIN, balanced_label, draw_scene, shape_polygon
 from navit.media.video import ClipInfo, FrameOp, FramePicker, write_video
+from navit.synthetic.base import Generated
 
 MOTION_CLASSES: tuple[str, ...] = ("grows", "moves_horizontally", "moves_vertically", "shrinks", "spins", "still")
 
@@ -92,10 +93,11 @@ class SyntheticClip:
         return [frame_op(f) if frame_op else f for f in frames], [k / p.fps for k in chosen]
 
 
-class SyntheticMotion:
+class SyntheticMotion(Generated):
     """Procedural video source (see the module docstring); items are ``{"video", "label"}``."""
 
-    has_video = True
+    kind = "synthetic-video"
+    provides = frozenset({"video", "label"})
 
     def __init__(self, num_clips: int = 3000, seed: int = 0, min_side: int = 48, max_side: int = 160, *,
                  min_frames: int = 2, max_frames: int = 32, noise_std: float = 3.0) -> None:  # fmt: skip
@@ -105,29 +107,14 @@ class SyntheticMotion:
             raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
         if not 1 <= min_frames <= max_frames:
             raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
-        self.num_clips, self.seed = int(num_clips), int(seed)
+        self.num_clips = self.count = int(num_clips)
+        self.seed = int(seed)
         self.min_side, self.max_side = min_side, max_side
         self.min_frames, self.max_frames, self.noise_std = min_frames, max_frames, noise_std
         self.class_names: list[str] = list(MOTION_CLASSES)
 
-    def __len__(self) -> int:
-        return self.num_clips
-
-    def __repr__(self) -> str:
-        return f"SyntheticMotion(num_clips={self.num_clips}, seed={self.seed})"
-
-    def _check(self, index: int) -> int:
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not 0 <= index < self.num_clips:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        return int(index)
-
     def label(self, index: int) -> int:
         return balanced_label(self.seed ^ 0x51DE0, self._check(index), len(MOTION_CLASSES))
-
-    def describe(self, index: int) -> str:
-        return f"synthetic-video(seed={self.seed})[{index}]"
 
     def item(self, index: int) -> dict[str, Any]:
         params = self.params(index)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from navit.tasks.base import StepLoss, Task
+from navit.tasks.base import Task, TaskLoss
 from navit.tasks.classify import Classification
 from navit.tasks.contrastive import Contrastive
 from navit.tasks.segment import Segmentation
@@ -19,6 +19,12 @@ TASKS: dict[str, type[Task]] = {
     Contrastive.name: Contrastive,
     Segmentation.name: Segmentation,
 }
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Make a task available by its ``name`` (``--task NAME``); usable as a class decorator."""
+    TASKS[cls.name] = cls
+    return cls
 
 
 def get_task(name: str, options: dict[str, Any] | None = None, class_names: list[str] | None = None) -> Task:
@@ -38,4 +44,4 @@ def task_of(model: Any) -> str:
     raise ValueError(f"no task builds a {type(model).__name__}; pass the task (a name or a Task) to save_model")
 
 
-__all__ = ["TASKS", "StepLoss", "Task", "get_task", "task_of"]
+__all__ = ["TASKS", "Task", "TaskLoss", "get_task", "register_task", "task_of"]

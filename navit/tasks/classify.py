@@ -9,12 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from navit import distributed as D
-from navit.config import NaViTConfig, check_choices, option
+from navit.config import check_choices, option
 from navit.model import NaViT
 from navit.batch import PackedBatch
-from navit.processor import Processor
-from navit.tasks.base import StepLoss, Task
+from navit.tasks.base import Task, TaskLoss
 
 
 @dataclass
@@ -36,13 +34,6 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str, smoo
     classes = logits.shape[-1]
     target = F.one_hot(labels, classes).float() * (1 - smoothing) + smoothing / classes
     return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").sum(-1)
-
-
-def global_mean(loss_sum: torch.Tensor, count: int, info: D.DistInfo, device: torch.device) -> tuple[torch.Tensor, int]:
-    """``loss_sum`` normalised by the examples of all ranks, scaled so that DDP's averaging of
-    gradients over ranks gives exactly the gradient of the mean over every example of the step."""
-    examples = int(D.sum_over_ranks(count, info, device))
-    return loss_sum * info.world_size / max(examples, 1), examples
 
 
 @torch.no_grad()
@@ -74,25 +65,15 @@ class Classification(Task):
     name = "classify"
     Options = ClassifyOptions
     model_class = NaViT
+    heads = ("classifier",)
 
     def targets(self, item: dict[str, Any]) -> dict[str, Any]:
         return {"label": item["label"]}
 
-    def build_model(self, config: NaViTConfig, processor: Processor) -> nn.Module:
-        return NaViT(config.replace(num_classes=len(self.class_names)), processor)
-
-    def model_from_dict(self, values: dict[str, Any], processor: Processor) -> nn.Module:
-        return NaViT(NaViTConfig.from_dict(values), processor)
-
-    def loss(
-        self, forward: Callable[..., Any], model: nn.Module, batch: PackedBatch, targets: dict[str, Any],
-        info: D.DistInfo, device: torch.device,
-    ) -> StepLoss:  # fmt: skip
+    def loss(self, forward: Callable[..., Any], model: nn.Module, batch: PackedBatch, targets: dict[str, Any]) -> TaskLoss:
         labels = targets["label"]
-        logits = forward(batch)
-        loss_sum = per_example_loss(logits, labels, self.options.loss, self.options.label_smoothing).sum()
-        loss, examples = global_mean(loss_sum, labels.numel(), info, device)
-        return StepLoss(loss, loss_sum.detach(), examples, model.flops(batch, training=True))
+        losses = per_example_loss(forward(batch), labels, self.options.loss, self.options.label_smoothing)
+        return TaskLoss(losses.sum(), labels.numel())
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         return evaluate_labels(model, loader, device)

@@ -12,9 +12,9 @@ from navit import distributed as D
 from navit.config import NaViTConfig, check_choices, option
 from navit.batch import PackedBatch
 from navit.processor import Processor
-from navit.tasks.base import StepLoss, Task
+from navit.tasks.base import Task, TaskLoss
 from navit.tasks.classify import evaluate_labels, predict_labels
-from navit.two_tower import ImageTextConfig, ImageTextModel, create_image_text_model
+from navit.two_tower import ImageTextModel, create_image_text_model
 from navit.zeroshot import ZeroShotClassifier
 
 
@@ -44,6 +44,8 @@ def checked_text(text: str, what: str) -> str:
 
 class Contrastive(Task):
     name = "contrastive"
+    needs = {"caption": "captions"}
+    data_hint = "use the built-in synthetic data or a manifest with a 'caption' column"
     Options = ContrastiveOptions
     model_class = ImageTextModel
 
@@ -52,17 +54,14 @@ class Contrastive(Task):
         self.truncated_captions = 0
 
     def check_data(self, source: Any, spec: str) -> None:
-        try:
-            source.caption(0)
-        except (AttributeError, ValueError) as error:
-            raise ValueError(
-                f"--task contrastive needs captions, but data {spec!r} has none ({error}); use the "
-                "built-in synthetic data or a manifest with a 'caption' column"
-            ) from error
+        super().check_data(source, spec)
         self.check_eval_data(source, spec)
 
     def check_eval_data(self, source: Any, spec: str) -> None:
         """Evaluation is zero-shot classification: labels, and class names to make prompts of."""
+        if "label" not in source.provides:
+            raise ValueError(f"--task contrastive is evaluated as zero-shot classification, but data {spec!r} has "
+                             "no labels: give validation data with labels (--val-data)")  # fmt: skip
         for name in source.class_names:
             checked_text(name, f"class name of data {spec!r}")
 
@@ -81,33 +80,41 @@ class Contrastive(Task):
         model.processor = processor
         return model
 
-    def model_from_dict(self, values: dict[str, Any], processor: Processor) -> nn.Module:
-        return ImageTextModel(ImageTextConfig.from_dict(values), processor)
-
-    def model_to_dict(self, model: nn.Module) -> dict[str, Any]:
-        return model.to_dict()
-
     def inference_model(self, model: nn.Module) -> nn.Module:
         return ZeroShotClassifier(model.eval(), model.tokenizer(), self.class_names)
 
     def loss(
-        self, forward: Callable[..., Any], model: ImageTextModel, batch: PackedBatch, targets: dict[str, Any],
-        info: D.DistInfo, device: torch.device,
-    ) -> StepLoss:  # fmt: skip
-        """The chunked contrastive loss over the examples of all ranks (every rank gets its value).
+        self, forward: Callable[..., Any], model: ImageTextModel, batch: PackedBatch, targets: dict[str, Any]
+    ) -> TaskLoss:
+        """The chunked contrastive loss over the examples of all ranks, as this rank's share.
 
-        Each rank receives the full gradient for its own embeddings; DDP's averaging over ranks
-        is undone by the world-size factor, as for classification.
+        The ring loss ``L`` (:mod:`navit.contrastive`) is already the mean over every rank's
+        examples, the same value on every rank, and each rank's autograd gives the full gradient
+        for its own embeddings. The trainer backpropagates ``loss_sum * world_size / total``
+        (``total``: the examples of all ranks), so ``loss_sum`` carries the gradient of
+        ``L * total``, making that ``L * world_size``, which DDP's averaging over ranks turns back
+        into the exact gradient of ``L``; its value is ``L * n`` (``n``: this rank's examples), so
+        that the logged loss (sums over ranks divided by ``total``) is ``L``. The example count is
+        the one collective here, which the ring needs anyway.
         """
         tokenizer = model.tokenizer()
-        ids, mask = (t.to(device) for t in tokenizer.encode(targets["caption"]))
+        ids, mask = (t.to(batch.patches.device) for t in tokenizer.encode(targets["caption"]))
         self.truncated_captions += tokenizer.last_num_truncated
+        self._text_shape = (id(batch), tuple(ids.shape))
         img, txt = forward(batch, ids, mask)
-        group = torch.distributed.group.WORLD if info.enabled else None
+        dist = torch.distributed
+        ranks = D.DistInfo(world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        group = dist.group.WORLD if ranks.enabled else None
         loss = model.contrastive_loss(img.float(), txt.float(), chunk_size=self.options.chunk_size, group=group)
-        examples = int(D.sum_over_ranks(img.shape[0], info, device))
-        return StepLoss(loss * info.world_size, loss.detach() * img.shape[0], examples,
-                        model.flops(batch, tuple(ids.shape), training=True))  # fmt: skip
+        count = img.shape[0]
+        total = int(D.sum_over_ranks(count, ranks, img.device))
+        return TaskLoss(loss * total + (loss * (count - total)).detach(), count)
+
+    def flops(self, model: ImageTextModel, batch: PackedBatch, targets: dict[str, Any]) -> int:
+        """Both towers' training FLOPs; the text shape is that of the step's :meth:`loss` on ``batch``."""
+        step, text_shape = getattr(self, "_text_shape", (None, None))
+        assert step == id(batch), "flops is asked after loss, of the same batch"
+        return model.flops(batch, text_shape, training=True)
 
     def counts(self) -> dict[str, int]:
         return {"truncated_captions": self.truncated_captions}

@@ -1,8 +1,9 @@
 """Semantic segmentation at native resolution: a class for every pixel, from packed sequences.
 
 Each image keeps its own resolution and aspect ratio and shares a sequence with others. The model
-(:class:`Segmenter`) is NaViT with the linear decoder of Segmenter (the paper's dense-prediction
-set-up): every token's feature becomes logits for its ``p × p`` pixels and every class. The loss is
+(:class:`Segmenter`) is the NaViT encoder with the linear decoder of Segmenter (the paper's
+dense-prediction set-up, the ``segmenter`` head of :mod:`navit.heads`): every token's feature
+becomes logits for its ``p × p`` pixels and every class. The loss is
 the pixel cross entropy over real tokens only (padding, dropped tokens and the ignore label 255
 carry none); targets are the mask, resized with nearest neighbour onto the image's patch grid and
 carried per token through packing (``PackedBatch.fields["mask"]``). At evaluation and prediction
@@ -22,14 +23,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from navit import distributed as D
 from navit.config import NaViTConfig, option
 from navit.media.image import load_rgb
 from navit.data.segmentation import IGNORE, palette, palette_mask
-from navit.model import NaViT, _init_weights
+from navit.heads import SegmenterHead
+from navit.model import NaViT
 from navit.batch import PackedBatch
 from navit.processor import Processor
-from navit.tasks.base import StepLoss, Task
+from navit.tasks.base import Task, TaskLoss
 
 
 @dataclass
@@ -42,36 +43,22 @@ class SegmentOptions:
 
 
 class Segmenter(NaViT):
-    """NaViT with a linear decoder per token: ``model(batch)`` gives logits [B, L, p·p, classes]
-    for the pixels of every token (in the patch's row-major order); no pooling."""
+    """The NaViT encoder with the ``segmenter`` head (a linear decoder per token): ``model(batch)``
+    gives logits [B, L, p·p, classes] for the pixels of every token (in the patch's row-major
+    order). Every token is normed (``final_norm="tokens"``); no pooling is built."""
 
-    def __init__(self, config: NaViTConfig, processor: Processor | None = None) -> None:
-        if config.num_axes != 2 or config.num_classes < 1:
+    def __init__(self, config: NaViTConfig, processor: Processor | None = None, head: dict[str, Any] | None = None) -> None:
+        if head is None and (config.num_axes != 2 or config.num_classes < 1):
             raise ValueError(f"segmentation takes images (num_axes=2) and at least one class, got "
                              f"num_axes={config.num_axes}, num_classes={config.num_classes}")  # fmt: skip
-        super().__init__(config.replace(pool="mean", final_norm="tokens"), processor)
-        self.head = nn.Linear(config.embed_dim, config.patch_size**2 * config.num_classes)
-        _init_weights(self.head)
-
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        b, length = batch.segment_ids.shape
-        return self.head(self.forward_features(batch)).view(b, length, self.config.patch_size**2, -1)
-
-    def head_flops(self, batch: PackedBatch) -> int:
-        """The decoder runs on every token (padding included)."""
-        return 2 * batch.segment_ids.numel() * self.head.in_features * self.head.out_features
+        head = head if head is not None else {"name": SegmenterHead.name, "num_classes": config.num_classes}
+        if head.get("name") != SegmenterHead.name:
+            raise ValueError(f"a Segmenter's head is {SegmenterHead.name!r}, got {head.get('name')!r}")
+        super().__init__(config.replace(final_norm="tokens"), processor, head)
 
     def label_maps(self, logits: torch.Tensor, batch: PackedBatch, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Each example's class per pixel [H, W] (uint8) at ``sizes`` (its image's height and
-        width): its logits on its own grid, resized bilinearly, arg-max over classes."""
-        p, classes = self.config.patch_size, self.config.num_classes
-        maps = []
-        for grid_logits, (height, width) in zip(batch.unpack(logits.float().flatten(2)), sizes, strict=True):
-            rows, cols = grid_logits.shape[:2]
-            image = grid_logits.view(rows, cols, p, p, classes).permute(4, 0, 2, 1, 3).reshape(1, classes, rows * p, cols * p)
-            image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
-            maps.append(image[0].argmax(0).to(torch.uint8).cpu())
-        return maps
+        """Each example's class per pixel [H, W] (uint8) at ``sizes``; see :meth:`SegmenterHead.label_maps`."""
+        return self.head.label_maps(logits, batch, sizes)
 
 
 def confusion(prediction: torch.Tensor, truth: torch.Tensor, classes: int) -> torch.Tensor:
@@ -108,16 +95,13 @@ class Segmentation(Task):
     name = "segment"
     Options = SegmentOptions
     model_class = Segmenter
+    heads = ("segmenter",)
     dense_keys = ("mask",)
+    needs = {"mask": "masks"}
+    data_hint = ("use synthetic-seg, a folder with images/ and masks/ (same stems, optional classes.txt) or a "
+                 "manifest with path,mask columns")
     metric = "miou"
     writes_files = True
-
-    def check_data(self, source: Any, spec: str) -> None:
-        if not getattr(source, "has_masks", False):
-            raise ValueError(
-                f"--task segment needs masks, but data {spec!r} has none: use synthetic-seg, a folder with "
-                "images/ and masks/ (same stems, optional classes.txt) or a manifest with path,mask columns"
-            )
 
     def targets(self, item: dict[str, Any]) -> dict[str, Any]:
         return {}  # the mask travels with the tokens, as the example's "mask" field
@@ -125,24 +109,12 @@ class Segmentation(Task):
     def eval_targets(self, item: dict[str, Any]) -> dict[str, Any]:
         return {"mask": torch.from_numpy(np.asarray(item["mask"]).copy())}  # at the image's own size
 
-    def build_model(self, config: NaViTConfig, processor: Processor) -> nn.Module:
-        return Segmenter(config.replace(num_classes=len(self.class_names)), processor)
-
-    def model_from_dict(self, values: dict[str, Any], processor: Processor) -> nn.Module:
-        return Segmenter(NaViTConfig.from_dict(values), processor)
-
-    def loss(
-        self, forward: Callable[..., Any], model: nn.Module, batch: PackedBatch, targets: dict[str, Any],
-        info: D.DistInfo, device: torch.device,
-    ) -> StepLoss:  # fmt: skip
+    def loss(self, forward: Callable[..., Any], model: nn.Module, batch: PackedBatch, targets: dict[str, Any]) -> TaskLoss:
+        """The pixel cross entropy summed over the labelled pixels of real tokens, and their count."""
         logits = forward(batch).float()  # [B, L, p², C]
         labels = batch.fields["mask"].masked_fill(~batch.token_mask[..., None], IGNORE)
         loss_sum = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        pixels = int(D.sum_over_ranks(int((labels != IGNORE).sum()), info, device))
-        examples = int(D.sum_over_ranks(batch.num_examples, info, device))
-        loss = loss_sum * info.world_size / max(pixels, 1)  # DDP's averaging then gives the global pixel mean
-        logged = loss.detach() / info.world_size * batch.num_examples  # the window divides by examples
-        return StepLoss(loss, logged, examples, model.flops(batch, training=True))
+        return TaskLoss(loss_sum, int((labels != IGNORE).sum()))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
