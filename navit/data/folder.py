@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -40,7 +41,12 @@ class MediaFiles(IndexedSource):
         return self._paths[check_index(index, len(self), self)]
 
     def key(self, index: int) -> str:
-        return "/".join(os.path.relpath(self.path(index), self.root).split(os.sep))
+        return self._keys[check_index(index, len(self), self)]
+
+    @functools.cached_property
+    def _keys(self) -> list[str]:
+        """Each file's path relative to ``root``, with ``/`` (made once: keys are asked per item)."""
+        return ["/".join(os.path.relpath(path, self.root).split(os.sep)) for path in self._paths]
 
     def label(self, index: int) -> int:
         return self._labels[check_index(index, len(self), self)]
