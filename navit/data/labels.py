@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 from navit.data.stream import IndexedSource, Part, Record, Source
 
+
 class Relabeled(IndexedSource):
     """``source`` (indexed or a stream) with its labels renumbered into ``class_names`` by ``mapping``."""
 
