@@ -32,6 +32,11 @@ class PackingConfig:
     max_examples_per_seq: int = option(32, "most examples in one sequence (pooling slots)")
     buffer_size: int = option(128, "examples the loader holds before it packs a batch")
 
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "num_seqs", "max_examples_per_seq", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 def assign_first_fit(
     lengths: Sequence[int],

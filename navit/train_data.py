@@ -108,12 +108,11 @@ class DataSection:
 
 @dataclass
 class PackingSection(PackingConfig):
-    """The ``packing`` section: :class:`navit.packing.PackingConfig`, checked."""
+    """The ``packing`` section: :class:`navit.packing.PackingConfig`, numbers read as numbers."""
 
     def __post_init__(self) -> None:
-        check_choices(self, "")
         check_numbers(self)
-        _at_least(self, 1, "seq_len", "num_seqs", "max_examples_per_seq", "buffer_size")
+        super().__post_init__()
 
 
 @dataclass

@@ -171,9 +171,6 @@ class PackedLoader:
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        for name in ("num_seqs", "seq_len", "max_examples_per_seq", "buffer_size"):
-            if getattr(self.packing, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self.packing, name)}")
         if self.chunk_size < 1 or self.num_workers < 0:
             raise ValueError(f"chunk_size must be >= 1 and num_workers >= 0, got {self.chunk_size}, {self.num_workers}")
         self._lanes: list[LaneState] = self._fresh_lanes()
