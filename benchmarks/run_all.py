@@ -50,6 +50,7 @@ def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
     siglip2_quick = ["--images", "8", "--batch-images", "8", "--repeats", "1", "--no-memory"]
     siglip2 = command("siglip2.py", args, out / "siglip2.json", *(siglip2_quick if q else []))
     segment = command("segment.py", args, out / "segment.json", *(["--repeats", "3"] if q else []))
+    shards = command("shards.py", args, out / "shards.json", *(["--images", "600", "--stream", "20000"] if q else []))
     # Timing-sensitive benchmarks first (a quiet machine may not stay quiet); packing_padding
     # only counts tokens, so load does not change its results.
     return [
@@ -58,6 +59,7 @@ def benchmarks(args, out: Path) -> list[tuple[str, list[str], Path | None]]:
         ("video", video, out / "video.md"),
         ("siglip2", siglip2, out / "siglip2.md"),
         ("segment", segment, out / "segment.md"),
+        ("shards", shards, out / "shards.md"),
         ("packing_padding", py, None),
     ]
 

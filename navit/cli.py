@@ -1,4 +1,4 @@
-"""The ``navit`` command: train | eval | predict | experiment | data synth.
+"""The ``navit`` command: train | eval | predict | experiment | data synth | data check | data shard.
 
 Training options come from :class:`navit.train_config.TrainConfig`: defaults, then a YAML file
 (``--config``), then command-line flags, each overriding the one before. ``--resume`` starts from
@@ -8,6 +8,7 @@ the resumed run's own config instead of the defaults.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -183,6 +184,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model, task, _ = load_checkpoint(args.checkpoint, pick_device(args.device))
     except (ValueError, FileNotFoundError, OSError) as error:
         raise SystemExit(f"navit predict: {error}") from error
+    if args.threshold is not None:
+        if not hasattr(task.options, "threshold"):
+            raise SystemExit(f"navit predict: --threshold is for detection models; this one is a {task.name} model")
+        task.options = dataclasses.replace(task.options, threshold=args.threshold)
     inference = task.inference_model(model)
     failures = 0
     try:
@@ -194,6 +199,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(json.dumps(result), flush=True)
             elif result["error"]:
                 print(f"{result['path']}: ERROR {result['error']}", file=sys.stderr)
+            elif "boxes" in result:
+                boxes = ", ".join(f"{x['label']} {100 * x['score']:.1f}% {x['box']}" for x in result["boxes"])
+                print(f"{result['path']} ({result['tokens']} tokens): {boxes or 'no box'}")
             elif "labels" in result:
                 labels = ", ".join(f"{x['label']} {100 * x['score']:.1f}%" for x in result["labels"])
                 print(f"{result['path']} ({result['tokens']} tokens): {labels}")
@@ -204,6 +212,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"navit predict: {error}") from error
     return 1 if failures else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``navit serve``: an HTTP server that packs concurrent requests into token-budget batches."""
+    from navit.serve import require_extras
+
+    try:
+        require_extras()
+    except ImportError as error:
+        raise SystemExit(f"navit serve: {error}") from error
+    from navit.serve.runner import serve_from_args
+
+    return serve_from_args(args)
 
 
 
@@ -226,6 +247,8 @@ SYNTH_WRITERS = {
     "synth-video": ("navit.synthetic.video", "SyntheticMotion", "write_video_folder", "clips"),
     "synth-seg": ("navit.synthetic.segmentation", "SyntheticSegmentation", "write_segmentation_folder",
                   "images with masks"),
+    "synth-det": ("navit.synthetic.detection", "SyntheticDetection", "write_coco_folder",
+                  "images with boxes (COCO layout)"),
 }
 
 
@@ -245,16 +268,77 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="navit", description="NaViT: ViTs at native resolution.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_check(args: argparse.Namespace) -> int:
+    """Every problem of a data source, one line each (``navit data check``); exit 1 if any."""
+    from navit.data.registry import open_source
 
+    try:
+        source = open_source(args.source)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"navit data check: {error}") from error
+    if hasattr(source, "problems"):  # a source that checks itself (COCO: each annotation)
+        problems = [str(problem) for problem in source.problems()]
+    else:
+        problems = []
+        for index in range(len(source)):
+            try:
+                source.item(index)
+            except Exception as error:  # reported per item
+                problems.append(f"{source.describe(index)}: {error}")
+    for line in problems:
+        print(line)
+    print(f"{args.source}: {len(source)} item(s), {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def size_bytes(text: str) -> int:
+    """argparse type: a size such as 1GB, 500MB, 64kB or a number of bytes."""
+    from navit.data.shard_writer import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    """Any source written as WebDataset ``.tar`` shards plus ``index.json`` (``navit data shard``)."""
+    from navit.data.registry import open_source
+    from navit.data.shard_writer import write_shards
+
+    try:
+        summary = write_shards(open_source(args.source), args.out, max_size=args.max_size, max_count=args.max_count,
+                               seed=args.seed, shuffle=args.shuffle, prefix=args.prefix, overwrite=args.overwrite,
+                               fail_fast=args.fail_fast, spec=args.source)  # fmt: skip
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"navit data shard: {error}") from error
+    if summary["skipped"]:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["skipped"].items()))
+        print(f"skipped {sum(summary['skipped'].values())} unreadable item(s) ({kinds}); first: "
+              + "; ".join(summary["failures"]), file=sys.stderr)  # fmt: skip
+    count, shards, size = summary["count"], summary["shards"], summary["bytes"]
+    print(f"wrote {count} samples in {shards} shards ({size} bytes) to {summary['out']}")
+    return 0
+
+
+#: ``navit data synth*``: (command, help, count flag, default count) of each built-in set writer.
+SYNTH_PARSERS = (
+    ("synth", "write the built-in dataset as an image folder", "--num-images", 3000),
+    ("synth-video", "write the built-in video set as video files", "--num-clips", 600),
+    ("synth-seg", "write the built-in segmentation set as images/, masks/ and classes.txt", "--num-images", 2000),
+    ("synth-det", "write the built-in detection set in the COCO layout: images/ and annotations.json", "--num-images", 2000),
+)
+
+
+def _train_parser(sub) -> None:
     train = sub.add_parser("train", help="train a model (defaults: small NaViT on built-in data)",
                            description="Train, evaluate at several token budgets, write a run folder.")  # fmt: skip
     train.add_argument("--config", help="YAML file of options, nested by section or flat (flags override it)")
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
 
+
+def _eval_parser(sub) -> None:
     evaluate = sub.add_parser("eval", help="the task's metric at several token budgets, with a plot")
     evaluate.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
     evaluate.add_argument("--data", help="data to evaluate on (classes matched to the model's by name; "
@@ -271,21 +355,58 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=2, help="data-loader worker processes (default: 2)")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _predict_parser(sub) -> None:
     predict = sub.add_parser("predict", help="top-k labels (or segmentation masks) for image and video files, "
                              "folders or globs")  # fmt: skip
     predict.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or a file in it")
     predict.add_argument("inputs", nargs="+", help="image or video files, folders (searched recursively) or globs")
-    predict.add_argument("--topk", type=positive_int, default=5, help="labels (segmentation: classes listed) per input (default: 5)")
+    predict.add_argument("--topk", type=positive_int, default=5, help="labels (segmentation: classes listed; detection: boxes at most) per input (default: 5)")
     predict.add_argument("--out", help="segmentation: folder for each input's mask PNG (class indices, the input's size) "
-                         "and colour overlay PNG")  # fmt: skip
+                         "and colour overlay PNG; detection: for each input drawn with its boxes, <name>_boxes.png")  # fmt: skip
+    predict.add_argument("--threshold", type=float, help="detection: smallest score of a reported box (default: "
+                         "the model's, 0.3)")  # fmt: skip
     predict.add_argument("--budget", type=positive_int, help="tokens per input (default: native resolution)")
     predict.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default: 32)")
     predict.add_argument("--json", action="store_true",
                          help='one JSON object per input: {"path", "tokens", "error"} and "labels": [{"label", '
-                         '"score"}] (segmentation: "mask", "overlay" and "classes": {name: share of pixels})')  # fmt: skip
+                         '"score"}] (segmentation: "mask", "overlay" and "classes": {name: share of pixels}; detection: "boxes": '
+                         '[{"label", "score", "box": [x1, y1, x2, y2]}] in the input\'s pixels)')  # fmt: skip
     predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     predict.set_defaults(func=cmd_predict)
 
+
+def _serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="an HTTP inference server that packs concurrent requests by token budget",
+                           description="Serve a model over HTTP (/v1/predict, /v1/embeddings, /v1/models, /healthz, "
+                           "/metrics), packing the images of concurrent requests into token-budget batches.")  # fmt: skip
+    serve.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or file, or a pretrained "
+                       "SigLIP2 / timm folder")  # fmt: skip
+    serve.add_argument("--arch", help="timm model name, for a bare timm weights file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--max-batch-tokens", type=positive_int, default=4096,
+                       help="tokens (padding included) in one forward (default: 4096)")  # fmt: skip
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="longest an image waits for its batch to fill (default: 10)")  # fmt: skip
+    serve.add_argument("--batching", choices=("packed", "padded", "single"), default="packed",
+                       help="packed: first fit by token budget; padded: one image per row, padded to the longest; "
+                       "single: one request per forward (default: packed)")  # fmt: skip
+    serve.add_argument("--budget", type=positive_int, help="tokens per image unless a request says (default: native)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
+    serve.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                       help="largest image (width x height) (default: 40000000)")  # fmt: skip
+    serve.add_argument("--max-images", type=positive_int, default=64, help="inputs per request (default: 64)")
+    serve.add_argument("--max-frames", type=positive_int, default=64, help="frames per clip (default: 64)")
+    serve.add_argument("--max-queue", type=positive_int, default=512,
+                       help="images queued or running; more answer 503 with Retry-After (default: 512)")  # fmt: skip
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                       help="uvicorn's log level (default: warning)")  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
+
+def _experiment_parser(sub) -> None:
     from navit.experiments import EXPERIMENTS
 
     experiment = sub.add_parser("experiment", help="reproduce one of the paper's claims: results.json, report.md, plots",
@@ -302,26 +423,49 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--quick", action="store_true", help="a tiny version for tests (its numbers mean nothing)")
     experiment.set_defaults(func=cmd_experiment)
 
+
+def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="write the built-in dataset as an image folder")
-    synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--num-images", dest="count", type=int, default=3000, help="images to write (default: 3000)")
-    synth.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    synth.set_defaults(func=cmd_synth)
-    synth_video = data_sub.add_parser("synth-video", help="write the built-in video set as video files")
-    synth_video.add_argument("--out", required=True, help="output folder")
-    synth_video.add_argument("--num-clips", dest="count", type=int, default=600, help="clips to write (default: 600)")
-    synth_video.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    synth_video.add_argument("--ext", default=".mp4", choices=(".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpg"),
-                             help="container (default: .mp4)")  # fmt: skip
-    synth_video.set_defaults(func=cmd_synth)
-    synth_seg = data_sub.add_parser("synth-seg", help="write the built-in segmentation set as images/, masks/ "
-                                    "and classes.txt")  # fmt: skip
-    synth_seg.add_argument("--out", required=True, help="output folder")
-    synth_seg.add_argument("--num-images", dest="count", type=int, default=2000, help="images to write (default: 2000)")
-    synth_seg.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    synth_seg.set_defaults(func=cmd_synth)
+    for name, help_text, flag, count in SYNTH_PARSERS:
+        synth = data_sub.add_parser(name, help=help_text)
+        synth.add_argument("--out", required=True, help="output folder")
+        synth.add_argument(flag, dest="count", type=int, default=count, help=f"{flag[6:]} to write (default: {count})")
+        synth.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+        if name == "synth-video":
+            synth.add_argument("--ext", default=".mp4", choices=(".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpg"),
+                               help="container (default: .mp4)")  # fmt: skip
+        synth.set_defaults(func=cmd_synth)
+    check = data_sub.add_parser("check", help="list every problem of a data source (COCO: each bad annotation, "
+                                "named by file and annotation id); exit 1 if any")  # fmt: skip
+    check.add_argument("source", metavar="SRC", help="a COCO folder or instances JSON, or any other data source")
+    check.set_defaults(func=cmd_check)
+    shard = data_sub.add_parser("shard", help="write any data source as WebDataset .tar shards plus index.json",
+                                description="Copy every sample of SRC (its files' own bytes; built-in sets as PNG, "
+                                "clips as MP4) into uncompressed WebDataset shards OUT/PREFIX-000000.tar, ... and "
+                                "OUT/index.json, in a seeded shuffled order.")  # fmt: skip
+    shard.add_argument("source", metavar="SRC", help="a class folder, a manifest, a segmentation folder or manifest, "
+                       "or a built-in set such as synthetic:200")  # fmt: skip
+    shard.add_argument("--out", required=True, help="output folder (refused if it already holds shards or index.json)")
+    shard.add_argument("--max-size", type=size_bytes, default="1GB",
+                       help="close a shard before it would pass this size: 1GB, 500MB, 64kB or bytes; one sample "
+                       "bigger than this goes alone into its own shard (default: 1GB)")  # fmt: skip
+    shard.add_argument("--max-count", type=positive_int, help="samples per shard at most (default: no limit; "
+                       "give one to get more shards than ranks x workers from a small set)")  # fmt: skip
+    shard.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default: 0)")
+    shard.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the source's order")
+    shard.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
+    shard.add_argument("--overwrite", action="store_true", help="replace the shards and index.json already in --out")
+    shard.add_argument("--fail-fast", action="store_true",
+                       help="stop at the first unreadable item (default: skip it and count it)")  # fmt: skip
+    shard.set_defaults(func=cmd_shard)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="navit", description="NaViT: ViTs at native resolution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _eval_parser, _predict_parser, _serve_parser, _experiment_parser, _data_parser):
+        add(sub)
     return parser
 
 

@@ -153,7 +153,7 @@ def predict_files(
     task's outputs (``"labels"``; for segmentation the ``"mask"`` and ``"overlay"`` files it writes
     into ``out``, named after each input, and the share of each class). A file that cannot be
     read gets an ``error`` and the rest go on."""
-    if task.writes_files and out is None:
+    if task.writes_files and out is None and not getattr(task, "out_optional", False):
         raise ValueError(f"a {task.name} model writes its predictions as files: give an output folder (--out)")
     processor = model.processor
     device = next(model.parameters()).device
@@ -174,7 +174,7 @@ def predict_files(
             batch = pack(examples, seq_len).batch.to(device)
             inputs = [chunk[row] for row in rows]
             for row, output in zip(rows, task.predict(model, batch, topk=topk, inputs=inputs)):
-                if task.writes_files:
+                if task.writes_files and out is not None:
                     output = task.save_prediction(output, chunk[row], Path(out), names[start + row])
                 results[row].update(output)
         yield from results

@@ -267,13 +267,15 @@ class NaViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay: biases, norms, layer scales, position tables,
-        prefix tokens, the MAP probe."""
-        return {n for n, p in self.named_parameters()
-                if p.dim() < 2 or n.startswith("pos_embed.") or n in ("prefix", "pool.probe")}  # fmt: skip
+        prefix tokens, the MAP probe, and those the head names."""
+        head = {f"head.{n}" for n in self.head.no_weight_decay()} if isinstance(self.head, Head) else set()
+        return head | {n for n, p in self.named_parameters()
+                       if p.dim() < 2 or n.startswith("pos_embed.") or n in ("prefix", "pool.probe")}  # fmt: skip
 
     def fsdp_units(self) -> list[nn.Module]:
-        """The modules FSDP shards one by one (the rest is sharded with the root)."""
-        return list(self.blocks)
+        """The modules FSDP shards one by one (the rest is sharded with the root): the blocks, and
+        the head's own (a text tower's)."""
+        return [*self.blocks, *(self.head.fsdp_units() if isinstance(self.head, Head) else [])]
 
     def flops(self, batch: PackedBatch, *, training: bool = False) -> int:
         """FLOPs of a forward over ``batch`` (2 per multiply-add of every matmul; norms, softmax
@@ -464,3 +466,20 @@ def inflate_to_clips(model: NaViT, temporal_patch_size: int = 2) -> NaViT:
     clip = NaViT(config, processor, model.head_spec())
     clip.load_state_dict(inflate_weights(model.state_dict(), model.config, config))
     return clip
+
+
+class TokenModel(NaViT):
+    """The encoder with a per-token head (subclasses set ``HEAD``, its registered name, and
+    ``TASK``, for messages): images only, every token normed (``final_norm="tokens"``), no pooling."""
+
+    HEAD: str
+    TASK: str
+
+    def __init__(self, config: NaViTConfig, processor: Processor | None = None, head: dict[str, Any] | None = None) -> None:
+        if head is None and (config.num_axes != 2 or config.num_classes < 1):
+            raise ValueError(f"{self.TASK} takes images (num_axes=2) and at least one class, got "
+                             f"num_axes={config.num_axes}, num_classes={config.num_classes}")  # fmt: skip
+        head = head if head is not None else {"name": self.HEAD, "num_classes": config.num_classes}
+        if head.get("name") != self.HEAD:
+            raise ValueError(f"a {type(self).__name__}'s head is {self.HEAD!r}, got {head.get('name')!r}")
+        super().__init__(config.replace(final_norm="tokens"), processor, head)

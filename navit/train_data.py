@@ -43,7 +43,12 @@ class DataSection:
     val_fraction: float = option(0.2, "share of the training data held out for validation when --val-data is not given")
     split_seed: int = option(0, "seed of that held-out split (kept apart from --seed, so runs of several seeds "
                              "are measured on the same validation images)")  # fmt: skip
-    max_tokens: int = option(64, "most tokens of one example in training and native-resolution evaluation; "
+    classes: str | None = option(None, "a file of class names, one per line, in label order (for shards without "
+                                 "an index.json or classes.txt; other data: the classes to use, matched by name)")  # fmt: skip
+    num_examples: int | None = option(None, "examples in one epoch of a stream that does not say (shards without an "
+                                      "index.json); without it such data trains for --max-steps or --max-flops")  # fmt: skip
+    max_tokens: int = option(64, "most tokens of one example in training and native-resolution evaluation (the "
+                             "quick-start budget; Processor's own default, for models built in Python, is larger); "
                              "larger images are scaled down, aspect kept")  # fmt: skip
     res_mode: str = option("native", "resolution sampling: native (as is), side (sample the side) or area "
                            "(sample the area)", choices=RES_MODES)  # fmt: skip
@@ -53,10 +58,10 @@ class DataSection:
                            "resolution truncated to the range", choices=RES_DISTS)  # fmt: skip
     res_mean: float = option(0.0, "centre of the truncated normal as a share of the range (0: res_min, "
                              "0.5: the middle, 1: res_max); its spread is half the range")  # fmt: skip
-    fps: float | None = option(None, "clips: frames per second to sample, by the timestamps of decoded frames "
+    fps: float | None = option(Processor.fps, "clips: frames per second to sample, by the timestamps of decoded frames "
                                "(default: every frame)")  # fmt: skip
-    frame_stride: int = option(1, "clips: then keep every n-th of those frames")
-    max_frames: int = option(16, "clips: most frames per clip in training, and the frames taken at evaluation")
+    frame_stride: int = option(Processor.frame_stride, "clips: then keep every n-th of those frames")
+    max_frames: int = option(Processor.max_frames, "clips: most frames per clip in training, and the frames taken at evaluation")
     frames_min: int = option(1, "clips: fewest frames per clip in training (drawn uniformly up to max_frames)")
     crop_min: float = option(1.0, "random crops keep at least this share of the area (1: no cropping)")
     flip: bool = option(True, "random horizontal flips in training")
@@ -85,6 +90,8 @@ class DataSection:
         _at_least(self, 1, "max_tokens")
         _at_least(self, 0, "workers")
         _at_least(self, 1, "frame_stride")
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ValueError(f"num_examples must be >= 1, got {self.num_examples}")
         self.resolution_sampler()
         self.token_dropper(seed=0)
         self.drop_rate_schedule()
@@ -130,10 +137,27 @@ class EvalSection:
 def open_data(cfg: Any) -> tuple[Any, Any]:
     """(training source, validation source) of a training config; validation labels are matched
     to the training classes by name, so a validation folder that lacks a class shifts nothing."""
-    source = open_source(cfg.data.train)
+    source = with_classes(open_source(cfg.data.train), cfg.data.classes)
     if not cfg.data.val:
         return split_holdout(source, cfg.data.val_fraction, cfg.data.split_seed)
-    return source, with_class_names(open_source(cfg.data.val), source.class_names, f"--val-data {cfg.data.val}")
+    val = with_classes(open_source(cfg.data.val), cfg.data.classes)
+    return source, with_class_names(val, source.class_names, f"--val-data {cfg.data.val}")
+
+
+def with_classes(source: Any, path: str | None) -> Any:
+    """``source`` with the class names of the file ``path`` (one per line): a source that reads
+    labels by name (shards) takes them as its list, any other is matched to them by name."""
+    if path is None:
+        return source
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except OSError as error:
+        raise FileNotFoundError(f"--classes {path}: {error.strerror or error}") from error
+    if not names:
+        raise ValueError(f"--classes {path} lists no class names")
+    if hasattr(source, "with_classes"):
+        return source.with_classes(names)
+    return with_class_names(source, names, f"data with --classes {path}")
 
 
 def mean_tokens(source: Any, processor: Processor, sample: int = 256) -> float:
@@ -155,11 +179,13 @@ def mean_tokens(source: Any, processor: Processor, sample: int = 256) -> float:
 
 
 def epoch_size(cfg: Any, source: Any) -> int:
-    """Examples in one epoch of the training data; a stream that does not know its length is
-    trained for ``max_steps`` or ``max_flops`` (then 0: epochs are passes, counted as they end)."""
-    size = num_items(source)
+    """Examples in one epoch of the training data (``num_examples``, or what the source knows); a
+    stream of unknown length is trained for ``max_steps`` or ``max_flops`` (then 0: epochs are
+    passes, counted as they end)."""
+    size = cfg.data.num_examples or num_items(source)
     if size is None and not (cfg.optim.max_steps or cfg.optim.max_flops):
-        raise ValueError(f"data {cfg.data.train!r} is a stream of unknown length: give --max-steps or --max-flops")
+        raise ValueError(f"data {cfg.data.train!r} is a stream of unknown length: give --num-examples, --max-steps "
+                         "or --max-flops")  # fmt: skip
     return size or 0
 
 
@@ -170,7 +196,7 @@ def make_loader(cfg: Any, source: Any, processor: Processor, task: Any, info: D.
     chain = train_chain(processor, crop_min=d.crop_min, flip=d.flip, resolution=d.resolution_sampler(),
                         frames_min=min(d.frames_min, processor.max_frames), dropper=d.token_dropper(cfg.run.seed),
                         schedule=d.drop_rate_schedule(), extra=tuple(task.ops(train=True)))  # fmt: skip
-    size = num_items(source)
+    size = d.num_examples or num_items(source)
     return PackedLoader(source, chain, targets=task.targets, packing=cfg.packing, train=True, seed=cfg.run.seed,
                         num_workers=d.workers, rank=info.rank, world_size=info.world_size,
                         epochs=total_examples / size if size else None, fail_fast=d.fail_fast)  # fmt: skip

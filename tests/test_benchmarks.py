@@ -58,6 +58,20 @@ def test_video_benchmark_reports_packed_padded_loader_and_padding(tmp_path):
     assert 0 <= result["padding"]["seq_lens"]["256"]["padding"] < 1
 
 
+def test_shards_benchmark_reports_every_reader_the_step_rate_and_memory(tmp_path):
+    out = tmp_path / "shards.json"
+    run_script("shards.py", "--images", "40", "--max-count", "10", "--stream", "300", "--rounds", "1", "--steps", "1",
+               "--out", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    readers = result["readers"]
+    assert set(readers) == {"folder", "shards (disk)", "shards (http)", "webdataset"}
+    assert all(r["samples"] == 40 and r["samples_per_s"] > 0 for r in readers.values())  # every image, once
+    assert readers["webdataset"]["batches_per_s"] is None and readers["folder"]["batches_per_s"] > 0
+    memory = result["memory_mib"]
+    assert memory["samples"] >= 300 and memory["passes"] >= 7 and memory["end_main"] >= memory["start_main"] > 0
+    assert result["train_steps_per_s"] > 0 and out.with_suffix(".md").exists()
+
+
 def test_siglip2_benchmark_checks_agreement_and_times_both(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "siglip2.json"

@@ -17,7 +17,7 @@ from navit.data.labels import with_class_names
 from navit.data.manifest import Manifest
 from navit.data.registry import open_source, register_source, unregister_source
 from navit.data.stream import IndexedSource, Source, Subset, holdout_side, split_holdout
-from navit.data.tar import TarShards
+from navit.data.webdataset import Shards
 from navit.media.image import load_rgb
 from navit.synthetic.shapes import CLASS_NAMES, SyntheticShapes, write_image_folder
 from navit.media.image import BACKGROUND_RGB
@@ -369,8 +369,7 @@ def test_manifest_without_captions_says_so(tmp_path):
     assert "caption" not in Subset(ImageFolder(tmp_path / "folder"), [0]).provides
 
 
-# ---------------------------------------------------------------------------------------------
-# TarShards
+# Shards read as streams (more in test_shards.py)
 # ---------------------------------------------------------------------------------------------
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -378,89 +377,74 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def _write_shards(folder, with_classes=False):
+def _write_shards(folder, with_classes=False, mode="w"):
     folder.mkdir(parents=True, exist_ok=True)
     imgs = {
         "s0/a": _solid((255, 0, 0), (16, 9)),
         "s0/b": _solid((0, 255, 0), (9, 16)),
         "s1/c": _solid((0, 0, 255), (5, 5)),
     }
-    with tarfile.open(folder / "shard-000.tar", "w") as tf:
+    with tarfile.open(folder / "shard-000.tar", mode) as tf:
         _add(tf, "s0/a.jpg", _encode(imgs["s0/a"], "JPEG", quality=95))
         _add(tf, "s0/a.cls", b"2\n")
         _add(tf, "s0/b.json", json.dumps({"label": "cat" if with_classes else 0}).encode())
         _add(tf, "s0/b.png", _encode(imgs["s0/b"], "PNG"))
-        _add(tf, "s0/caption_only.txt", b"just text")
-    with tarfile.open(folder / "shard-001.tar", "w") as tf:
+    with tarfile.open(folder / "shard-001.tar", mode) as tf:
         _add(tf, "s1/c.webp", _encode(imgs["s1/c"], "WEBP", lossless=True))
         _add(tf, "s1/c.cls", b"1")
+        _add(tf, "s1/caption_only.txt", b"just text")
     if with_classes:
         (folder / "classes.txt").write_text("cat\ndog\nemu\n")
     return imgs
 
 
-def test_tar_shards_round_trip(tmp_path):
-    imgs = _write_shards(tmp_path / "shards")
-    src = TarShards(str(tmp_path / "shards" / "*.tar"))
-    assert len(src) == 3
-    assert src.class_names == ["0", "1", "2"]
-    assert [src.label(i) for i in range(3)] == [2, 0, 1]
-    assert src.describe(0).endswith("shard-000.tar:s0/a.jpg")
-    assert src.describe(2).endswith("shard-001.tar:s1/c.webp")
-    keys = ["s0/a", "s0/b", "s1/c"]
-    for i, key in enumerate(keys):
-        out = src.load(i)
-        assert out.mode == "RGB" and out.size == imgs[key].size
-        diff = np.abs(np.asarray(out).astype(int) - np.asarray(imgs[key]).astype(int))
-        assert diff.max() <= 3  # JPEG is lossy
-    # A list of paths, and a brace range, work the same; the index survives pickling.
-    listed = TarShards([tmp_path / "shards" / "shard-000.tar", tmp_path / "shards" / "shard-001.tar"])
-    braced = TarShards(str(tmp_path / "shards" / "shard-{000..001}.tar"))
+def _records(source) -> dict:
+    return {r.key: r for p in source.parts(0, 0, 1, shuffle=False, seed=0, size=1) for r in source.read(p)}
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_tar_shards_round_trip(tmp_path, mode):
+    imgs = _write_shards(tmp_path / "shards", mode=mode)
+    src = open_source(str(tmp_path / "shards" / "*.tar"))
+    assert isinstance(src, Shards) and src.class_names == [] and src.provides == {"image", "label"}
+    records = _records(src)
+    assert [records[k].item["label"] for k in ("s0/a", "s0/b", "s1/c")] == [2, 0, 1]
+    assert records["s0/a"].name.endswith("shard-000.tar:s0/a") and records["s1/c"].name.endswith("shard-001.tar:s1/c")
+    for key, image in imgs.items():
+        out = records[key].item["image"]
+        assert out.mode == "RGB" and out.size == image.size
+        assert np.abs(np.asarray(out).astype(int) - np.asarray(image).astype(int)).max() <= 3  # JPEG is lossy
+    assert "no image or clip" in str(records["s1/caption_only"].error)  # counted by the loader, not dropped
+    # A list of paths and a brace range name the same shards; the source survives pickling.
+    listed = Shards([tmp_path / "shards" / "shard-000.tar", tmp_path / "shards" / "shard-001.tar"])
+    braced = open_source(str(tmp_path / "shards" / "shard-{000..001}.tar"))
     for other in (listed, braced, pickle.loads(pickle.dumps(src))):
-        assert [other.label(i) for i in range(3)] == [2, 0, 1]
-        assert np.array_equal(np.asarray(other.load(1)), np.asarray(src.load(1)))
-    assert isinstance(open_source(str(tmp_path / "shards" / "shard-001.tar")), TarShards)
+        assert other.urls == src.urls and sorted(_records(other)) == sorted(records)
 
 
 def test_tar_shards_classes_txt_and_json_names(tmp_path):
     _write_shards(tmp_path, with_classes=True)
-    src = TarShards(sorted(str(p) for p in tmp_path.glob("*.tar")))
+    src = Shards(sorted(str(p) for p in tmp_path.glob("*.tar")))
     assert src.class_names == ["cat", "dog", "emu"]
-    assert [src.label(i) for i in range(3)] == [2, 0, 1]
+    assert [_records(src)[k].item["label"] for k in ("s0/a", "s0/b", "s1/c")] == [2, 0, 1]
 
 
 def test_tar_shards_errors(tmp_path):
-    with tarfile.open(tmp_path / "nolabel.tar", "w") as tf:
+    with tarfile.open(tmp_path / "bad.tar", "w") as tf:
         _add(tf, "k1.png", _encode(_solid((0, 0, 0)), "PNG"))
-    with pytest.raises(ValueError, match=r"nolabel\.tar.*k1.*no label"):
-        TarShards([tmp_path / "nolabel.tar"])
-    with tarfile.open(tmp_path / "badcls.tar", "w") as tf:
-        _add(tf, "k2.png", _encode(_solid((0, 0, 0)), "PNG"))
-        _add(tf, "k2.cls", b"dog")
-    with pytest.raises(ValueError, match=r"badcls\.tar:k2\.cls"):
-        TarShards([tmp_path / "badcls.tar"])
-    with tarfile.open(tmp_path / "dots.tar", "w") as tf:  # keys end at the first dot: "img" has fields v2.*
-        _add(tf, "ok.png", _encode(_solid((0, 0, 0)), "PNG"))
-        _add(tf, "ok.cls", b"0")
-        _add(tf, "ok.txt", b"a caption: an extra field is fine")
-        _add(tf, "img.v2.png", _encode(_solid((0, 0, 0)), "PNG"))
-        _add(tf, "img.v2.cls", b"1")
-    with pytest.raises(ValueError, match=r"dots\.tar: 1 sample\(s\) have no member navit reads, e.g. 'img' with .v2.png, .v2.cls"):
-        TarShards([tmp_path / "dots.tar"])
-    with tarfile.open(tmp_path / "gz.tar", "w:gz") as tf:
-        _add(tf, "k3.cls", b"1")
-    with pytest.raises(ValueError, match=r"gz\.tar.*uncompressed"):
-        TarShards([tmp_path / "gz.tar"])
-    with pytest.raises(FileNotFoundError, match="no tar shards match"):
-        TarShards(str(tmp_path / "none-*.tar"))
-    with pytest.raises(FileNotFoundError, match=r"missing\.tar"):
-        TarShards([tmp_path / "missing.tar"])
-    with tarfile.open(tmp_path / "corrupt.tar", "w") as tf:
+        _add(tf, "k1.cls", b"dog")
+        _add(tf, "img.v2.png", _encode(_solid((0, 0, 0)), "PNG"))  # keys end at the first dot: "img" has v2.png
         _add(tf, "k4.jpg", b"not a jpeg at all")
         _add(tf, "k4.cls", b"0")
-    src = TarShards([tmp_path / "corrupt.tar"])
-    with pytest.raises(ValueError, match=r"corrupt\.tar:k4\.jpg"):
-        src.load(0)
+    records = _records(Shards([tmp_path / "bad.tar"]))
+    assert "bad.tar:k1.cls: 'dog' is not a class index or a known class name (labels given as class names need" \
+        in str(records["k1"].error)
+    assert "the sample has no image or clip (fields: v2.png)" in str(records["img"].error)
+    assert "bad.tar:k4.jpg" in str(records["k4"].error)
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        Shards(str(tmp_path / "none-*.tar"))
+    with pytest.raises(FileNotFoundError, match=r"missing\.tar"):
+        Shards([tmp_path / "missing.tar"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,7 +536,7 @@ def test_open_source_dispatch_and_errors(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"path": "x.png", "label": 0}\n')
     assert isinstance(open_source(str(tmp_path / "m.jsonl")), Manifest)
     _write_shards(tmp_path / "sh")
-    assert len(open_source(str(tmp_path / "sh" / "shard-*.tar"))) == 3
+    assert len(_records(open_source(str(tmp_path / "sh" / "shard-*.tar")))) == 4
     assert len(open_source("synthetic:7:3")) == 7 and open_source("synthetic-seg:2").provides == {"image", "mask", "label"}
     with pytest.raises(ValueError, match="bad synthetic spec"):
         open_source("synthetic:x")
@@ -569,11 +553,9 @@ def test_every_source_gives_items_as_dicts(tmp_path):
     """``item(i)`` is the image, the label and whatever else the source has (a caption)."""
     _make_images(tmp_path / "imgs", [(255, 0, 0), (0, 255, 0)])
     (tmp_path / "m.csv").write_text("path,label,caption\nimgs/0.png,a,red square\nimgs/1.png,b,green one\n")
-    _write_shards(tmp_path / "shards")
     write_image_folder(SyntheticShapes(6, seed=1, max_side=40), tmp_path / "folder", progress=False)
     sources = {
         "manifest": Manifest(tmp_path / "m.csv"),
-        "shards": TarShards(str(tmp_path / "shards" / "*.tar")),
         "folder": ImageFolder(tmp_path / "folder"),
         "synthetic": SyntheticShapes(6, seed=1, max_side=40),
     }

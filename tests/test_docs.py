@@ -95,7 +95,7 @@ def test_commands_use_existing_options():
     commands = [line.split("#")[0].strip() for _, block in blocks("bash") for line in block.splitlines()]
     navit = [shlex.split(c.split("-m navit ", 1)[-1].removeprefix("navit ")) for c in commands if re.search(r"(^navit |-m navit )", c)]
     assert len(navit) >= 40
-    assert {argv[0] for argv in navit} == {"train", "eval", "predict", "experiment", "data"}
+    assert {argv[0] for argv in navit} == {"train", "eval", "predict", "experiment", "data", "serve"}
     for argv in navit:
         parser.parse_args(argv)  # exits (fails the test) on an unknown option or a bad choice
 

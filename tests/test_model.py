@@ -508,7 +508,7 @@ def test_a_head_given_as_a_spec_is_the_one_the_config_implies():
 
 
 def test_unknown_heads_and_bad_head_configs_are_refused():
-    with pytest.raises(ValueError, match=r"unknown head 'boxes'; available: \['classifier', 'segmenter'\]"):
+    with pytest.raises(ValueError, match=r"unknown head 'boxes'; available: \['classifier', 'detector', 'segmenter', 'text-tower'\]"):
         NaViT(tiny_config(), head={"name": "boxes", "num_classes": 2})
     with pytest.raises(ValueError, match=r"unknown HeadConfig field\(s\) \['queries'\]"):
         NaViT(tiny_config(), head={"name": "classifier", "num_classes": 2, "queries": 4})

@@ -19,7 +19,7 @@ import navit
 from navit.attention import available_backends
 from navit.model import NaViT
 from navit.pretrained import load_hf, write_hf
-from navit.pretrained.siglip2 import processor_for, two_tower_config, vision_config
+from navit.pretrained.siglip2 import processor_for, text_tower_config, vision_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
@@ -126,7 +126,7 @@ def test_settings_and_configs_navit_cannot_follow_are_refused_by_name(vision_fol
     hf = json.loads((two_tower_folder[0] / "config.json").read_text())
     hf["text_config"]["hidden_act"] = "quick_gelu"
     with pytest.raises(ValueError, match="SigLIP2 text hidden_act='quick_gelu' is not one of"):
-        two_tower_config(hf)
+        text_tower_config(hf)
     with pytest.raises(ValueError, match="num_patches=250 is not a square"):
         vision_config({**VISION, "num_patches": 250})
     four = NaViT(config.replace(in_chans=4), processor_for(config.replace(in_chans=4), folder))
@@ -195,6 +195,28 @@ def test_two_tower_model_gives_the_references_embeddings_and_logits(two_tower_fo
     classifier = navit.zeroshot.ZeroShotClassifier(model, tokenizer, ["tall_ellipse", "wide_rectangle"])
     with torch.no_grad():
         assert classifier(batch).shape == (4, 2)
+
+
+def test_the_two_tower_model_is_the_encoder_with_a_text_tower_head_saved_as_any_model(two_tower_folder, tmp_path):
+    """SigLIP2's text model, its biased text head, no image projection and the sigmoid loss's
+    scalars are one ``text-tower`` head; a navit checkpoint of it loads back through the path
+    every model takes."""
+    from navit.inference import load_checkpoint
+
+    folder, _ = two_tower_folder
+    model = load_hf(folder)
+    spec = model.head_spec()
+    assert spec["name"] == "text-tower" and spec["text_pool"] == "last"
+    assert spec["text_proj_bias"] and not spec["image_proj"] and spec["loss"] == "sigmoid"
+    assert model.to_dict() == model.image.to_dict() and model.image.head_spec() is None
+    navit.save_model(model, tmp_path / "ckpt", class_names=["a", "b"])
+    loaded, task, meta = load_checkpoint(tmp_path / "ckpt")
+    assert task.name == "contrastive" and meta["head"] == spec and loaded.head_spec() == spec
+    for (key, a), (other, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert key == other and torch.equal(a, b), key
+    batch = model.processor(images(2)[:2], seq_len=80)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(batch), model.encode_image(batch), rtol=0, atol=0)
 
 
 def test_saving_back_in_the_hugging_face_layout_round_trips(vision_folder, two_tower_folder, tmp_path):

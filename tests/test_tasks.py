@@ -79,8 +79,8 @@ def test_a_new_task_trains_evaluates_saves_and_predicts_through_the_cli(monkeypa
 
 
 def test_task_options_are_checked_by_their_task():
-    with pytest.raises(ValueError, match="unknown task 'detect'"):
-        get_task("detect")
+    with pytest.raises(ValueError, match="unknown task 'track'"):
+        get_task("track")
     with pytest.raises(ValueError, match=r"unknown option\(s\) of task 'classify' \['text_depth'\]"):
         get_task("classify", {"text_depth": 2})
     with pytest.raises(ValueError, match="label_smoothing must be in"):
@@ -200,13 +200,16 @@ def test_a_contrastive_loss_sum_is_the_ranks_share_with_the_gradient_of_the_glob
 def _tiny_task_models():
     from conftest import tiny_config
 
+    from navit.heads import TextTowerConfig
     from navit.tasks.segment import Segmenter
     from navit.two_tower import create_image_text_model
 
+    encoder = tiny_config(num_classes=0)
     return {
         "classify": (lambda: NaViT(tiny_config(num_classes=3)), {"name": "classifier", "num_classes": 3}),
         "segment": (lambda: Segmenter(tiny_config(num_classes=3)), {"name": "segmenter", "num_classes": 3}),
-        "contrastive": (lambda: create_image_text_model(tiny_config(num_classes=0), text_depth=1), None),
+        "contrastive": (lambda: create_image_text_model(encoder, text_depth=1),
+                        {"name": "text-tower", **TextTowerConfig.for_encoder(encoder, text_depth=1).to_dict()}),
     }
 
 
@@ -250,7 +253,9 @@ def test_every_tasks_model_saves_and_loads_back_exactly(task, tmp_path):
 
 @pytest.mark.parametrize("task", ["classify", "segment", "contrastive"])
 def test_checkpoints_written_before_heads_were_saved_still_load(task, tmp_path):
-    def as_before(meta):  # what navit wrote then: no head, and a segmenter's config with mean pooling
+    def as_before(meta):  # what navit wrote then: no head, a segmenter's config with mean pooling, and an
+        if task == "contrastive":  # image-text model's one flat config (the encoder under "image")
+            meta["model"] = {"image": meta["model"], **{k: v for k, v in meta["head"].items() if k != "name"}}
         del meta["head"]
         if task == "segment":
             meta["model"]["pool"] = "mean"

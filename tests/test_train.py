@@ -263,7 +263,7 @@ def test_every_train_option_has_help_and_its_choices():
         if action.dest != "config":
             assert "default" in action.help, action.option_strings
     choice = {a.dest: a.choices for a in flags if a.choices}
-    assert choice["task"] == ("classify", "contrastive", "segment") and choice["res_mode"] == ("native", "side", "area")
+    assert choice["task"] == ("classify", "contrastive", "segment", "detect") and choice["res_mode"] == ("native", "side", "area")
     assert "navit_b16" in next(a.help for a in flags if a.dest == "model")
 
 

@@ -1,4 +1,5 @@
-"""ImageTextModel (shapes, normalisation, save/rebuild, a few training steps) and zero-shot helpers."""
+"""ImageTextModel (shapes, normalisation, the text tower as its head, save/rebuild, checkpoints of
+the older layout, a few training steps) and zero-shot helpers."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import navit
 from navit import NaViTConfig, pack
 from navit.contrastive import sigmoid_contrastive_loss
 from navit.synthetic.shapes import SyntheticShapes
 from navit.patchify import image_to_example
 from navit.text import ByteTokenizer
-from navit.two_tower import ImageTextConfig, ImageTextModel, create_image_text_model
+from navit.heads import TextTowerConfig, TextTowerHead, build_head
+from navit.two_tower import ImageTextModel, create_image_text_model
 from navit.zeroshot import DEFAULT_TEMPLATES, class_prompts, zero_shot_logits, zero_shot_weights
 
 PATCH = 8
@@ -67,27 +70,109 @@ def test_shapes_normalisation_and_logit_parameters():
 def test_factory_defaults_and_validation():
     model = create_image_text_model("navit_ti16", text_depth=1, image_overrides=dict(depth=1))
     cfg = model.config
-    assert cfg.embed_dim == cfg.text_width == 192 and cfg.text_heads == 3 and cfg.image.num_classes == 0
+    assert cfg.embed_dim == cfg.text_width == 192 and cfg.text_heads == 3 and model.image.config.num_classes == 0
     assert model.tokenizer().max_len == 64 and model.tokenizer().vocab_size == cfg.vocab_size
     with pytest.raises(ValueError, match="num_classes"):
         create_image_text_model(image_overrides=dict(num_classes=10))
     with pytest.raises(ValueError, match="loss"):
         create_image_text_model(loss="hinge", image_overrides=dict(depth=1))
-    with pytest.raises(ValueError, match="num_classes"):
-        ImageTextModel(ImageTextConfig(image=NaViTConfig(depth=1)))
-    with pytest.raises(TypeError, match="unknown"):
-        ImageTextConfig.from_dict({"embed_dim": 8, "colour": 1})
+    with pytest.raises(ValueError, match="needs num_classes=0, got num_classes=1000"):
+        ImageTextModel(NaViTConfig(depth=1))
+    with pytest.raises(ValueError, match=r"unknown text-tower field\(s\) \['colour'\]"):
+        TextTowerConfig.from_dict({"embed_dim": 8, "colour": 1})
+    with pytest.raises(ValueError, match="text_width=30 is not divisible by text_heads=4"):
+        TextTowerConfig(text_width=30, text_heads=4)
+    with pytest.raises(ValueError, match="needs the encoder's width 192 to be embed_dim=24"):
+        ImageTextModel(NaViTConfig(depth=1, num_classes=0), head=TextTowerConfig(embed_dim=24, image_proj=False))
 
 
-def test_the_image_tower_is_the_encoder_alone_and_the_model_takes_no_head():
+def test_the_image_tower_is_the_encoder_alone_and_the_text_tower_its_registered_head():
+    from navit.tasks import get_task
+
     batch, _ = synthetic_pairs(3)
     model = tiny().eval()
     assert model.image.head_spec() is None and model.image.pool is not None
-    assert model.head_spec() is None and model.num_classes is None, "it classifies by any class names"
+    assert model.num_classes is None, "it classifies by any class names"
+    spec = model.head_spec()
+    assert spec == {"name": "text-tower", **model.config.to_dict()} and spec["text_width"] == 32
+    assert model.to_dict() == model.image.to_dict(), "the model's config is its encoder's"
+    head = build_head(spec, model.image.config)  # the registry rebuilds the same head
+    assert type(head) is TextTowerHead and head.config == model.config
+    assert {n for n, _ in head.named_parameters()} == {n for n, _ in model.named_parameters() if n[:6] != "image."}
     with torch.no_grad():  # the image tower's outputs are its pooled vectors
         torch.testing.assert_close(model.image(batch), model.image.outputs(batch)["pooled"])
-    with pytest.raises(ValueError, match="an image-text model takes no head, got 'classifier'"):
+    with pytest.raises(ValueError, match="an image-text model's head is the 'text-tower' head, got 'classifier'"):
         ImageTextModel.from_dict(model.to_dict(), head={"name": "classifier", "num_classes": 2})
+    with pytest.raises(ValueError, match="task 'contrastive' takes a model with a 'text-tower' head, not 'segmenter'"):
+        get_task("contrastive").model_from_dict(model.to_dict(), None, {"name": "segmenter", "num_classes": 2})
+    task = get_task("contrastive", {"loss": "sigmoid", "text_depth": 1})
+    built = task.build_model(model.image.config, model.processor)
+    assert built.head_spec()["loss"] == "sigmoid" and built.config.text_depth == 1
+    assert built.processor is model.processor
+
+
+def test_the_text_tower_head_on_a_plain_encoder_computes_what_the_image_text_model_does():
+    batch, captions = synthetic_pairs(4)
+    model = tiny().eval()
+    encoder = navit.NaViT(model.image.config, head=model.head_spec()).eval()
+    encoder.load_state_dict({(k.removeprefix("image.") if k.startswith("image.") else "head." + k): v
+                             for k, v in model.state_dict().items()})  # fmt: skip
+    ids, mask = model.tokenizer().encode(captions)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(batch), model.encode_image(batch), rtol=0, atol=0)
+        torch.testing.assert_close(encoder.head.encode_text(ids, mask), model.encode_text(ids, mask), rtol=0, atol=0)
+    assert {"head.text.pos_embed", "head.logit_scale", "head.text.norm.weight"} <= encoder.no_weight_decay()
+    assert "head.text_proj.weight" not in encoder.no_weight_decay()
+    assert encoder.fsdp_units() == [*encoder.blocks, *encoder.head.text.blocks]
+    pool = encoder.pool.flops(batch.num_seqs, batch.seq_len, batch.max_examples_per_seq)
+    assert encoder.head_flops(batch) == pool + 2 * 4 * 32 * 24, "the image projection, once per example"
+
+
+def test_the_weights_keep_the_names_and_order_of_the_older_layout():
+    """Checkpoints, optimizer states (by parameter position) and the SigLIP2 name map were written
+    with these names in this order: the head's weights sit at the model's top level."""
+    names = [n for n, _ in tiny().named_parameters()]
+    image = [n for n in names if n.startswith("image.")]
+    text = [n for n in names if n.startswith("text.")]
+    assert names == ["logit_scale", "logit_bias", *image, *text, "image_proj.weight", "text_proj.weight"]
+    assert image[0] == "image.patch_embed.weight" and text[:2] == ["text.pos_embed", "text.token_embed.weight"]
+
+
+@pytest.mark.parametrize("old_head", ["none", "missing"])
+def test_a_checkpoint_of_the_older_flat_layout_loads(old_head, tmp_path):
+    """Before the text tower was a head, meta.json held one flat config (the encoder under
+    "image", the text settings beside it) and a null head, or no head at all."""
+    from navit import load_model, save_model
+    from navit.inference import load_checkpoint
+    from navit.start import start_from
+
+    batch, captions = synthetic_pairs(3)
+    model = tiny("softmax", seed=5).eval()
+    with torch.no_grad():
+        model.logit_scale.add_(0.25)
+    save_model(model, tmp_path / "m", class_names=["tall_ellipse", "wide_rectangle"])
+    meta_path = tmp_path / "m" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["head"] == model.head_spec() and meta["model"] == model.image.to_dict()
+    flat = {"image": meta["model"], **{k: v for k, v in meta["head"].items() if k != "name"}}
+    if old_head == "none":
+        meta.update(model=flat, head=None)
+    else:
+        meta["model"] = flat
+        del meta["head"]
+    meta_path.write_text(json.dumps(meta))
+    loaded, task, _ = load_checkpoint(tmp_path / "m")
+    assert type(loaded) is ImageTextModel and task.name == "contrastive"
+    assert loaded.head_spec() == model.head_spec() and loaded.image.config == model.image.config
+    ids, mask = model.tokenizer().encode(captions)
+    with torch.no_grad():
+        for a, b in zip(loaded(batch, ids, mask), model(batch, ids, mask)):
+            assert torch.equal(a, b)
+    assert torch.equal(loaded.logit_scale, model.logit_scale)
+    assert load_model(tmp_path / "m")(batch).shape == (3, 2), "and as a zero-shot classifier"
+    start = start_from(str(tmp_path / "m"))  # fine-tuning from it takes the image tower
+    assert start.config == model.image.config and torch.equal(start.weights["patch_embed.weight"],
+                                                              model.image.patch_embed.weight)  # fmt: skip
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
@@ -98,9 +183,9 @@ def test_save_and_rebuild_gives_identical_outputs(loss):
         model.logit_scale.add_(0.3)
         if model.logit_bias is not None:
             model.logit_bias.sub_(1.5)
-    text = json.dumps(model.to_dict())
-    rebuilt = ImageTextModel.from_dict(json.loads(text))
-    assert rebuilt.config == model.config
+    saved = json.loads(json.dumps({"model": model.to_dict(), "head": model.head_spec()}))  # as meta.json holds them
+    rebuilt = ImageTextModel.from_dict(saved["model"], head=saved["head"])
+    assert rebuilt.config == model.config and rebuilt.image.config == model.image.config
     fresh = [(a - b).abs().max().item() for a, b in zip(rebuilt(batch, *model.tokenizer().encode(captions)),
                                                        model(batch, *model.tokenizer().encode(captions)))]
     assert max(fresh) > 1e-4  # a rebuilt model without the weights differs...

@@ -9,7 +9,7 @@ from navit.data.labels import with_class_names
 from navit.data.manifest import Manifest
 from navit.data.registry import open_source, register_source
 from navit.data.stream import IndexedSource, Part, Record, Source, Subset, split_holdout
-from navit.data.tar import TarShards
+from navit.data.webdataset import Shards
 
 __all__ = [
     "ImageFolder",
@@ -17,9 +17,9 @@ __all__ = [
     "Manifest",
     "Part",
     "Record",
+    "Shards",
     "Source",
     "Subset",
-    "TarShards",
     "open_source",
     "register_source",
     "split_holdout",

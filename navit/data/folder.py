@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -59,6 +60,12 @@ class MediaFiles(IndexedSource):
 
     def item(self, index: int) -> dict[str, Any]:
         return media_item(self.path(index), self.label(index), self.describe(index))
+
+    def fields(self, index: int) -> dict[str, bytes]:
+        """The item as WebDataset fields: the file's own bytes under its extension (lower case) and
+        the class index as ``cls`` (see :mod:`navit.data.shard_writer`)."""
+        path = self.path(index)
+        return {os.path.splitext(path)[1][1:].lower(): Path(path).read_bytes(), "cls": str(self.label(index)).encode()}
 
 
 class ImageFolder(MediaFiles):

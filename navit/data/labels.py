@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Iterator
 
+import numpy as np
+
 from navit.data.stream import IndexedSource, Part, Record, Source
 
 
@@ -24,7 +26,11 @@ class Relabeled(IndexedSource):
         return getattr(self.source, name)
 
     def _relabel(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {**item, "label": self.mapping[item["label"]]} if "label" in item else item
+        """The item's class label, and its boxes' labels, renumbered."""
+        out = {**item, "label": self.mapping[item["label"]]} if "label" in item else dict(item)
+        if "box_labels" in item:
+            out["box_labels"] = np.asarray(self.mapping, dtype=np.int64)[np.asarray(item["box_labels"], dtype=np.int64)]
+        return out
 
     def __len__(self) -> int:
         return len(self.source)

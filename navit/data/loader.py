@@ -103,7 +103,11 @@ class Pipeline:
             rng = np.random.default_rng([self.seed, epoch, zlib.crc32(record.key.encode("utf-8", "surrogatepass"))]) \
                 if self.train else None  # fmt: skip
             item = self.chain({**record.item, "__name__": record.name, "__progress__": progress}, rng)
-            return LoadedItem(where, record.key, item["example"], self.targets(item))
+            try:
+                targets = self.targets(item)
+            except KeyError as missing:
+                raise ValueError(f"the item has no {missing} (it has {', '.join(sorted(record.item))})") from None
+            return LoadedItem(where, record.key, item["example"], targets)
         except Exception as error:  # a long run must not die on one bad item
             return LoadedItem(where, record.key, None, error=f"{record.name}: {error}",
                               reason=str(error).replace(record.name, "<file>"))  # fmt: skip

@@ -198,6 +198,13 @@ class Manifest(MediaFiles):
             item["caption"] = self.caption(index)
         return item
 
+    def fields(self, index: int) -> dict[str, bytes]:
+        """The file's fields (:meth:`MediaFiles.fields`) and, in a manifest with captions, ``txt``."""
+        fields = super().fields(index)
+        if self.has_captions:
+            fields["txt"] = self.caption(index).encode("utf-8")
+        return fields
+
     def describe(self, index: int) -> str:
         index = check_index(index, len(self), self)
         return f"{self._paths[index]} ({self.manifest_path}, line {self._lines[index]})"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from navit.data.stream import Source
-from navit.data.tar import BRACE_RANGE
+from navit.data.urls import BRACE_RANGE, is_url
 
 Opener = Callable[[str], Source]
 
@@ -118,8 +118,20 @@ def _is_segmentation_manifest(path: str) -> bool:
     return _is_manifest(path) and os.path.isfile(path) and manifest_has_masks(path)
 
 
-def _is_tar(path: str) -> bool:
-    return path.lower().endswith(".tar") and (os.path.isfile(path) or glob.has_magic(path)
+def _is_coco(path: str) -> bool:
+    """A folder with an ``annotations.json``, or a ``.json`` file other than a shard ``index.json``."""
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "annotations.json"))
+    return path.lower().endswith(".json") and not path.endswith("index.json") and os.path.isfile(path)
+
+
+def _is_shards(path: str) -> bool:
+    """URLs, ``.tar`` files (a path, a glob, a range), an ``index.json`` or a folder with one."""
+    if is_url(path) or path.endswith("index.json"):
+        return True
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "index.json"))
+    return path.lower().endswith((".tar", ".tar.gz", ".tgz")) and (os.path.isfile(path) or glob.has_magic(path)
                                               or bool(BRACE_RANGE.search(path)))  # fmt: skip
 
 
@@ -131,6 +143,13 @@ register_source("synthetic-video", synthetic_opener("navit.synthetic.video:Synth
                 form="synthetic-video[:N[:SEED]]")  # fmt: skip
 register_source("synthetic-seg", synthetic_opener("navit.synthetic.segmentation:SyntheticSegmentation"), scheme=True,
                 form="synthetic-seg[:N[:SEED]]")  # fmt: skip
+register_source("synthetic-det", synthetic_opener("navit.synthetic.detection:SyntheticDetection"), scheme=True,
+                form="synthetic-det[:N[:SEED]]")  # fmt: skip
+register_source("coco", "navit.data.coco:CocoDetection", match=_is_coco,
+                form="a COCO detection folder (annotations.json and images/) or a COCO instances .json")  # fmt: skip
+register_source("shards", "navit.data.webdataset:Shards", match=_is_shards,
+                form="WebDataset shards: .tar files (a path, glob or {000..009} range), http(s):// or s3:// URLs, "
+                "or a folder or URL with an index.json")  # fmt: skip
 register_source("segmentation-folder", "navit.data.segmentation:SegmentationFolder", match=_is_segmentation_folder,
                 form="a folder with images/ and masks/ (segmentation)")  # fmt: skip
 register_source("folder", "navit.data.folder:ImageFolder", match=os.path.isdir,
@@ -139,5 +158,3 @@ register_source("segmentation-manifest", "navit.data.segmentation:SegmentationMa
                 match=_is_segmentation_manifest, form="a .csv/.jsonl manifest of path,mask (segmentation)")  # fmt: skip
 register_source("manifest", "navit.data.manifest:Manifest", match=_is_manifest,
                 form="a .csv/.jsonl manifest of path,label[,caption]")  # fmt: skip
-register_source("tar", "navit.data.tar:TarShards", match=_is_tar,
-                form=".tar shards (a file, a glob or a {000..009} range)")  # fmt: skip

@@ -20,8 +20,10 @@ mask already has the turned image's size).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from navit.data.files import walk
 from navit.data.stream import IndexedSource
 
 IGNORE = 255
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B")
 
 
@@ -143,6 +146,19 @@ class _MaskPairs(IndexedSource):
     def item(self, index: int) -> dict[str, Any]:
         image, mask = self.pairs[index]
         return segmentation_item(image, mask, len(self.class_names), self.describe(index))
+
+    def fields(self, index: int) -> dict[str, bytes]:
+        """The item as WebDataset fields: the image file's own bytes under its extension, ``cls``
+        0, and the mask file's bytes as ``mask.png`` (a mask stored in another format is written
+        as a PNG of the same values)."""
+        image, mask = self.pairs[index]
+        data = Path(mask).read_bytes()
+        if not data.startswith(PNG_SIGNATURE):
+            with Image.open(io.BytesIO(data)) as stored:
+                buffer = io.BytesIO()
+                stored.save(buffer, format="PNG")
+                data = buffer.getvalue()
+        return {os.path.splitext(image)[1][1:].lower(): Path(image).read_bytes(), "cls": b"0", "mask.png": data}
 
 
 class SegmentationFolder(_MaskPairs):

@@ -166,17 +166,19 @@ class Subset(IndexedSource):
 
 
 class Filtered:
-    """A stream source with only the items whose key passes ``keep`` (a picklable callable)."""
+    """A stream source with only the items whose key passes ``keep`` (a picklable callable),
+    about ``share`` of them. A source whose ``read`` takes ``keep`` (``filters_keys``) filters
+    before it decodes."""
 
-    def __init__(self, source: Source, keep: Any, what: str) -> None:
-        self.source, self.keep, self.what = source, keep, what
+    def __init__(self, source: Source, keep: Any, what: str, share: float) -> None:
+        self.source, self.keep, self.what, self.share = source, keep, what, share
         self.class_names, self.provides = source.class_names, source.provides
 
     def __repr__(self) -> str:
         return f"{self.what} of {self.source!r}"
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("source", "keep", "what"):
+        if name.startswith("_") or name in ("source", "keep", "what", "share"):
             raise AttributeError(name)
         return getattr(self.source, name)
 
@@ -184,6 +186,9 @@ class Filtered:
         return self.source.parts(epoch, rank, world_size, shuffle=shuffle, seed=seed, size=size)
 
     def read(self, part: Part, start: int = 0) -> Iterator[Record]:
+        if getattr(type(self.source), "filters_keys", False):  # the class's own (wrappers forward attributes)
+            yield from self.source.read(part, start, keep=self.keep)
+            return
         kept = (record for record in self.source.read(part) if self.keep(record.key))
         for _ in range(start):  # positions count kept items only
             next(kept, None)
@@ -208,8 +213,8 @@ def split_holdout(source: Source, fraction: float, seed: int) -> tuple[Source, S
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout fraction must be in (0, 1), got {fraction!r}")
     if not isinstance(source, IndexedSource):
-        return (Filtered(source, HoldoutRule(fraction, seed, False), "training part"),
-                Filtered(source, HoldoutRule(fraction, seed, True), "validation holdout"))  # fmt: skip
+        return (Filtered(source, HoldoutRule(fraction, seed, False), "training part", 1.0 - fraction),
+                Filtered(source, HoldoutRule(fraction, seed, True), "validation holdout", fraction))  # fmt: skip
     held = [holdout_side(source.key(i), fraction, seed) for i in range(len(source))]
     train, val = [i for i, h in enumerate(held) if not h], [i for i, h in enumerate(held) if h]
     if not train or not val:
@@ -232,8 +237,11 @@ def first_items(source: Source, count: int, seed: int = 0) -> Iterator[Record]:
 
 
 def num_items(source: Source) -> int | None:
-    """How many items ``source`` holds, when it knows (``len``), else None."""
+    """How many items ``source`` holds, when it knows (``len``; for a hash-filtered part of a
+    stream, its expected share), else None."""
     try:
         return len(source)  # type: ignore[arg-type]
     except TypeError:
-        return None
+        pass
+    whole = num_items(source.source) if isinstance(source, Filtered) else None
+    return None if whole is None else round(whole * source.share)

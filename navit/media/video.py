@@ -15,6 +15,7 @@ them: non-square pixels stretched to square ones, the display rotation applied.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ def require_av(what: str):
     try:
         import av
     except ImportError as error:
-        raise ImportError(f"{what} needs PyAV: pip install 'navit[video]' (or pip install av)") from error
+        raise ImportError(f"{what} needs PyAV: pip install 'torch-navit[video]' (or pip install av)") from error
     return av
 
 
@@ -83,27 +84,30 @@ class FramePicker:
 
 
 class VideoFile:
-    """A video file, decoded lazily with PyAV. Holds its path and, once read, its info (picklable)."""
+    """A video file, or a video file's bytes (a clip read from a shard), decoded lazily with
+    PyAV. Holds its path or bytes and, once read, its info (picklable)."""
 
-    def __init__(self, path: str | os.PathLike[str], name: str | None = None, threads: int = 1) -> None:
-        self.path, self.name, self.threads = os.fspath(path), name or os.fspath(path), threads
+    def __init__(self, path: str | os.PathLike[str] | bytes, name: str | None = None, threads: int = 1) -> None:
+        self.data = bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else None
+        self.path = None if self.data is not None else os.fspath(path)
+        self.name, self.threads = name or self.path or f"<{len(self.data or b'')} bytes>", threads
         self._info: ClipInfo | None = None  # read once (it decodes the first frame)
 
     def __repr__(self) -> str:
-        return f"VideoFile({self.path!r})"
+        return f"VideoFile({self.path or self.name!r})"
 
     def _open(self):
         av = require_av(f"decoding video {self.name}")
-        if os.path.isdir(self.path):
+        if self.path is not None and os.path.isdir(self.path):
             raise ValueError(f"cannot decode video {self.name}: it is a folder")
         try:
-            size = os.path.getsize(self.path)
+            size = len(self.data) if self.data is not None else os.path.getsize(self.path)
         except OSError as e:
             raise FileNotFoundError(f"cannot read video {self.name}: {e.strerror or e}") from e
         if size == 0:
             raise ValueError(f"cannot decode video {self.name}: the file is empty (0 bytes)")
         try:
-            container = av.open(self.path)
+            container = av.open(io.BytesIO(self.data) if self.data is not None else self.path)
         except av.error.FFmpegError as e:
             raise ValueError(f"cannot decode video {self.name}: {ffmpeg_reason(e)}") from e
         if not container.streams.video:

@@ -3,10 +3,13 @@ of an item together, and the record of where the item's pixels went.
 
 Keys they know: pictures (``image``, ``mask``: PIL images, cut and mirrored alike), clips
 (``video``: the op is added to ``frame_op``, run on every frame as it decodes), and coordinates in
-pixels (``boxes`` [n, 4] as x1, y1, x2, y2; ``points`` [n, 2] as x, y; numpy arrays). Every op also
-updates ``item["geometry"]``, the :class:`Affine` map from the input's own pixels to the item's
-current ones, so a key no op knows (a task's own) can be carried by applying it, and predictions
-made on the example can be mapped back to the input's pixels with its inverse.
+pixels (``boxes`` [n, 4] as x1, y1, x2, y2; ``points`` [n, 2] as x, y; numpy arrays). A box a crop
+cuts keeps its part inside; ``box_visible`` records the share of each box's area still in the
+picture (a task drops boxes below its own threshold), and the rows of :data:`BOX_ROWS` follow
+the boxes that remain. Every op also updates ``item["geometry"]``, the :class:`Affine` map from
+the input's own pixels to the item's current ones, so a key no op knows (a task's own) can be
+carried by applying it, and predictions made on the example can be mapped back to the input's
+pixels with its inverse.
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ def picture_size(item: dict[str, Any]) -> tuple[int, int]:
     return info.width, info.height
 
 
+#: Keys with one row per box (labels, ids, the visible share): cut and dropped with the boxes.
+BOX_ROWS = ("box_labels", "box_ids", "box_visible")
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+
+
 def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     return np.stack([boxes[:, 0].clip(0, width), boxes[:, 1].clip(0, height),
                      boxes[:, 2].clip(0, width), boxes[:, 3].clip(0, height)], 1)  # fmt: skip
@@ -81,11 +92,16 @@ def move(item: dict[str, Any], picture: Callable[[Image.Image], Image.Image], ge
     if "points" in out:
         out["points"] = geometry.points(out["points"])
     if "boxes" in out:
-        boxes = clip_boxes(geometry.boxes(out["boxes"]), *size)
+        moved = geometry.boxes(out["boxes"])
+        boxes = clip_boxes(moved, *size)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        # The share of each box's area still in the picture, over every cut so far.
+        visible = np.asarray(out.get("box_visible", np.ones(len(boxes))), dtype=np.float64)
+        out["box_visible"] = visible * _area(boxes) / np.maximum(_area(moved), 1e-12)
         out["boxes"] = boxes[keep]
-        if "box_labels" in out:
-            out["box_labels"] = np.asarray(out["box_labels"])[keep]
+        for key in BOX_ROWS:
+            if key in out:
+                out[key] = np.asarray(out[key])[keep]
     out["geometry"] = out.get("geometry", Affine()).then(geometry)
     return out
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from navit.ops.geometry import Affine, move, picture_size
+from navit.ops.geometry import BOX_ROWS, Affine, move, picture_size
 from navit.processor import Processor
 from navit.token_drop import TokenDropper
 
@@ -63,7 +63,7 @@ class Tokenize:
         scale = Affine(sx=cols * p / width, sy=rows * p / height)
         out = move({k: v for k, v in item.items() if k not in ("image", "video", *DENSE_KEYS)}, _same, scale,
                    (cols * p, rows * p))  # fmt: skip
-        return {**item, **{k: out[k] for k in ("boxes", "points", "box_labels", "geometry") if k in out},
+        return {**item, **{k: out[k] for k in ("boxes", "points", "geometry", *BOX_ROWS) if k in out},
                 "example": example, "canvas": (cols * p, rows * p)}  # fmt: skip
 
     def _clip(self, item: dict[str, Any], rng: np.random.Generator | None, name: str | None):

@@ -25,7 +25,8 @@ from navit.config import NaViTConfig
 from navit.model import NaViT
 from navit.pretrained.weights import load_checked, match, read_json, read_weights, rename
 from navit.processor import Processor
-from navit.two_tower import ImageTextConfig, ImageTextModel
+from navit.heads import TextTowerConfig
+from navit.two_tower import ImageTextModel
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
                "gelu_python": "gelu"}
@@ -59,10 +60,12 @@ def vision_config(hf: dict[str, Any]) -> NaViTConfig:
     )  # fmt: skip
 
 
-def two_tower_config(hf: dict[str, Any]) -> ImageTextConfig:
-    vision, text = hf["vision_config"], hf["text_config"]
-    return ImageTextConfig(
-        image=vision_config(vision), embed_dim=text.get("projection_size") or text["hidden_size"], loss="sigmoid",
+def text_tower_config(hf: dict[str, Any]) -> TextTowerConfig:
+    """The ``text-tower`` head of a SigLIP2 two-tower config: its text model, the text head (a
+    biased projection), no image projection, the sigmoid loss's scale and bias."""
+    text = hf["text_config"]
+    return TextTowerConfig(
+        embed_dim=text.get("projection_size") or text["hidden_size"], loss="sigmoid",
         text_width=text["hidden_size"], text_depth=text["num_hidden_layers"], text_heads=text["num_attention_heads"],
         text_max_len=text.get("max_position_embeddings", 64), vocab_size=text["vocab_size"],
         text_mlp_dim=text["intermediate_size"], text_act=activation(text, "text"), text_pool="last",
@@ -263,16 +266,15 @@ def load_hf(folder: str | os.PathLike[str]) -> nn.Module:
     folder = Path(folder)
     config = read_config(folder)
     two_tower = config["model_type"] == "siglip2"
-    navit_config = two_tower_config(config) if two_tower else vision_config(config)
-    image = navit_config.image if two_tower else navit_config
+    image = vision_config(config["vision_config"] if two_tower else config)
     processor = processor_for(image, folder)
-    model = ImageTextModel(navit_config, processor) if two_tower else NaViT(navit_config, processor)
+    model = ImageTextModel(image, processor, text_tower_config(config)) if two_tower else NaViT(image, processor)
     origins: dict[str, str] = {}
     load_checked(model, read_navit_weights(folder, image.pos_grid, origins), origins, folder)
     if two_tower and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "spiece.model")):
         from navit.text import PretrainedTokenizer
 
-        model.text_tokenizer = PretrainedTokenizer.from_folder(folder, navit_config.text_max_len)
+        model.text_tokenizer = PretrainedTokenizer.from_folder(folder, model.config.text_max_len)
     return model.eval()
 
 
@@ -298,7 +300,7 @@ def write_hf(model: nn.Module, folder: str | os.PathLike[str]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     two_tower = isinstance(model, ImageTextModel)
-    image = model.config.image if two_tower else model.config
+    image = model.image.config if two_tower else model.config
     if image.pos_embed != "grid" or image.pool != "map" or image.qk_norm or (not two_tower and image.num_classes):
         raise ValueError("only SigLIP2-shaped models (grid positions, MAP pooling, no qk-norm, no head) can be written")
     act = "gelu_pytorch_tanh" if image.act == "gelu_tanh" else "gelu"

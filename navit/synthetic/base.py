@@ -32,3 +32,10 @@ class Generated(IndexedSource):
     def load(self, index: int) -> Image.Image:
         """The item's picture (a clip's first frame)."""
         return self.item(index)["image"]
+
+    def fields(self, index: int) -> dict[str, bytes]:
+        """The item as WebDataset fields: a generated picture or mask has no file, so it is encoded
+        as a PNG (lossless), a clip as an H.264 MP4 (needs PyAV); see :mod:`navit.data.shard_writer`."""
+        from navit.data.shard_writer import encode_item
+
+        return encode_item(self.item(index))

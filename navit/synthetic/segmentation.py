@@ -3,7 +3,6 @@ masks drawn from the same geometry."""
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -11,11 +10,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from navit.data.segmentation import palette_mask
-from navit.synthetic.shapes import CLASS_NAMES, CLASS_SPECS, DARK_MAX, LIGHT_MIN, RATIO_RANGES, gradient, grain, shape_polygon
-from navit.synthetic.base import Generated
+from navit.synthetic.shapes import CLASS_NAMES, DARK_MAX, grain, shape_polygon
+from navit.synthetic.scenes import Scenes
 
 
-class SyntheticSegmentation(Generated):
+class SyntheticSegmentation(Scenes):
     """Procedural segmentation set: 2 to 4 ellipses and rectangles per image, each pixel labelled
     with its object's class (its shape and its *true* proportions: tall, round/square, wide, as in
     :class:`~navit.synthetic.shapes.SyntheticShapes`) or background (0).
@@ -30,11 +29,7 @@ class SyntheticSegmentation(Generated):
     provides = frozenset({"image", "mask", "label"})
 
     def __init__(self, num_images: int = 2000, seed: int = 0, min_side: int = 48, max_side: int = 192) -> None:
-        if num_images < 1 or seed < 0 or not 8 <= min_side <= max_side:
-            raise ValueError(f"need num_images >= 1, seed >= 0 and 8 <= min_side <= max_side, got "
-                             f"{num_images}, {seed}, {min_side}, {max_side}")  # fmt: skip
-        self.num_images = self.count = num_images
-        self.seed, self.min_side, self.max_side = seed, min_side, max_side
+        super().__init__(num_images, seed, min_side, max_side)
         self.class_names: list[str] = ["background", *CLASS_NAMES]
 
     def label(self, index: int) -> int:
@@ -43,23 +38,12 @@ class SyntheticSegmentation(Generated):
     def item(self, index: int) -> dict[str, Any]:
         index = self._check(index)
         rng = np.random.default_rng([self.seed, index, 7])
-        aspect = math.exp(rng.uniform(math.log(0.25), math.log(4.0)))  # width / height
-        elong = max(aspect, 1 / aspect)
-        long_side = rng.uniform(min(self.max_side, self.min_side * elong), self.max_side)
-        short_side = long_side / elong
-        width, height = (long_side, short_side) if aspect >= 1 else (short_side, long_side)
-        width, height = max(8, round(width)), max(8, round(height))
-        start = rng.integers(LIGHT_MIN, 256, size=3)
-        end = np.clip(start + rng.integers(-40, 41, size=3), LIGHT_MIN, 255)
-        image = gradient(width, height, tuple(start), tuple(end), rng.uniform(0, 2 * math.pi))
+        image = self.background(rng)
+        width, height = image.size
         mask = Image.new("L", (width, height), 0)
         paint, label = ImageDraw.Draw(image), ImageDraw.Draw(mask)
         for _ in range(int(rng.integers(2, 5))):
-            cls = int(rng.integers(len(CLASS_NAMES)))
-            shape, proportion = CLASS_SPECS[cls]
-            ratio = math.exp(rng.uniform(*(math.log(r) for r in RATIO_RANGES[proportion])))  # height / width
-            w = rng.uniform(0.3, 0.6) * min(width, height / ratio)
-            h = w * ratio
+            cls, shape, w, h = self.draw_object(rng, (width, height), (0.3, 0.6))
             cx, cy = rng.uniform(w / 2, width - w / 2), rng.uniform(h / 2, height - h / 2)
             polygon = shape_polygon(shape, w, h, cx, cy, rng.uniform(-5, 5))
             paint.polygon(polygon, fill=tuple(int(v) for v in rng.integers(0, DARK_MAX + 1, size=3)))

@@ -12,12 +12,14 @@ from typing import Any
 from navit.tasks.base import Task, TaskLoss
 from navit.tasks.classify import Classification
 from navit.tasks.contrastive import Contrastive
+from navit.tasks.detect import Detection
 from navit.tasks.segment import Segmentation
 
 TASKS: dict[str, type[Task]] = {
     Classification.name: Classification,
     Contrastive.name: Contrastive,
     Segmentation.name: Segmentation,
+    Detection.name: Detection,
 }
 
 

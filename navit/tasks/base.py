@@ -77,6 +77,9 @@ class Task:
         if missing:
             raise ValueError(f"--task {self.name} needs {' and '.join(missing)}, but data {spec!r} has none: "
                              f"{self.data_hint}")  # fmt: skip
+        if "label" in self.needs and not source.class_names:
+            raise ValueError(f"--task {self.name} needs class names, but data {spec!r} lists none: give --classes FILE "
+                             "(one name per line), or a classes.txt or index.json beside the shards")  # fmt: skip
 
     def check_eval_data(self, source: Any, spec: str) -> None:
         """Raise a clear error now if ``source`` lacks what evaluation needs (by default, what

@@ -10,11 +10,12 @@ from torch import nn
 
 from navit import distributed as D
 from navit.config import NaViTConfig, check_choices, option
+from navit.heads import TextTowerConfig, TextTowerHead
 from navit.batch import PackedBatch
 from navit.processor import Processor
 from navit.tasks.base import Task, TaskLoss
 from navit.tasks.classify import evaluate_labels, predict_labels
-from navit.two_tower import ImageTextModel, create_image_text_model
+from navit.two_tower import ImageTextModel
 from navit.zeroshot import ZeroShotClassifier
 
 
@@ -48,6 +49,7 @@ class Contrastive(Task):
     data_hint = "use the built-in synthetic data or a manifest with a 'caption' column"
     Options = ContrastiveOptions
     model_class = ImageTextModel
+    heads = (TextTowerHead.name,)
 
     def __init__(self, options: Any = None, class_names: list[str] | None = None) -> None:
         super().__init__(options, class_names)
@@ -73,12 +75,9 @@ class Contrastive(Task):
 
     def build_model(self, config: NaViTConfig, processor: Processor) -> nn.Module:
         options = self.options
-        model = create_image_text_model(
-            config.replace(num_classes=0), loss=options.loss, text_depth=options.text_depth,
-            text_max_len=options.text_max_len,
-        )  # fmt: skip
-        model.processor = processor
-        return model
+        head = TextTowerConfig.for_encoder(config, loss=options.loss, text_depth=options.text_depth,
+                                           text_max_len=options.text_max_len)  # fmt: skip
+        return ImageTextModel(config.replace(num_classes=0), processor, head)
 
     def inference_model(self, model: nn.Module) -> nn.Module:
         return ZeroShotClassifier(model.eval(), model.tokenizer(), self.class_names)

@@ -23,13 +23,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from navit.config import NaViTConfig, option
+from navit.config import option
 from navit.media.image import load_rgb
 from navit.data.segmentation import IGNORE, palette, palette_mask
 from navit.heads import SegmenterHead
-from navit.model import NaViT
+from navit.model import TokenModel
 from navit.batch import PackedBatch
-from navit.processor import Processor
 from navit.tasks.base import Task, TaskLoss
 
 
@@ -42,19 +41,12 @@ class SegmentOptions:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {self.overlay_alpha}")
 
 
-class Segmenter(NaViT):
+class Segmenter(TokenModel):
     """The NaViT encoder with the ``segmenter`` head (a linear decoder per token): ``model(batch)``
     gives logits [B, L, p·p, classes] for the pixels of every token (in the patch's row-major
     order). Every token is normed (``final_norm="tokens"``); no pooling is built."""
 
-    def __init__(self, config: NaViTConfig, processor: Processor | None = None, head: dict[str, Any] | None = None) -> None:
-        if head is None and (config.num_axes != 2 or config.num_classes < 1):
-            raise ValueError(f"segmentation takes images (num_axes=2) and at least one class, got "
-                             f"num_axes={config.num_axes}, num_classes={config.num_classes}")  # fmt: skip
-        head = head if head is not None else {"name": SegmenterHead.name, "num_classes": config.num_classes}
-        if head.get("name") != SegmenterHead.name:
-            raise ValueError(f"a Segmenter's head is {SegmenterHead.name!r}, got {head.get('name')!r}")
-        super().__init__(config.replace(final_norm="tokens"), processor, head)
+    HEAD, TASK = SegmenterHead.name, "segmentation"
 
     def label_maps(self, logits: torch.Tensor, batch: PackedBatch, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Each example's class per pixel [H, W] (uint8) at ``sizes``; see :meth:`SegmenterHead.label_maps`."""

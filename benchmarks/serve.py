@@ -1,0 +1,166 @@
+"""``navit serve`` under load: throughput and latency of packed, padded and single batching.
+
+A random NaViT classifier (patch 16, ``--max-tokens`` per image) is saved once and served by one
+``navit serve`` subprocess per batching mode on 127.0.0.1. Closed-loop clients (each sends one
+image, waits for the answer, sends the next) run for ``--seconds`` at each concurrency, on two
+image mixes:
+
+* ``paper``: side ~ U(64, 256) pixels with the aspect ratio drawn from {1:1, 4:3, 3:4, 16:9, 9:16}
+  (the paper's mix), so images have very different token counts;
+* ``uniform``: every image 160 x 160, the same token count, where packing has nothing to gain.
+
+Reported per (mix, mode, concurrency): images/s and p50 / p99 latency in ms. Clients run in this
+process with asyncio and httpx, so on a small machine they share the cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import RESULTS_DIR, md_table  # noqa: E402
+
+ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16)
+
+
+def images(mix: str, count: int, seed: int = 0) -> list[bytes]:
+    """``count`` PNG files of the mix, as bytes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        if mix == "paper":
+            side, aspect = rng.uniform(64, 256), ASPECTS[rng.integers(len(ASPECTS))]
+            width, height = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
+        else:
+            width = height = 160
+        pixels = rng.integers(0, 256, (max(8, int(height)), max(8, int(width)), 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def save_model(folder: Path, args: argparse.Namespace) -> Path:
+    import torch
+
+    import navit
+
+    torch.manual_seed(0)
+    config = navit.NaViTConfig(patch_size=16, embed_dim=args.width, depth=args.depth, num_heads=args.width // 64,
+                               num_classes=10)  # fmt: skip
+    model = navit.NaViT(config, navit.Processor(patch_size=16, max_tokens=args.max_tokens)).eval()
+    return navit.save_model(model, folder / "model")
+
+
+def start(model: Path, mode: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "navit", "serve", "--checkpoint", str(model), "--port", str(port),
+               "--batching", mode, "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms",
+               str(args.max_wait_ms)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"serve benchmark: the {mode} server did not start")
+
+
+async def closed_loop(url: str, pictures: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
+    """``concurrency`` clients, each sending one image at a time for ``seconds``."""
+    import httpx
+
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def client(worker: int, http: httpx.AsyncClient) -> None:
+        i = worker
+        while time.perf_counter() < stop:
+            begin = time.perf_counter()
+            response = await http.post("/v1/predict", files=[("file", ("x.png", pictures[i % len(pictures)]))])
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - begin)
+            i += concurrency
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000
+    return {"images_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "requests": len(latencies)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each (mix, mode, concurrency) run")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--modes", nargs="+", default=["packed", "padded", "single"])
+    parser.add_argument("--mixes", nargs="+", default=["paper", "uniform"])
+    parser.add_argument("--max-tokens", type=int, default=256, help="the model's tokens per image")
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve.json")
+    args = parser.parse_args()
+    pictures = {mix: images(mix, 64) for mix in args.mixes}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        model = save_model(Path(folder), args)
+        for mode in args.modes:
+            process, url = start(model, mode, args)
+            try:
+                for mix in args.mixes:
+                    asyncio.run(closed_loop(url, pictures[mix], 2, 0.5))  # warm the connections and caches
+                    for concurrency in args.concurrency:
+                        result = asyncio.run(closed_loop(url, pictures[mix], concurrency, args.seconds))
+                        rows.append({"mix": mix, "mode": mode, "concurrency": concurrency, **result})
+                        print(json.dumps(rows[-1]), flush=True)
+            finally:
+                process.terminate()
+                process.wait(60)
+    report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    ordered = sorted(rows, key=lambda r: (r["mix"], r["concurrency"], args.modes.index(r["mode"])))
+    table = [[r["mix"], r["concurrency"], r["mode"], f"{r['images_per_s']:.1f}", f"{r['p50_ms']:.0f}",
+              f"{r['p99_ms']:.0f}"] for r in ordered]  # fmt: skip
+    print(md_table(["mix", "clients", "batching", "images/s", "p50 ms", "p99 ms"], table, "lrlrrr"))
+    by = {(r["mix"], r["mode"], r["concurrency"]): r for r in rows}
+    for mix in args.mixes:
+        for concurrency in args.concurrency:
+            packed, padded = by.get((mix, "packed", concurrency)), by.get((mix, "padded", concurrency))
+            if packed and padded:
+                ratio = packed["images_per_s"] / padded["images_per_s"]
+                print(f"{mix}, {concurrency} clients: packed / padded throughput {ratio:.2f}x, "
+                      f"p99 {packed['p99_ms']:.0f} vs {padded['p99_ms']:.0f} ms")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": sys.argv, "settings": {k: str(v) for k, v in vars(args).items()},
+                                    "rows": rows}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
