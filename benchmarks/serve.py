@@ -1,15 +1,18 @@
 """``navit serve`` under load: throughput and latency of packed, padded and single batching.
 
-A random NaViT classifier (patch 16, ``--max-tokens`` per image) is saved once and served by one
-``navit serve`` subprocess per batching mode on 127.0.0.1. Closed-loop clients (each sends one
-image, waits for the answer, sends the next) run for ``--seconds`` at each concurrency, on two
-image mixes:
+A random NaViT classifier (width 256, depth 6, patch 16, ``--max-tokens`` per image) is saved once
+and served by one ``navit serve`` subprocess per batching mode on 127.0.0.1, all started at once.
+Closed-loop clients (each sends one image, waits for the answer, sends the next) run for
+``--seconds`` at each concurrency, on two image mixes, the modes interleaved in a rotating order
+and every cell repeated ``--repeats`` times (medians reported), so load from other jobs on the
+machine falls on every mode alike:
 
 * ``paper``: side ~ U(64, 256) pixels with the aspect ratio drawn from {1:1, 4:3, 3:4, 16:9, 9:16}
   (the paper's mix), so images have very different token counts;
 * ``uniform``: every image 160 x 160, the same token count, where packing has nothing to gain.
 
-Reported per (mix, mode, concurrency): images/s and p50 / p99 latency in ms. Clients run in this
+Reported per (mix, mode, concurrency): images/s and p50 / p99 latency in ms, and from the server's
+/metrics what it did meanwhile: images per forward, fill, forward ms and queue wait per image. Clients run in this
 process with asyncio and httpx, so on a small machine they share the cores with the server.
 """
 
@@ -59,7 +62,7 @@ def save_model(folder: Path, args: argparse.Namespace) -> Path:
 
     torch.manual_seed(0)
     config = navit.NaViTConfig(patch_size=16, embed_dim=args.width, depth=args.depth, num_heads=args.width // 64,
-                               num_classes=10)  # fmt: skip
+                               num_classes=10, attn_backend=args.attn_backend)  # fmt: skip
     model = navit.NaViT(config, navit.Processor(patch_size=16, max_tokens=args.max_tokens)).eval()
     return navit.save_model(model, folder / "model")
 
@@ -84,6 +87,29 @@ def start(model: Path, mode: str, args: argparse.Namespace) -> tuple[subprocess.
         time.sleep(0.2)
     process.kill()
     raise SystemExit(f"serve benchmark: the {mode} server did not start")
+
+
+SERVER_COUNTERS = ("navit_batches_total", "navit_images_total", "navit_tokens_total", "navit_batch_fill_sum",
+                   "navit_forward_seconds_sum", "navit_queue_wait_seconds_sum")  # fmt: skip
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The server's own totals (forwards, images, fill, forward and queue-wait seconds)."""
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+    values = dict(line.rsplit(" ", 1) for line in lines if line.split(" ", 1)[0] in SERVER_COUNTERS)
+    return {name: float(values.get(name, 0.0)) for name in SERVER_COUNTERS}
+
+
+def server_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the server did during one run: images per forward, fill, and per image the time in
+    forwards and waiting in the queue."""
+    d = {name: after[name] - before[name] for name in SERVER_COUNTERS}
+    batches, images = max(d["navit_batches_total"], 1), max(d["navit_images_total"], 1)
+    return {"images_per_forward": d["navit_images_total"] / batches, "fill": d["navit_batch_fill_sum"] / batches,
+            "forward_ms": 1000 * d["navit_forward_seconds_sum"] / batches,
+            "queue_wait_ms": 1000 * d["navit_queue_wait_seconds_sum"] / images}  # fmt: skip
 
 
 async def closed_loop(url: str, pictures: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:
@@ -114,41 +140,67 @@ async def closed_loop(url: str, pictures: list[bytes], concurrency: int, seconds
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each (mix, mode, concurrency) run")
+    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each (mix, mode, concurrency) run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per (mix, mode, concurrency); medians reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--modes", nargs="+", default=["packed", "padded", "single"])
     parser.add_argument("--mixes", nargs="+", default=["paper", "uniform"])
     parser.add_argument("--max-tokens", type=int, default=256, help="the model's tokens per image")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--width", type=int, default=192)
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--attn-backend", default="auto", help="the served model's attention backend")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve.json")
     args = parser.parse_args()
     pictures = {mix: images(mix, 64) for mix in args.mixes}
-    rows = []
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         model = save_model(Path(folder), args)
-        for mode in args.modes:
-            process, url = start(model, mode, args)
-            try:
+        servers = {mode: start(model, mode, args) for mode in args.modes}  # all up at once, used in turn
+        try:
+            for url in (url for _, url in servers.values()):
                 for mix in args.mixes:
                     asyncio.run(closed_loop(url, pictures[mix], 2, 0.5))  # warm the connections and caches
+            for repeat in range(args.repeats):
+                for mix in args.mixes:
                     for concurrency in args.concurrency:
-                        result = asyncio.run(closed_loop(url, pictures[mix], concurrency, args.seconds))
-                        rows.append({"mix": mix, "mode": mode, "concurrency": concurrency, **result})
-                        print(json.dumps(rows[-1]), flush=True)
-            finally:
+                        shift = (len(runs) // len(args.modes) + repeat) % len(args.modes)  # a rotating order
+                        for mode in args.modes[shift:] + args.modes[:shift]:
+                            url = servers[mode][1]
+                            before = server_counters(url)
+                            result = asyncio.run(closed_loop(url, pictures[mix], concurrency, args.seconds))
+                            split = server_split(before, server_counters(url))
+                            runs.append({"mix": mix, "mode": mode, "concurrency": concurrency, **result, **split})
+                            print(json.dumps(runs[-1]), flush=True)
+        finally:
+            for process, _ in servers.values():
                 process.terminate()
                 process.wait(60)
-    report(rows, args)
+    report(medians(runs), runs, args)
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> None:
+def medians(runs: list[dict]) -> list[dict]:
+    """One row per (mix, mode, concurrency): the median of each figure over the repeats."""
+    keys = sorted({(r["mix"], r["mode"], r["concurrency"]) for r in runs}, key=str)
+    rows = []
+    for mix, mode, concurrency in keys:
+        same = [r for r in runs if (r["mix"], r["mode"], r["concurrency"]) == (mix, mode, concurrency)]
+        figures = {k: float(np.median([r[k] for r in same])) for k in same[0] if isinstance(same[0][k], float)}
+        rows.append({"mix": mix, "mode": mode, "concurrency": concurrency, **figures, "repeats": len(same)})
+    return rows
+
+
+def report(rows: list[dict], runs: list[dict], args: argparse.Namespace) -> None:
+    print(f"model: NaViT width {args.width}, depth {args.depth}, {args.width // 64} heads, patch 16, at most "
+          f"{args.max_tokens} tokens per image, attn_backend={args.attn_backend}; --max-batch-tokens "
+          f"{args.max_batch_tokens} --max-wait-ms {args.max_wait_ms}; medians of {args.repeats} interleaved runs")
     ordered = sorted(rows, key=lambda r: (r["mix"], r["concurrency"], args.modes.index(r["mode"])))
     table = [[r["mix"], r["concurrency"], r["mode"], f"{r['images_per_s']:.1f}", f"{r['p50_ms']:.0f}",
-              f"{r['p99_ms']:.0f}"] for r in ordered]  # fmt: skip
-    print(md_table(["mix", "clients", "batching", "images/s", "p50 ms", "p99 ms"], table, "lrlrrr"))
+              f"{r['p99_ms']:.0f}", f"{r['images_per_forward']:.1f}", f"{r['fill']:.2f}", f"{r['forward_ms']:.0f}",
+              f"{r['queue_wait_ms']:.0f}"] for r in ordered]  # fmt: skip
+    print(md_table(["mix", "clients", "batching", "images/s", "p50 ms", "p99 ms", "images/forward", "fill",
+                    "forward ms", "queue wait ms"], table, "lrlrrrrrrr"))  # fmt: skip
     by = {(r["mix"], r["mode"], r["concurrency"]): r for r in rows}
     for mix in args.mixes:
         for concurrency in args.concurrency:
@@ -159,7 +211,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
                       f"p99 {packed['p99_ms']:.0f} vs {padded['p99_ms']:.0f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": sys.argv, "settings": {k: str(v) for k, v in vars(args).items()},
-                                    "rows": rows}, indent=1))  # fmt: skip
+                                    "rows": rows, "runs": runs}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

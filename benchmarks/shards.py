@@ -17,7 +17,9 @@ processing (decode, resize to at most 64 patches of 16 px, pack into 4 sequences
   function, with no packing: what a navit-less pipeline does for the same work.
 
 The training step of the quick-start model (``navit_mini16``, AdamW) on the loader's batches gives
-the rate the loader must keep up with (goal: batches/s at least twice steps/s). Last, a stream of
+the rate the loader must keep up with (goal: batches/s at least twice steps/s). The main process
+reads with the torch threads a training run leaves it (cores less workers), the step runs with
+``--threads``. Last, a stream of
 ``--stream`` samples from the disk shards (passes over them) with the resident memory of the main
 process and its workers at the start and the end. Prints Markdown, writes ``results/shards.json``.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import statistics
 import sys
 import tempfile
@@ -119,8 +122,6 @@ def step_rate(batches: list, repeats: int) -> float:
 
 def children_rss_kb() -> int:
     """Resident memory of this process's children (the loader workers), from /proc."""
-    import os
-
     total = 0
     try:
         children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
@@ -157,6 +158,7 @@ def memory_over_stream(source, processor: navit.Processor, workers: int, samples
 
 def run(args) -> dict:
     processor = navit.Processor(patch_size=16, max_tokens=64)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))  # the main process's threads in training
     with tempfile.TemporaryDirectory() as folder:
         readers = prepare(args, Path(folder))
         times: dict[str, list[tuple[float, int, int]]] = {name: [] for name in READERS}
@@ -167,7 +169,9 @@ def run(args) -> dict:
                     times[name].append(webdataset_epoch(readers[name], processor, args.workers))
                 else:
                     times[name].append(navit_epoch(readers[name], processor, args.workers, kept))
+        torch.set_num_threads(args.threads)
         steps_per_s = step_rate(kept, args.steps)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
         memory = memory_over_stream(readers["shards (disk)"], processor, args.workers, args.stream)
         readers["server"].shutdown()
     rows = {}

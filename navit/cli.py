@@ -445,7 +445,7 @@ def _data_parser(sub) -> None:
                                 "clips as MP4) into uncompressed WebDataset shards OUT/PREFIX-000000.tar, ... and "
                                 "OUT/index.json, in a seeded shuffled order.")  # fmt: skip
     shard.add_argument("source", metavar="SRC", help="a class folder, a manifest, a segmentation folder or manifest, "
-                       "or a built-in set such as synthetic:200")  # fmt: skip
+                       "a COCO detection set, or a built-in set such as synthetic:200")  # fmt: skip
     shard.add_argument("--out", required=True, help="output folder (refused if it already holds shards or index.json)")
     shard.add_argument("--max-size", type=size_bytes, default="1GB",
                        help="close a shard before it would pass this size: 1GB, 500MB, 64kB or bytes; one sample "

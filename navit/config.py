@@ -20,6 +20,7 @@ POS_MODES = ("absolute", "fractional")
 POS_COMBINES = ("sum", "stack", "product")
 POOL_KINDS = ("map", "mean")
 FINAL_NORMS = ("tokens", "pooled")
+TUBELET_INPUTS = ("frames", "difference")
 
 
 def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -96,7 +97,11 @@ class NaViTConfig:
 
     An example has ``num_axes`` token axes: 2 for images (row, col), 3 for clips (time, row,
     col). A token is a patch of ``temporal_patch_size`` × ``patch_size`` × ``patch_size`` pixels
-    (``temporal_patch_size`` > 1 needs the time axis).
+    (``temporal_patch_size`` > 1 needs the time axis). ``tubelet_input="difference"`` feeds the
+    patch embedding a tubelet's mean frame and the differences between its consecutive frames
+    (times ``temporal_patch_size``) instead of the frames themselves: the same information, with
+    the small frame-to-frame changes that carry motion as large, separate inputs (see
+    :func:`navit.patchify.tubelet_differences`).
 
     Positional embeddings are factorized (paper §2.1): one embedding per axis, combined by
     ``pos_combine``. ``pos_mode="fractional"`` uses position / side length, so the same relative
@@ -124,6 +129,7 @@ class NaViTConfig:
 
     patch_size: int = 16
     temporal_patch_size: int = 1
+    tubelet_input: str = "frames"
     num_axes: int = 2
     in_chans: int = 3
     embed_dim: int = 192
@@ -171,6 +177,7 @@ class NaViTConfig:
         choice("pos_combine", POS_COMBINES)
         choice("pool", POOL_KINDS)
         choice("final_norm", FINAL_NORMS)
+        choice("tubelet_input", TUBELET_INPUTS)
         choice("attn_backend", ("auto", *attention.names()))  # the registry, plug-ins included
         for name in ("patch_size", "temporal_patch_size", "num_axes", "in_chans", "embed_dim", "depth",
                      "num_heads", "pos_max_len"):

@@ -1,5 +1,6 @@
 """Training metrics: sums over the steps between two records (:class:`Window`), and the records
-themselves to JSONL and CSV in the run folder, and to TensorBoard when it is installed."""
+themselves to JSONL and CSV in the run folder, and to TensorBoard when it is installed; the loss
+curves (:mod:`navit.curves`) as a PNG when the logger closes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from navit import distributed as D
+from navit.curves import plot_loss_curves
 
 
 class Window:
@@ -133,10 +135,12 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
+        """Close the files and draw the loss curves (``loss_curves.png``) from the records."""
         self._jsonl.close()
         self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
+        plot_loss_curves(self.folder)
 
 
 def _record_step(line: str) -> float:

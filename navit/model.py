@@ -20,6 +20,7 @@ from navit.batch import PAD, PackedBatch
 from navit.heads import Head, build_head, default_head, head_class
 from navit.pooling import MAPPool, MeanPool, slot_index
 from navit.posemb import FactorizedPosEmbed, GridPosEmbed, Rope, TablePosEmbed, apply_rope
+from navit.patchify import tubelet_differences
 from navit.prefix import PrefixLayout
 from navit.processor import Processor
 
@@ -334,13 +335,21 @@ class NaViT(nn.Module):
                 "(2 for images, 3 for clips); build the batch with model.processor"
             )
 
+    def tubelets(self, patches: torch.Tensor) -> torch.Tensor:
+        """The patch embedding's input: the flattened patches, or for ``tubelet_input="difference"``
+        each tubelet's mean frame and frame-to-frame differences."""
+        cfg = self.config
+        if cfg.tubelet_input == "frames" or cfg.temporal_patch_size == 1:
+            return patches
+        return tubelet_differences(patches, cfg.temporal_patch_size, gain=float(cfg.temporal_patch_size))
+
     def forward_features(self, batch: PackedBatch) -> torch.Tensor:
         """Per-token features [B, L, D] (after the final norm, unless it norms the pooled
         vectors); zeros at padding."""
         self._check_batch(batch)
         segment_ids = batch.segment_ids
         backend = self.attention_backend(segment_ids.device)
-        x = self.patch_embed(batch.patches.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(self.tubelets(batch.patches.to(self.patch_embed.weight.dtype)))
         need_grid = self.pos_embed is not None or self.rope is not None
         grid = batch.token_grid_sizes() if need_grid else None
         if self.pos_embed is not None:
@@ -432,7 +441,8 @@ def inflate_weights(weights: dict[str, torch.Tensor], image: NaViTConfig, clip: 
     """An image model's weights (2 axes) for a clip model (3 axes), such that a still image (a
     one-tubelet clip, its frame repeated) gives exactly the image model's outputs.
 
-    The patch embedding's kernel is split evenly over the tubelet's frames; the spatial position
+    The patch embedding's kernel is split evenly over the tubelet's frames (for
+    ``tubelet_input="difference"``, it reads the mean frame and the changes start at zero); the spatial position
     tables move to axes 1 and 2, and the time axis starts neutral: a zero table (an all-one
     table for ``pos_combine="product"``), or a zero projection for Fourier features. Sin-cos
     embeddings, stacked embeddings and RoPE have no neutral time axis: they are refused.
@@ -447,7 +457,11 @@ def inflate_weights(weights: dict[str, torch.Tensor], image: NaViTConfig, clip: 
         )
     out = {k: v for k, v in weights.items() if not k.startswith("pos_embed.axes.")}
     pt = clip.temporal_patch_size
-    out["patch_embed.weight"] = weights["patch_embed.weight"].repeat(1, pt) / pt
+    kernel = weights["patch_embed.weight"]
+    if clip.tubelet_input == "difference":  # the mean frame takes the image kernel; changes start unseen
+        out["patch_embed.weight"] = torch.cat([kernel, kernel.new_zeros(kernel.shape[0], kernel.shape[1] * (pt - 1))], 1)
+    else:
+        out["patch_embed.weight"] = kernel.repeat(1, pt) / pt
     for axis in (0, 1):
         for key in [k for k in weights if k.startswith(f"pos_embed.axes.{axis}.")]:
             out[key.replace(f"axes.{axis}.", f"axes.{axis + 1}.")] = weights[key]

@@ -22,7 +22,7 @@ class OptimSection:
     lr: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr: float = option(1e-5, "learning rate at the end of the cosine decay")
     weight_decay: float = option(0.05, "AdamW weight decay (not on the parameters the model exempts)")
-    warmup_steps: int = option(100, "steps of linear warm-up")
+    warmup_steps: int = option(100, "steps of linear warm-up (at most a tenth of the run's steps)")
     grad_clip: float = option(1.0, "gradient-norm clipping")
     precision: str = option("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"))
     compile: bool = option(False, "torch.compile the model")
@@ -59,8 +59,15 @@ class OptimSection:
         return torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
 
     def learning_rate(self, step: int, fraction_done: float) -> float:
-        """Linear warm-up over ``warmup_steps``, times a cosine decay to ``min_lr`` over training."""
-        warmup = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        """Linear warm-up over ``warmup_steps``, times a cosine decay to ``min_lr`` over training.
+
+        The warm-up takes at most a tenth of the run (its length read from ``step`` and
+        ``fraction_done``): a short run, such as a few epochs over a few hundred clips, would
+        otherwise decay before it reaches its peak learning rate."""
+        steps = self.warmup_steps
+        if fraction_done > 0:
+            steps = min(steps, max(1, round(0.1 * step / fraction_done)))
+        warmup = min(1.0, (step + 1) / max(1, steps))
         floor = self.min_lr / self.lr
         cosine = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction_done)))
         return self.lr * warmup * cosine

@@ -68,7 +68,7 @@ def test_shards_benchmark_reports_every_reader_the_step_rate_and_memory(tmp_path
     assert all(r["samples"] == 40 and r["samples_per_s"] > 0 for r in readers.values())  # every image, once
     assert readers["webdataset"]["batches_per_s"] is None and readers["folder"]["batches_per_s"] > 0
     memory = result["memory_mib"]
-    assert memory["samples"] >= 300 and memory["passes"] >= 7 and memory["end_main"] >= memory["start_main"] > 0
+    assert memory["samples"] >= 300 and memory["passes"] >= 7 and 0 < memory["end_main"] < 1.2 * memory["start_main"]
     assert result["train_steps_per_s"] > 0 and out.with_suffix(".md").exists()
 
 

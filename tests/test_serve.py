@@ -345,3 +345,29 @@ def test_masks_become_png_and_text_embeddings_come_from_the_text_tower():
         want = clip.encode_text(ids, mask)
     assert torch.allclose(torch.tensor(served.embed_texts(["a red square"])), want, atol=1e-6)
     assert served.describe()["text_embeddings"] and served.text_tokens("a red square") == int(mask.sum())
+
+
+# -- how packed forwards are laid out (no server) ----------------------------------------------------
+
+
+def test_packed_rows_fit_what_waits_not_the_models_max_tokens():
+    from navit.serve.layout import packed_rows
+
+    assert packed_rows([108], 2048, 256) == ([0], 108)  # one image: one row of its own length
+    assert packed_rows([100] * 8, 2048, 256) == (list(range(8)), 100)  # equal images: no padding at all
+    taken, seq_len = packed_rows([200, 40, 60, 100, 30], 2048, 256)
+    assert taken == [0, 1, 2, 3, 4] and seq_len == 240  # 2 rows of 240 (430 tokens) beat 2 of 256
+
+
+def test_packed_rows_stay_within_the_token_budget_and_take_the_oldest():
+    from navit.batch import PAD
+    from navit.packing import assign_first_fit
+    from navit.serve.layout import packed_rows
+
+    lengths = [int(n) for n in np.random.default_rng(0).integers(12, 226, 60)]
+    taken, seq_len = packed_rows(lengths, 2048, 256)
+    assert taken[0] == 0 and taken == sorted(taken)
+    rows = assign_first_fit([lengths[i] for i in taken], seq_len)  # how the forward packs them
+    assert PAD not in rows and (max(rows) + 1) * seq_len <= 2048
+    assert sum(lengths[i] for i in taken) >= 0.9 * 2048  # the budget is nearly all real tokens
+    assert packed_rows([300, 10], 2048, 256) == ([0, 1], 300)  # an image over max_tokens (a budget) still fits

@@ -445,3 +445,41 @@ def test_a_clip_in_a_shard_is_decoded_from_its_bytes_like_the_file(tmp_path):
     assert [np.asarray(f).tolist() for f in ours[0]] == [np.asarray(f).tolist() for f in theirs[0]]
     with pytest.raises(ValueError, match=r"v.tar:c1.mp4"):
         broken.info()
+
+
+def test_coco_detection_written_as_shards_reads_back_with_its_boxes(tmp_path):
+    from navit.data.coco import CocoDetection
+    from navit.data.shard_writer import write_shards
+    from navit.synthetic.detection import SyntheticDetection, write_coco_folder
+
+    write_coco_folder(SyntheticDetection(6, seed=2), tmp_path / "coco")
+    coco = CocoDetection(tmp_path / "coco")
+    write_shards(coco, tmp_path / "shards", max_count=4, progress=False)
+    shards = open_source(str(tmp_path / "shards"))
+    assert len(shards) == 6 and shards.class_names == coco.class_names
+    assert shards.provides == {"image", "boxes", "box_labels"} and shards.provides <= coco.provides
+    originals = [coco.item(i) for i in range(len(coco))]
+    records = [r for part in shards.parts(0, 0, 1, shuffle=True, seed=0, size=1) for r in shards.read(part)]
+    assert len(records) == 6
+    for record in records:  # each sample is one of the originals, pixels (PNG bytes kept), boxes and labels
+        pixels = np.asarray(record.item["image"])
+        original = next(o for o in originals if np.array_equal(np.asarray(o["image"]), pixels))
+        assert record.item["boxes"].tolist() == original["boxes"].tolist()
+        assert record.item["box_labels"].tolist() == original["box_labels"].tolist()
+
+
+def test_a_training_run_over_faulty_shards_finishes_and_counts_each_cause(tmp_path, serve):
+    from navit.cli import main
+
+    paths = make_shards(tmp_path / "s", counts=[6, 6, 6], index=False)
+    Path(paths[1]).write_bytes(Path(paths[1]).read_bytes()[:3000])  # truncated after its first sample
+    write_tar(tmp_path / "s" / "shard-003.tar", [{"__key__": "nolabel", "png": png(1)}])
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
+    base = serve(tmp_path / "s")
+    tiny = [a if a != "0" or TINY_TRAIN[i - 1] != "--workers" else "2" for i, a in enumerate(TINY_TRAIN)]
+    assert main(["train", "--data", f"{base}/shard-{{000..004}}.tar", "--classes", str(tmp_path / "classes.txt"),
+                 "--out", str(tmp_path), "--name", "run", *tiny, "--max-steps", "4"]) == 0  # shard-004: a 404
+    skipped = json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_examples"]
+    assert skipped["cannot read shard <file>: HTTP 404 File not found"] >= 1
+    assert skipped["the item has no 'label' (it has image)"] >= 1
+    assert any(cause.startswith("shard damaged at <file>") for cause in skipped), skipped

@@ -21,6 +21,7 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,6 +149,17 @@ class CocoDetection(IndexedSource):
             raise ValueError(f"{first.cause}\nannotation {first.annotation}: {first.detail} (of "
                              f"{len(problems)} bad annotation(s) of this image; run navit data check)")  # fmt: skip
         return {"image": picture, "boxes": boxes, "box_labels": labels, "box_ids": ids}
+
+    def fields(self, index: int) -> dict[str, bytes]:
+        """The item as WebDataset fields (:mod:`navit.data.shard_writer`): the image file's own bytes
+        under its extension and its usable boxes in ``json`` (``boxes`` in pixels, ``box_labels``,
+        ``box_ids``); an image with a bad annotation is an error, as in training."""
+        boxes, labels, ids, problems = self._checked(index, None)
+        if problems:
+            raise ValueError(f"{problems[0]} (run navit data check)")
+        meta = {"boxes": boxes.tolist(), "box_labels": labels.tolist(), "box_ids": ids.tolist()}
+        path = self.path(index)
+        return {os.path.splitext(path)[1][1:].lower(): Path(path).read_bytes(), "json": json.dumps(meta).encode()}
 
     def problems(self, *, open_images: bool = True) -> list[Problem]:
         """Every problem of the data: annotations of unknown images, and for each image a missing

@@ -28,8 +28,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from navit.media.image import IMAGE_EXTENSIONS
-from navit.media.video import VIDEO_EXTENSIONS
+from navit.data.webdataset import item_keys
 
 FORMAT, VERSION = "navit-shards", 1
 INDEX, CLASSES = "index.json", "classes.txt"
@@ -148,14 +147,6 @@ class ShardWriter:
         self.shards = []
 
 
-def provided(fields: dict[str, bytes]) -> set[str]:
-    """The item keys a reader makes of a sample's fields (``jpg`` -> ``image``, ``cls`` -> ``label``, ...)."""
-    named = {"cls": "label", "txt": "caption", "mask.png": "mask"}
-    keys = {named[ext] for ext in fields if ext in named}
-    keys |= {"image" for ext in fields if "." + ext in IMAGE_EXTENSIONS}
-    return keys | {"video" for ext in fields if "." + ext in VIDEO_EXTENSIONS}
-
-
 def png_bytes(image: Any) -> bytes:
     """A PIL image as PNG bytes (lossless)."""
     buffer = io.BytesIO()
@@ -229,7 +220,8 @@ def prepare_out(out: Path, prefix: str, overwrite: bool) -> None:
 
 def _read_fields(source: Any, fields: Callable[[int], dict[str, bytes]], index: int) -> dict[str, bytes]:
     read = dict(fields(index))
-    read["json"] = json.dumps({"source": source.key(index)}, ensure_ascii=False).encode("utf-8")
+    meta = json.loads(read["json"]) if "json" in read else {}  # a source's own metadata (boxes), kept
+    read["json"] = json.dumps({**meta, "source": source.key(index)}, ensure_ascii=False).encode("utf-8")
     return read
 
 
@@ -263,7 +255,7 @@ def write_shards(source: Any, out: str | os.PathLike[str], *, max_size: int | st
                 skipped[type(error).__name__] += 1
                 failures += [f"{source.describe(index)}: {error}"][: 3 - len(failures)]
                 continue
-            provides |= provided(sample)
+            provides |= item_keys(sample, bool(source.class_names))
             writer.write(f"{writer.total:09d}", sample)
         shards = writer.close()
     except BaseException:

@@ -190,7 +190,7 @@ class Shards:
         for url in self.urls[:3]:
             for sample in self._samples(url):
                 if sample.fields is not None:
-                    return frozenset(_provided(sample.fields, _json(sample.fields, sample.name), self._lookup))
+                    return frozenset(item_keys(sample.fields, bool(self._lookup)))
                 break
         raise ValueError(f"none of the first shards of {self.spec} gives a sample (is the server up, are they tars?)")
 
@@ -270,8 +270,10 @@ class Shards:
         else:
             raise ValueError(f"{name}: the sample has no image or clip (fields: {', '.join(sorted(fields))})")
         if "boxes" in meta:
-            item["boxes"] = np.asarray(meta["boxes"], dtype=np.float32).reshape(-1, 4)
-            item["box_labels"] = np.asarray(meta.get("box_labels", [0] * len(item["boxes"])), dtype=np.int64)
+            item["boxes"] = np.asarray(meta["boxes"], dtype=np.float64).reshape(-1, 4)
+            count = len(item["boxes"])
+            item["box_labels"] = np.asarray(meta.get("box_labels", [0] * count), dtype=np.int64)
+            item["box_ids"] = np.asarray(meta.get("box_ids", range(count)), dtype=np.int64)
         return item
 
 
@@ -316,10 +318,15 @@ def _label(fields: dict[str, bytes], meta: dict[str, Any], lookup: dict[str, int
     raise ValueError(f"{where}: {raw!r} is not a class index or a known class name{hint}")
 
 
-def _provided(fields: dict[str, bytes], meta: dict[str, Any], lookup: dict[str, int]) -> set[str]:
-    """The item keys a sample's fields give (without decoding its media)."""
+def item_keys(fields: dict[str, bytes], classes: bool) -> set[str]:
+    """The item keys a sample's fields give (without decoding its media); ``classes``: whether
+    the reader knows class names (then a ``txt`` may be a label)."""
+    try:
+        meta = _json(fields, "")
+    except ValueError:
+        meta = {}
     keys = {"caption"} if "txt" in fields else set()
-    if "cls" in fields or "label" in meta or ("txt" in fields and lookup):
+    if "cls" in fields or "label" in meta or ("txt" in fields and classes):
         keys.add("label")
     if "boxes" in meta:
         keys |= {"boxes", "box_labels"}
