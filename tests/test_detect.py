@@ -19,7 +19,7 @@ from navit.cli import main
 from navit.data.coco import CocoDetection
 from navit.data.registry import open_source
 from navit.ops import ResolutionSampler, train_chain
-from navit.synthetic.detection import SyntheticDetection, write_coco_folder
+from navit.synthetic.detection import SyntheticDetection
 from navit.synthetic.shapes import CLASS_SPECS, RATIO_RANGES
 from navit.tasks import get_task
 from navit.tasks.detect import BoxTargets, Detector, coco_map, match

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import navit
 from navit.cli import main
 from navit.curves import FILE, plot_loss_curves, running_mean
 from navit.data import IndexedSource, register_source
 from navit.data.registry import unregister_source
 from navit.media.video import ArrayClip
+from navit.model import NaViT, inflate_weights
+from navit.optim import OptimSection
 from navit.patchify import tubelet_differences
 
 FAST = 4  # fast-forward: every 4th frame, shown at the same frame rate
@@ -97,3 +101,22 @@ def test_loss_curves_are_drawn_from_the_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9')
     assert plot_loss_curves(tmp_path, classes=2) == tmp_path / FILE and (tmp_path / FILE).stat().st_size > 10_000
     assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_an_image_model_inflated_to_difference_tubelets_keeps_still_images_exact():
+    image_model = navit.create_model("navit_mini16", num_classes=3, depth=1).eval()
+    config = image_model.config.replace(num_axes=3, temporal_patch_size=2, tubelet_input="difference")
+    clip_model = NaViT(config, image_model.processor.replace(num_axes=3, temporal_patch_size=2)).eval()
+    clip_model.load_state_dict(inflate_weights(image_model.state_dict(), image_model.config, config))
+    photo = [torch.rand(3, 48, 80)]
+    with torch.no_grad():
+        assert torch.allclose(clip_model(clip_model.processor(photo)), image_model(image_model.processor(photo)), atol=1e-5)
+
+
+def test_the_warm_up_takes_at_most_a_tenth_of_a_short_run():
+    optim = OptimSection(lr=1e-3, warmup_steps=100)
+    # 200 steps: the warm-up is 20 steps, so the peak is reached (it was half the run, peak never met).
+    assert optim.learning_rate(19, 19 / 200) == pytest.approx(1e-3 * (0.5 + 0.5 * math.cos(math.pi * 19 / 200)), rel=1e-3)
+    assert optim.learning_rate(9, 9 / 200) == pytest.approx(optim.learning_rate(19, 19 / 200) * 0.5, rel=0.05)
+    # A long run keeps its configured warm-up.
+    assert optim.learning_rate(49, 49 / 10_000) == pytest.approx(0.5e-3, rel=1e-3)
