@@ -1,7 +1,7 @@
 """Streaming WebDataset shards: loader rates from disk and HTTP, the training step they feed, the
 ``webdataset`` package's own pipeline, and memory over a long stream.
 
-    python benchmarks/shards.py                       # ~4 min on 2 cores
+    python benchmarks/shards.py                       # ~6 min on 2 shared cores
     python benchmarks/shards.py --images 500 --stream 5000 --rounds 1   # a quick look
 
 The built-in set's images (PNG, sides 32 to ``--max-side`` px, any aspect ratio) are written as a

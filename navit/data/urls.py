@@ -204,10 +204,9 @@ def read_bytes(url: str, retries: int = 4, backoff: float = 0.5) -> bytes:
         return stream.read()
 
 
-def exists(url: str) -> bool:
-    """Whether a small file is there (False for a missing one; other failures raise)."""
+def read_if_there(url: str) -> bytes | None:
+    """The whole of a small file, or None where there is none (any failure to read it counts as none)."""
     try:
-        read_bytes(url, retries=0)
+        return read_bytes(url, retries=0)
     except (Unavailable, FileNotFoundError):
-        return False
-    return True
+        return None

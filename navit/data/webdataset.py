@@ -39,7 +39,7 @@ import numpy as np
 
 from navit.data.segmentation import segmentation_item
 from navit.data.stream import Part, Record
-from navit.data.urls import Unavailable, exists, expand, is_url, join, open_stream, read_bytes
+from navit.data.urls import Unavailable, expand, is_url, join, open_stream, read_bytes, read_if_there
 from navit.media.image import IMAGE_EXTENSIONS, load_rgb
 from navit.media.video import VIDEO_EXTENSIONS, VideoFile
 
@@ -164,9 +164,9 @@ class Shards:
         if not self.urls:
             raise ValueError(f"{self.spec}: no shards")
         if classes is None:
-            listing = join(self.urls[0], "classes.txt")
-            if exists(listing):
-                classes = [line.strip() for line in read_bytes(listing).decode("utf-8-sig").splitlines() if line.strip()]
+            listing = read_if_there(join(self.urls[0], "classes.txt"))
+            if listing is not None:
+                classes = [line.strip() for line in listing.decode("utf-8-sig").splitlines() if line.strip()]
         self.class_names: list[str] = list(classes or [])
         self._lookup = {name: i for i, name in enumerate(self.class_names)}
         self.provides = frozenset(provides) if provides else self._peek()
