@@ -1,12 +1,14 @@
 """Detection training: packed sequences against one image per padded row, on the same images.
 
-    python benchmarks/detect_speed.py                                  # ~2 min on 2 cores
+    python benchmarks/detect_speed.py                                  # ~1 min on 1 thread
+    python benchmarks/detect_speed.py --assign hungarian               # DETR's matching instead
     python benchmarks/detect_speed.py --device cuda --precision bf16   # on a GPU
 
 Images of the built-in detection set at native resolution and aspect ratio (sides 64 to 384 px,
 at most ``--max-tokens`` patches of 16 px), enough to fill ``--num-seqs`` sequences of
 ``--seq-len`` tokens by first fit. One training step (forward; the detection loss of
-``--task detect``: Hungarian matching, focal, L1 and GIoU; backward; AdamW) of the same Detector
+``--task detect``: the token of each box by ``--assign`` (the task's default, ``centre``, or
+``hungarian``), focal, L1 and GIoU; backward; AdamW) of the same Detector
 (ViT-Ti width, depth ``--depth``, OWL-ViT box head) on the three layouts of :mod:`layouts`
 (packed, padded to the longest, padded to ``--max-tokens``). Prints Markdown, writes
 ``results/detect_speed.json``.
@@ -28,7 +30,8 @@ from bench_common import training_step  # noqa: E402
 from navit.boxes import xyxy_to_cxcywh  # noqa: E402
 from navit.synthetic.detection import SyntheticDetection  # noqa: E402
 from navit.tasks import get_task  # noqa: E402
-from navit.tasks.detect import Detector  # noqa: E402
+from navit.tasks.detect import DetectOptions, Detector  # noqa: E402
+from navit.tasks.detect_assign import ASSIGNMENTS  # noqa: E402
 
 
 def run(args) -> dict:
@@ -41,7 +44,7 @@ def run(args) -> dict:
     scale = [torch.tensor([*item["image"].size] * 2, dtype=torch.float64) for item in items]
     targets = {"boxes": [xyxy_to_cxcywh((torch.from_numpy(item["boxes"]) / s).float()) for item, s in zip(items, scale)],
                "labels": [torch.from_numpy(item["box_labels"]) for item in items]}  # fmt: skip
-    task = get_task("detect", class_names=source.class_names)
+    task = get_task("detect", {"assign": args.assign}, class_names=source.class_names)
 
     def step_of(backend: str, batch: navit.PackedBatch):
         config = navit.NaViTConfig(patch_size=layouts.PATCH, embed_dim=192, depth=args.depth, num_heads=3,
@@ -54,8 +57,12 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    def options(p) -> None:
+        p.add_argument("--assign", choices=ASSIGNMENTS, default=DetectOptions().assign,
+                       help="which token learns each box (the task's option)")  # fmt: skip
+
     return layouts.main(__doc__, "detect_speed.py", run, "Detection training",
-                        "Detector ViT-Ti width, OWL-ViT box head, Hungarian matching", argv)  # fmt: skip
+                        lambda a: f"Detector ViT-Ti width, OWL-ViT box head, {a.assign} assignment", argv, options)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -75,16 +75,20 @@ def render(res: dict, title: str, model: str) -> str:
     return "\n".join(lines)
 
 
-def main(doc: str, script: str, run: Callable, title: str, model: str, argv: list[str] | None) -> int:
-    """A layout benchmark's command line: the batch, repeat and ``--max-tokens`` options, then
-    ``run(args)``'s results reported under ``title``."""
+def main(doc: str, script: str, run: Callable, title: str, model: str | Callable[[Any], str], argv: list[str] | None,
+         options: Callable[[Any], None] | None = None) -> int:  # fmt: skip
+    """A layout benchmark's command line: the batch, repeat and ``--max-tokens`` options (and the
+    script's own, added by ``options(parser)``), then ``run(args)``'s results reported under
+    ``title``; ``model`` describes the model, or makes that line from the options."""
     p = run_parser(doc, script.removesuffix(".py"))
     add_batch_options(p)
     add_repeat_options(p, repeats=5, warmup=1)
     p.add_argument("--max-tokens", type=int, default=256, help="patches per image at most")
+    if options is not None:
+        options(p)
     args, res = parse_run(p, argv, script)
     res["run"] = run(args)
-    write_report(res, render(res, title, model), args.out)
+    write_report(res, render(res, title, model(args) if callable(model) else model), args.out)
     return 0
 
 

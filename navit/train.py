@@ -24,7 +24,7 @@ from navit import distributed as D
 from navit.metrics import MetricsLogger, Window
 from navit.run_folder import new_run_folder, run_folder_of, write_config
 from navit.start import starting_model
-from navit.train_data import endless, epoch_size, make_loader, open_data, skipped, validate
+from navit.train_data import endless, epoch_size, make_loader, open_data, periodic_validation, skipped, validate
 from navit.train_state import RNG, Progress, TrainState
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     loader: Any
     val_source: Any
+    val_loss: Any  # validation-loss passes during training (navit.validation)
     folder: Path
     total_examples: int
     metrics: MetricsLogger | None = None
@@ -66,7 +67,7 @@ class Run:
     window: Window = field(default_factory=Window)  # sums since the last metrics record
 
     def __post_init__(self) -> None:  # what a checkpoint holds
-        per_rank = {"loader": self.loader, "torch_rng": RNG(), "window": self.window}
+        per_rank = {"loader": self.loader, "torch_rng": RNG(), "window": self.window, "val_loss": self.val_loss}
         self.state = TrainState(self.wrapped, self.optimizer, self.progress, per_rank, self.info, self.device)
 
     def budget(self) -> tuple[float, float, str]:
@@ -96,8 +97,7 @@ class Run:
         return round(self.progress.examples / self.total_examples * self.cfg.optim.epochs, 4)
 
 
-# ------------------------------------------------------------------------------------------------
-# Building
+# -- Building ------------------------------------------------------------------------------------
 
 
 def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
@@ -126,6 +126,7 @@ def build(cfg: TrainConfig, device: torch.device, info: D.DistInfo) -> Run:
         cfg=cfg, device=device, info=info, task=task, model=model, wrapped=wrapped,
         forward=torch.compile(wrapped) if cfg.optim.compile else wrapped,
         optimizer=cfg.optim.optimizer(model, device), loader=loader, val_source=val_source, folder=folder,
+        val_loss=periodic_validation(cfg, task, val_source, model.processor),
         total_examples=total_examples,
     )  # fmt: skip
 
@@ -143,8 +144,7 @@ def resume(run: Run, path: str) -> None:
         print(f"resumed from {checkpoint} at step {run.progress.step}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Stepping
+# -- Stepping ------------------------------------------------------------------------------------
 
 
 def sum_over_ranks(values: list[float], info: D.DistInfo, device: torch.device) -> list[float]:
@@ -201,6 +201,7 @@ def log(run: Run, grad_norm: torch.Tensor | None) -> dict[str, Any]:
     seen = {"examples_seen": run.progress.examples, "tokens_seen": tokens, "train_flops": flops}
     record = run.window.record(run.info, run.device, step=run.progress.step, epoch=run.epochs(),
                                lr=run.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, seen=seen)  # fmt: skip
+    record.update(run.val_loss(run.forward, run.model, run.task, run.progress.step, run.fraction_done(), run.device))
     if run.metrics is not None:
         run.metrics.log(record)
     return record
@@ -231,8 +232,7 @@ def train_loop(run: Run) -> float:
     return time.perf_counter() - start
 
 
-# ------------------------------------------------------------------------------------------------
-# The whole run
+# -- The whole run -------------------------------------------------------------------------------
 
 
 def finish(run: Run, train_seconds: float) -> dict[str, Any]:

@@ -52,6 +52,12 @@ SECTIONS: dict[str, type] = {
 #: Flat names (flags) that differ from the field name.
 FLAT_NAMES = {("model", "name"): "model", ("model", "args"): "model_args", ("data", "train"): "data",
               ("data", "val"): "val_data", ("task", "name"): "task"}  # fmt: skip
+#: Recipes (``--recipe``): options for a kind of data, by flat name.
+RECIPES: dict[str, dict[str, Any]] = {
+    # A few hundred real clips told apart by motion (docs/video.md): every training clip long
+    # enough to show motion (two tubelets), a gentler peak learning rate, and more passes.
+    "small-video": {"frames_min": 4, "lr": 5e-4, "epochs": 40},
+}
 #: Old names, for a helpful error.
 RENAMED = {"seqs_per_batch": "num_seqs", "max_images_per_seq": "max_examples_per_seq", "eval_budgets": "budgets",
            "max_seq_len": "seq_len", "min_res": "res_min", "max_res": "res_max"}  # fmt: skip
@@ -69,6 +75,17 @@ def flat_options() -> dict[str, tuple[str, dataclasses.Field]]:
             raise AssertionError(f"option {flat!r} is defined in sections {options[flat][0]} and {section}")
         options.setdefault(flat, (section, f))
     return options
+
+
+def recipe_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The options of the recipe ``values`` names (flat ``recipe`` or ``data: {recipe: ...}``), or {}."""
+    data = values.get("data")
+    name = values.get("recipe", data.get("recipe") if isinstance(data, dict) else None)
+    if name is None:
+        return {}
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name!r}; expected one of {tuple(RECIPES)}")
+    return RECIPES[name]
 
 
 def _unknown(key: str, known: list[str]) -> ValueError:
@@ -94,6 +111,7 @@ class TrainConfig:
         """Each section checks its own options when it is made; here, what spans sections, so an
         impossible setting fails before any work starts."""
         data, model = self.data, self.model_config()
+        recipe_options({"recipe": data.recipe})
         if data.max_tokens > self.packing.seq_len:
             raise ValueError(f"max_tokens={data.max_tokens} exceeds seq_len={self.packing.seq_len}")
         if self.optim.max_flops and data.drop != "none" and data.drop_schedule != "constant":
@@ -133,6 +151,9 @@ class TrainConfig:
                 flat[key] = value
             else:
                 raise _unknown(key, sorted([*options, *nested]))
+        for key, value in recipe_options(values).items():  # under every option given, flat or nested
+            if key not in flat and options[key][1].name not in nested[options[key][0]]:
+                flat[key] = value
         for key, value in flat.items():
             section, f = options[key]
             nested[section][f.name] = value
@@ -158,7 +179,12 @@ class TrainConfig:
 
     def with_options(self, values: dict[str, Any]) -> "TrainConfig":
         """A copy with ``values`` (nested sections and/or flat names) on top; ``model_args``
-        merges into the model's args; another task starts from its own default options."""
+        merges into the model's args; another task starts from its own default options; a
+        recipe named in ``values`` goes on first, under them."""
+        recipe = recipe_options(values)
+        return (self._with(recipe) if recipe else self)._with(values)
+
+    def _with(self, values: dict[str, Any]) -> "TrainConfig":
         merged = self.to_dict()
         flat = {}
         for key, value in values.items():

@@ -20,13 +20,14 @@ from navit.config import check_choices, check_numbers, option
 from navit.data.labels import with_class_names
 from navit.data.registry import open_source
 from navit.data.loader import LoaderBatch, PackedLoader
-from navit.data.stream import first_items, num_items, split_holdout
+from navit.data.stream import IndexedSource, Subset, epoch_order, first_items, num_items, split_holdout
 from navit.evaluate import evaluate_budgets, write_budget_report
-from navit.ops import RES_DISTS, RES_MODES, ResolutionSampler, train_chain
+from navit.ops import RES_DISTS, RES_MODES, ResolutionSampler, eval_chain, train_chain
 from navit.ops.geometry import picture_size
 from navit.packing import PackingConfig
 from navit.processor import Processor
 from navit.token_drop import BetaRate, ConstantRate, DropSchedule, ResolutionRate, TokenDropper, UniformRate
+from navit.validation import ValidationLoss
 
 DROP_KINDS = ("none", "constant", "uniform", "beta", "resolution")
 def _at_least(section: Any, minimum: int, *names: str) -> None:
@@ -43,6 +44,8 @@ class DataSection:
     val_fraction: float = option(0.2, "share of the training data held out for validation when --val-data is not given")
     split_seed: int = option(0, "seed of that held-out split (kept apart from --seed, so runs of several seeds "
                              "are measured on the same validation images)")  # fmt: skip
+    recipe: str | None = option(None, "options for a kind of data, set before the options given with it (which "
+                                "win): small-video (a few hundred clips; see docs/video.md)")  # fmt: skip
     classes: str | None = option(None, "a file of class names, one per line, in label order (for shards without "
                                  "an index.json or classes.txt; other data: the classes to use, matched by name)")  # fmt: skip
     num_examples: int | None = option(None, "examples in one epoch of a stream that does not say (shards without an "
@@ -126,12 +129,17 @@ class PackingSection(PackingConfig):
 class EvalSection:
     budgets: list[int] = option([16, 36, 64], "tokens per example to evaluate at after training, besides native")
     frames: list[int] = option([1, 4, 16], "clips: frames per clip to evaluate at after training, besides native")
+    val_every: int = option(0, "steps between validation-loss passes during training, at the next metric record "
+                            "(0: at each twentieth of the run); drawn in loss_curves.png")  # fmt: skip
+    val_batches: int = option(4, "validation batches (of 8 sequences) in each such pass, the same ones every time "
+                              "(0: no passes)")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self, "")
         check_numbers(self)
         if any(b < 1 for b in self.budgets + self.frames):
             raise ValueError(f"budgets {self.budgets} and frames {self.frames} must be >= 1")
+        _at_least(self, 0, "val_every", "val_batches")
 
 
 def open_data(cfg: Any) -> tuple[Any, Any]:
@@ -240,3 +248,17 @@ def validate(cfg: Any, model: torch.nn.Module, task: Any, source: Any, processor
     if report is not None:
         write_budget_report(results, report, title=title, metric=task.metric)
     return results
+
+
+def periodic_validation(cfg: Any, task: Any, source: Any, processor: Processor) -> ValidationLoss:
+    """The validation-loss passes during training (:mod:`navit.validation`): the task's training
+    targets of ``source``'s examples as evaluation reads them, in a seeded order (an indexed
+    source, such as a class folder, is shuffled, so the sample holds every class). Read in the
+    loader's workers: a video decoded in the training process would leave FFmpeg's scaler
+    threads in the next worker it forks, which then hangs."""
+    if isinstance(source, IndexedSource):
+        source = Subset(source, epoch_order(len(source), 0, cfg.data.split_seed, shuffle=True))
+    packing = PackingConfig(seq_len=max(cfg.packing.seq_len, processor.max_tokens), num_seqs=8, buffer_size=64)
+    loader = PackedLoader(source, eval_chain(processor, extra=tuple(task.ops(train=False))), targets=task.targets,
+                          packing=packing, train=False, num_workers=cfg.data.workers)  # fmt: skip
+    return ValidationLoss(loader, cfg.eval.val_batches, cfg.eval.val_every, bf16=cfg.optim.precision == "bf16")

@@ -169,6 +169,17 @@ def test_backend_registry_on_cpu():
         get_backend("sparse")
 
 
+def test_the_dense_switch_is_for_gathered_calls_only():
+    # One long image and a short one per row: the buckets' scores are over 0.3 of the dense ones,
+    # so a per-call plan switches to one dense call; a model in slot order keeps its buckets,
+    # where the dense call would also run every layer on the padding (benchmarks/dense_switch.py).
+    segment_ids = torch.tensor([[0] * 200 + [1] * 20 + [PAD] * 36, [0] * 150 + [PAD] * 106])
+    backend = auto_backend(torch.device("cpu"), half_precision=False)
+    assert backend.prepare(segment_ids).dense_mask is not None
+    plan = backend.prepare_slots(segment_ids)
+    assert plan.in_slot_order and sorted(b.size for b in plan.buckets) == [(1, 20), (1, 150), (1, 200)]
+
+
 @pytest.mark.parametrize("has_varlen", [True, False])
 @pytest.mark.parametrize("has_flex", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -286,3 +286,14 @@ def test_before_after_rates_leave_out_the_warm_up_and_the_end_of_epoch_flush(mon
     rate = train_rate(records, log_every=10)
     assert rate["windows"] == 2
     assert rate["examples_per_s"] == pytest.approx(80 / 3) and rate["steps_per_s"] == pytest.approx(20 / 3)
+
+
+def test_dense_switch_times_every_variant_in_both_layouts(tmp_path):
+    out = tmp_path / "switch.json"
+    run_script("dense_switch.py", "--mixes", "small", "--modes", "infer", "train", "--images", "6", "--width", "64",
+               "--depth", "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["layout"]) for r in rows] == [(m, lay) for m in ("infer", "train") for lay in ("packed", "padded")]
+    padded = [r for r in rows if r["layout"] == "padded"]
+    assert all(r["rows"][0] == 6 and r["fill"] < 1 for r in padded), "one image per row, padded to the longest"
+    assert all(set(r["ms"]) == {"dense", "buckets", "switch"} and r["over_buckets"]["buckets"] == 1.0 for r in rows)

@@ -18,14 +18,17 @@ from navit.boxes import box_iou, generalized_box_iou
 from navit.cli import main
 from navit.data.coco import CocoDetection
 from navit.data.registry import open_source
+from navit.inference import load_checkpoint
 from navit.ops import ResolutionSampler, train_chain
 from navit.synthetic.detection import SyntheticDetection
 from navit.synthetic.shapes import CLASS_SPECS, RATIO_RANGES
 from navit.tasks import get_task
-from navit.tasks.detect import BoxTargets, Detector, coco_map, match
+from navit.tasks.detect import BoxTargets, DetectOptions, Detector, coco_map, match
+from navit.tasks.detect_assign import ASSIGNMENTS, centre_match
 
 pytest.importorskip("scipy")
 pytest.importorskip("pycocotools")
+OTHER_ASSIGNMENT = next(a for a in ASSIGNMENTS if a != DetectOptions().assign)  # the option not by default
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,6 +195,38 @@ def test_hungarian_matching_pairs_each_box_with_the_token_of_its_own_example_tha
     assert dict(zip(truths.tolist(), tokens.tolist())) == {0: 1, 1: 0, 2: 2}
 
 
+def test_centre_assignment_gives_each_box_the_token_whose_patch_holds_its_centre():
+    # Example 0: a grid of 2 rows x 3 columns (tokens 0-5, row-major); example 1: 4 rows x 1 column
+    # with its token of row 2 dropped (tokens 6, 7, 8 at rows 0, 1, 3).
+    cells = torch.tensor([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2], [0, 0], [1, 0], [3, 0]])
+    grids = torch.tensor([[2, 3]] * 6 + [[4, 1]] * 3)
+    owner = torch.tensor([0] * 6 + [1] * 3)
+    gt = torch.tensor([[0.9, 0.2, 0.1, 0.1],   # example 0, centre in row 0, column 2: token 2
+                       [0.4, 0.8, 0.5, 0.3],   # example 0, row 1, column 1: token 4
+                       [0.5, 0.3, 0.5, 0.1],   # example 1, row 1 (1.2 rows down), taken: row 0, token 6
+                       [0.5, 0.55, 0.8, 0.1],  # example 1, row 2 (dropped; 2.2 rows down), row 1 taken: row 3
+                       [0.5, 0.3, 0.2, 0.05]])  # example 1, row 1, the smallest box: it takes token 7 first
+    tokens, truths = centre_match(cells, grids, owner, gt, torch.tensor([0, 0, 1, 1, 1]))
+    assert dict(zip(truths.tolist(), tokens.tolist())) == {0: 2, 1: 4, 4: 7, 2: 6, 3: 8}
+
+
+def test_the_assign_option_is_checked_and_the_centre_loss_takes_the_token_that_holds_the_centre():
+    with pytest.raises(ValueError, match="assign='nearest'; expected one of"):
+        get_task("detect", {"assign": "nearest"}, ["a", "b"])
+    torch.manual_seed(0)
+    model = Detector(tiny_config(num_classes=2))
+    batch = model.processor([torch.rand(3, 16, 32)], seq_len=64)  # 2 rows x 4 columns of 8 px
+    truth = torch.tensor([0.45, 0.7, 0.2, 0.4])  # its centre is in row 1, column 1: token 5
+    with torch.no_grad():  # token 6 (row 1, column 2) predicts the box exactly, token 5 does not
+        model.head.box[-1].bias.copy_(torch.logit(truth) - model.head.box_bias(batch)[0, 6])
+        token_5 = model(batch)["boxes"][0, 5]
+    targets = {"boxes": [truth[None]], "labels": [torch.tensor([1])]}
+    centre = get_task("detect", {"assign": "centre"}, ["a", "b"]).loss(model, model, batch, targets)
+    hungarian = get_task("detect", {"assign": "hungarian"}, ["a", "b"]).loss(model, model, batch, targets)
+    assert centre.logs["loss_l1"] == pytest.approx(float((token_5 - truth).abs().sum()), rel=1e-4)
+    assert centre.logs["loss_l1"] > 0.1 and hungarian.logs["loss_l1"] < 1e-5
+
+
 def test_the_box_head_gives_each_example_the_same_outputs_packed_as_alone():
     torch.manual_seed(0)
     model = Detector(tiny_config(num_classes=3)).eval()
@@ -297,7 +332,7 @@ def test_python_api_detect_gives_boxes_in_each_inputs_pixels():
 
 def test_a_short_detection_run_writes_map_per_token_budget_and_loads_as_a_detector(tmp_path):
     args = ["train", "--task", "detect", "--data", "synthetic-det:40", "--max-steps", "4", "--out", str(tmp_path),
-            "--name", "det", *TINY_TRAIN, "--crop-min", "0.6"]  # fmt: skip
+            "--name", "det", *TINY_TRAIN, "--crop-min", "0.6", "--assign", OTHER_ASSIGNMENT]  # fmt: skip
     assert main(args) == 0
     run = tmp_path / "det"
     results = json.loads((run / "eval.json").read_text())
@@ -308,3 +343,4 @@ def test_a_short_detection_run_writes_map_per_token_budget_and_loads_as_a_detect
     assert all(math.isfinite(row["loss"]) and "loss_giou" in row for row in rows)
     model = load_model(run)
     assert isinstance(model, Detector) and model.class_names == SyntheticDetection(1).class_names
+    assert load_checkpoint(run)[1].options.assign == OTHER_ASSIGNMENT, "the assignment is saved with the checkpoint"

@@ -21,6 +21,7 @@ from navit.media.video import ArrayClip
 from navit.model import NaViT, inflate_weights
 from navit.optim import OptimSection
 from navit.patchify import tubelet_differences
+from navit.train_config import RECIPES, TrainConfig
 
 FAST = 4  # fast-forward: every 4th frame, shown at the same frame rate
 
@@ -120,3 +121,16 @@ def test_the_warm_up_takes_at_most_a_tenth_of_a_short_run():
     assert optim.learning_rate(9, 9 / 200) == pytest.approx(optim.learning_rate(19, 19 / 200) * 0.5, rel=0.05)
     # A long run keeps its configured warm-up.
     assert optim.learning_rate(49, 49 / 10_000) == pytest.approx(0.5e-3, rel=1e-3)
+
+
+def test_the_small_video_recipe_goes_under_the_options_given_with_it():
+    recipe = RECIPES["small-video"]
+    flat = TrainConfig().with_options({"recipe": "small-video"}).flat()
+    assert {name: flat[name] for name in recipe} == recipe and flat["frames_min"] > 1
+    assert all(TrainConfig().flat()[name] != value for name, value in recipe.items())  # each one changes a default
+    assert TrainConfig().with_options({"recipe": "small-video", "lr": 1e-2}).optim.lr == 1e-2  # a flag wins
+    assert TrainConfig.from_dict({"data": {"recipe": "small-video"}, "optim": {"lr": 1e-2}}).optim.lr == 1e-2
+    saved = TrainConfig().with_options({"recipe": "small-video", "epochs": 3})
+    assert TrainConfig.from_dict(saved.to_dict()) == saved  # a run folder's config.yaml reads back as it was
+    with pytest.raises(ValueError, match=r"recipe='big'; expected one of \('small-video',\)"):
+        TrainConfig().with_options({"recipe": "big"})

@@ -371,3 +371,14 @@ def test_packed_rows_stay_within_the_token_budget_and_take_the_oldest():
     assert PAD not in rows and (max(rows) + 1) * seq_len <= 2048
     assert sum(lengths[i] for i in taken) >= 0.9 * 2048  # the budget is nearly all real tokens
     assert packed_rows([300, 10], 2048, 256) == ([0, 1], 300)  # an image over max_tokens (a budget) still fits
+
+
+def test_threads_flag_sets_the_forward_threads_before_the_model_loads(monkeypatch, tmp_path):
+    import navit.serve.runner as runner
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    monkeypatch.setattr(runner, "build_service", lambda *a, **k: calls.append("load") or (_ for _ in ()).throw(FileNotFoundError("x")))
+    with pytest.raises(SystemExit, match="navit serve: x"):
+        navit_main(["serve", "--checkpoint", str(tmp_path), "--threads", "3"])
+    assert calls == [("threads", 3), "load"]

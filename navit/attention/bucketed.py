@@ -98,12 +98,15 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
 
 class BucketedBackend:
     """``dense_above``: when the buckets would cost more than this fraction of the dense B·L²
-    scores (few, long images per sequence), one dense masked call beats gathering, so the plan
-    switches to it, in sequences of at most ``dense_max_len`` tokens. ``None`` (the default for
-    the named backend) always uses buckets. In longer sequences buckets won whenever a sequence
-    held two or more images (fp32, 2 threads, equal images: dense ÷ buckets 1.57-2.15× at half the
-    dense scores for L = 512 to 2048), since the dense masked call then runs the unfused kernel
-    over all B·L² scores.
+    scores (few, long images per sequence), one dense masked call beats gathering in every call,
+    so a :meth:`prepare` plan switches to it, in sequences of at most ``dense_max_len`` tokens.
+    ``None`` (the default for the named backend) always uses buckets. In longer sequences buckets
+    won whenever a sequence held two or more images (fp32, 2 threads, equal images: dense ÷
+    buckets 1.57-2.15× at half the dense scores for L = 512 to 2048), since the dense masked call
+    then runs the unfused kernel over all B·L² scores. A :meth:`prepare_slots` plan never
+    switches: in slot order the dense call would also run every layer on the padding, and with
+    the switch a whole model's forward or training step took 0.99-2.27× its time without it, on
+    every mix and layout measured (``benchmarks/dense_switch.py``, 1 thread).
 
     ``matmul_max_len``: in bf16 / fp16 on CPU, buckets of at most this many tokens use
     :func:`matmul_attention`; a training step of the default model ran 1.17-1.28× faster with it
@@ -140,17 +143,16 @@ class BucketedBackend:
         real = ids != PAD
         starts, lengths = starts[real], lengths[real]
         length_list = lengths.tolist()
-        # The switch to one dense call weighs the buckets ``ratio`` and ``slack`` make, in both
-        # modes: its threshold was measured with them.
-        groups = group_lengths(length_list, self.ratio, self.slack)
-        bucket_cost = sum(len(g) * length_list[g[0]] ** 2 for g in groups)
-        dense_cost = segment_ids.numel() * segment_ids.shape[1]
-        short = segment_ids.shape[1] <= self.dense_max_len
-        if self.dense_above is not None and short and bucket_cost > self.dense_above * dense_cost:
-            empty = starts.new_zeros(0)
-            return BucketPlan([], empty, empty, DenseBackend().prepare(segment_ids))
-        if exact:
+        if exact:  # slot order: never the dense switch, which would run every layer on the padding
             groups = group_lengths(length_list, 1.0, 0)
+        else:
+            groups = group_lengths(length_list, self.ratio, self.slack)
+            bucket_cost = sum(len(g) * length_list[g[0]] ** 2 for g in groups)
+            dense_cost = segment_ids.numel() * segment_ids.shape[1]
+            short = segment_ids.shape[1] <= self.dense_max_len
+            if self.dense_above is not None and short and bucket_cost > self.dense_above * dense_cost:
+                empty = starts.new_zeros(0)
+                return BucketPlan([], empty, empty, DenseBackend().prepare(segment_ids))
         buckets, indices, valids = [], [], []
         for group in groups:
             rows = torch.tensor(group, device=starts.device)

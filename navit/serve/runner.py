@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from navit.serve.batcher import BatchingConfig
 from navit.serve.limits import ServeLimits
 
@@ -80,6 +82,8 @@ def background(service, host: str = "127.0.0.1", port: int = 0, timeout: float =
 
 def serve_from_args(args: argparse.Namespace) -> int:
     """``navit serve``: load, check the flags, serve; errors a user can make exit in one line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         batching = BatchingConfig(args.batching, args.max_batch_tokens, args.max_wait_ms, args.budget)
         limits = ServeLimits(args.max_body_mb, args.max_pixels, args.max_images, args.max_frames, args.max_queue)

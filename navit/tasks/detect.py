@@ -3,11 +3,11 @@
 Each image keeps its own resolution and aspect ratio and shares a sequence with others. The model
 (:class:`Detector`) is the NaViT encoder with OWL-ViT's head (``detector`` in :mod:`navit.heads`):
 every token predicts one box, starting from its own patch of its example's grid, and a sigmoid
-score per class. Training matches tokens to the ground-truth boxes of their own example by
-Hungarian assignment (:func:`match`, ``scipy.optimize.linear_sum_assignment`` on DETR's cost:
-focal class cost, L1 and generalised IoU), then sums a sigmoid focal loss over every token and
-class and the L1 and GIoU losses of the matched boxes; the trainer divides by the number of boxes
-over all ranks. Boxes follow crop, flip, resolution sampling and the patch grid through
+score per class. Training assigns each ground-truth box one token of its own example
+(:mod:`navit.tasks.detect_assign`, option ``assign``: the token whose patch holds the box's
+centre, or DETR's Hungarian matching), then sums a sigmoid focal loss over every token and class
+and the L1 and GIoU losses of the assigned boxes; the trainer divides by the number of boxes over
+all ranks. Boxes follow crop, flip, resolution sampling and the patch grid through
 ``item["boxes"]`` (:mod:`navit.ops.geometry`); a box a crop leaves less than ``min_visible`` of is
 dropped; token dropping leaves the targets alone.
 
@@ -31,15 +31,15 @@ from torch import nn
 
 from navit.batch import PackedBatch
 from navit.boxes import cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
-from navit.config import NaViTConfig, option
+from navit.config import NaViTConfig, check_choices, option
 from navit.data.segmentation import palette
 from navit.heads import DetectorHead
 from navit.media.image import load_rgb
 from navit.model import TokenModel
 from navit.processor import Processor
 from navit.tasks.base import Task, TaskLoss
+from navit.tasks.detect_assign import ASSIGNMENTS, FOCAL_ALPHA, FOCAL_GAMMA, centre_match, match
 
-FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 #: COCO's metrics, as pycocotools orders its ``stats``.
 COCO_METRICS = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 
@@ -48,16 +48,19 @@ COCO_METRICS = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 class DetectOptions:
     threshold: float = option(0.3, "predict: smallest score of a box that is reported")
     min_visible: float = option(0.3, "training: a box a random crop leaves less than this share of its area is dropped")
-    class_weight: float = option(2.0, "weight of the focal class loss (and of its matching cost)")
-    l1_weight: float = option(5.0, "weight of the L1 box loss (and of its matching cost)")
-    giou_weight: float = option(2.0, "weight of the generalised-IoU box loss (and of its matching cost)")
+    class_weight: float = option(2.0, "weight of the focal class loss (and of its Hungarian matching cost)")
+    l1_weight: float = option(5.0, "weight of the L1 box loss (and of its Hungarian matching cost)")
+    giou_weight: float = option(2.0, "weight of the generalised-IoU box loss (and of its Hungarian matching cost)")
     max_detections: int = option(100, "evaluation: boxes kept per image (COCO's limit is 100)")
+    assign: str = option("centre", "which token learns each box: hungarian (DETR's matching) or centre (the token "
+                         "whose patch holds the box's centre)", choices=ASSIGNMENTS)  # fmt: skip
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 1 or not 0 <= self.min_visible <= 1:
             raise ValueError(f"threshold and min_visible must be in [0, 1], got {self.threshold}, {self.min_visible}")
         if min(self.class_weight, self.l1_weight, self.giou_weight) < 0 or self.max_detections < 1:
             raise ValueError("loss weights must be >= 0 and max_detections >= 1")
+        check_choices(self, "task option ")
 
 
 class Detector(TokenModel):
@@ -170,36 +173,6 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return alpha_t * ce * (1 - p_t) ** FOCAL_GAMMA
 
 
-@torch.no_grad()
-def match(logits: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor, gt_boxes: torch.Tensor,
-          gt_labels: torch.Tensor, gt_owner: torch.Tensor, weights: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Hungarian assignment of tokens to ground-truth boxes of the same example: ``logits`` [T, C]
-    and ``boxes`` [T, 4] (cx, cy, w, h) of the real tokens, ``owner`` [T] their example; the
-    boxes [M, 4], labels [M] and examples [M] of the truth. The cost of a pair is DETR's:
-    ``class_weight`` × focal class cost + ``l1_weight`` × L1 − ``giou_weight`` × GIoU. Returns
-    (token indices, box indices) of the matched pairs."""
-    from scipy.optimize import linear_sum_assignment
-
-    if not len(gt_labels):
-        return owner.new_zeros(0), owner.new_zeros(0)
-    p = logits.float().sigmoid()[:, gt_labels]  # [T, M]
-    positive = FOCAL_ALPHA * (1 - p) ** FOCAL_GAMMA * -(p + 1e-8).log()
-    negative = (1 - FOCAL_ALPHA) * p**FOCAL_GAMMA * -(1 - p + 1e-8).log()
-    w_class, w_l1, w_giou = weights
-    cost = (w_class * (positive - negative) + w_l1 * torch.cdist(boxes.float(), gt_boxes.float(), p=1)
-            - w_giou * generalized_box_iou(cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(gt_boxes.float())))  # fmt: skip
-    cost, owner, gt_owner = cost.cpu().numpy(), owner.cpu().numpy(), gt_owner.cpu().numpy()
-    tokens, truths = [], []
-    for example in np.unique(gt_owner):
-        rows, cols = np.flatnonzero(owner == example), np.flatnonzero(gt_owner == example)
-        r, c = linear_sum_assignment(cost[np.ix_(rows, cols)])
-        tokens.append(rows[r])
-        truths.append(cols[c])
-    device = logits.device
-    return (torch.from_numpy(np.concatenate(tokens)).long().to(device),
-            torch.from_numpy(np.concatenate(truths)).long().to(device))  # fmt: skip
-
-
 def _as_list(values: Any) -> list[torch.Tensor]:
     return list(values) if values is not None else []
 
@@ -295,7 +268,12 @@ class Detection(Task):
         gt_labels = torch.cat(labels) if labels else owner.new_zeros(0)
         gt_owner = torch.repeat_interleave(torch.arange(len(gt), device=logits.device), sizes)
         o = self.options
-        tokens, truths = match(logits, boxes, owner, gt_boxes, gt_labels, gt_owner, (o.class_weight, o.l1_weight, o.giou_weight))
+        if o.assign == "centre":
+            cells, grids = batch.coords[mask][:, -2:], batch.token_grid_sizes()[mask][:, -2:]
+            tokens, truths = centre_match(cells, grids, owner, gt_boxes, gt_owner)
+        else:
+            tokens, truths = match(logits, boxes, owner, gt_boxes, gt_labels, gt_owner,
+                                   (o.class_weight, o.l1_weight, o.giou_weight))  # fmt: skip
         onehot = torch.zeros_like(logits)
         onehot[tokens, gt_labels[truths]] = 1.0
         focal = sigmoid_focal_loss(logits, onehot).sum()
