@@ -20,7 +20,7 @@ POS_MODES = ("absolute", "fractional")
 POS_COMBINES = ("sum", "stack", "product")
 POOL_KINDS = ("map", "mean")
 FINAL_NORMS = ("tokens", "pooled")
-TUBELET_INPUTS = ("frames", "difference")
+TUBELET_INPUTS = ("frames", "difference", "sum-difference")
 
 
 def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -97,11 +97,13 @@ class NaViTConfig:
 
     An example has ``num_axes`` token axes: 2 for images (row, col), 3 for clips (time, row,
     col). A token is a patch of ``temporal_patch_size`` × ``patch_size`` × ``patch_size`` pixels
-    (``temporal_patch_size`` > 1 needs the time axis). ``tubelet_input="difference"`` feeds the
-    patch embedding a tubelet's mean frame and the differences between its consecutive frames
-    (times ``temporal_patch_size``) instead of the frames themselves: the same information, with
-    the small frame-to-frame changes that carry motion as large, separate inputs (see
-    :func:`navit.patchify.tubelet_differences`).
+    (``temporal_patch_size`` > 1 needs the time axis). ``tubelet_input="sum-difference"`` feeds
+    the patch embedding a tubelet's frame sum and the differences between its consecutive frames
+    times ``temporal_patch_size``, instead of the frames themselves: the same information, with the
+    small frame-to-frame changes that carry motion as large, separate inputs (see
+    :func:`navit.patchify.tubelet_differences`). ``"difference"`` is the same with the mean frame
+    in place of the sum (the first form: it learns real motion too, but loses still appearance
+    on ``synthetic-video``).
 
     Positional embeddings are factorized (paper §2.1): one embedding per axis, combined by
     ``pos_combine``. ``pos_mode="fractional"`` uses position / side length, so the same relative
@@ -227,6 +229,12 @@ class NaViTConfig:
     def patch_dim(self) -> int:
         """Length of one flattened patch: temporal_patch_size · patch_size² · in_chans."""
         return self.temporal_patch_size * self.patch_size**2 * self.in_chans
+
+    @property
+    def tubelet_mean_gain(self) -> float:
+        """The scale of a tubelet's mean frame in the patch embedding's input: its frames for
+        ``"sum-difference"`` (the frame sum), 1 for ``"difference"``."""
+        return float(self.temporal_patch_size) if self.tubelet_input == "sum-difference" else 1.0
 
     def replace(self, **overrides: Any) -> "NaViTConfig":
         reject_unknown_fields(type(self), overrides, "NaViTConfig field(s)", TypeError)

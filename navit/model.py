@@ -336,12 +336,13 @@ class NaViT(nn.Module):
             )
 
     def tubelets(self, patches: torch.Tensor) -> torch.Tensor:
-        """The patch embedding's input: the flattened patches, or for ``tubelet_input="difference"``
-        each tubelet's mean frame and frame-to-frame differences."""
+        """The patch embedding's input: the flattened patches, or (``tubelet_input`` ``"difference"``,
+        ``"sum-difference"``) each tubelet's mean frame (its sum) and frame-to-frame differences."""
         cfg = self.config
         if cfg.tubelet_input == "frames" or cfg.temporal_patch_size == 1:
             return patches
-        return tubelet_differences(patches, cfg.temporal_patch_size, gain=float(cfg.temporal_patch_size))
+        pt = cfg.temporal_patch_size
+        return tubelet_differences(patches, pt, gain=float(pt), mean_gain=cfg.tubelet_mean_gain)
 
     def forward_features(self, batch: PackedBatch) -> torch.Tensor:
         """Per-token features [B, L, D] (after the final norm, unless it norms the pooled
@@ -442,7 +443,7 @@ def inflate_weights(weights: dict[str, torch.Tensor], image: NaViTConfig, clip: 
     one-tubelet clip, its frame repeated) gives exactly the image model's outputs.
 
     The patch embedding's kernel is split evenly over the tubelet's frames (for
-    ``tubelet_input="difference"``, it reads the mean frame and the changes start at zero); the spatial position
+    the difference inputs, it reads the mean frame and the changes start at zero); the spatial position
     tables move to axes 1 and 2, and the time axis starts neutral: a zero table (an all-one
     table for ``pos_combine="product"``), or a zero projection for Fourier features. Sin-cos
     embeddings, stacked embeddings and RoPE have no neutral time axis: they are refused.
@@ -458,8 +459,8 @@ def inflate_weights(weights: dict[str, torch.Tensor], image: NaViTConfig, clip: 
     out = {k: v for k, v in weights.items() if not k.startswith("pos_embed.axes.")}
     pt = clip.temporal_patch_size
     kernel = weights["patch_embed.weight"]
-    if clip.tubelet_input == "difference":  # the mean frame takes the image kernel; changes start unseen
-        out["patch_embed.weight"] = torch.cat([kernel, kernel.new_zeros(kernel.shape[0], kernel.shape[1] * (pt - 1))], 1)
+    if clip.tubelet_input != "frames":  # the mean frame takes the image kernel; changes start unseen
+        out["patch_embed.weight"] = torch.cat([kernel / clip.tubelet_mean_gain, kernel.new_zeros(kernel.shape[0], kernel.shape[1] * (pt - 1))], 1)
     else:
         out["patch_embed.weight"] = kernel.repeat(1, pt) / pt
     for axis in (0, 1):

@@ -82,14 +82,15 @@ def patchify(pixels: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, 
     return patches, grid
 
 
-def tubelet_differences(patches: torch.Tensor, frames: int, gain: float) -> torch.Tensor:
+def tubelet_differences(patches: torch.Tensor, frames: int, gain: float, mean_gain: float = 1.0) -> torch.Tensor:
     """Flattened tubelets [..., frames·P] (time first, as :func:`patchify` cuts them) as their
-    mean frame followed by the differences of consecutive frames times ``gain`` [..., frames·P]:
-    an invertible linear map, so nothing is lost, that hands the patch embedding frame-to-frame
-    changes as inputs of their own instead of a small difference of two large ones."""
+    mean frame times ``mean_gain`` followed by the differences of consecutive frames times
+    ``gain`` [..., frames·P]: an invertible linear map, so nothing is lost, that hands the patch
+    embedding frame-to-frame changes as inputs of their own instead of a small difference of two
+    large ones."""
     x = patches.unflatten(-1, (frames, -1))
     moves = (x[..., 1:, :] - x[..., :-1, :]) * gain
-    return torch.cat([x.mean(dim=-2, keepdim=True), moves], dim=-2).flatten(-2)
+    return torch.cat([x.mean(dim=-2, keepdim=True) * mean_gain, moves], dim=-2).flatten(-2)
 
 
 def grid_coords(*sizes: int) -> torch.Tensor:

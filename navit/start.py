@@ -77,7 +77,7 @@ def start_from(path: str, arch: str | None = None) -> Start:
 def model_config(cfg: Any, train_source: Any, start: Start | None) -> NaViTConfig:
     """The configured model, or fine-tuning, the starting checkpoint's (``model.args`` on top);
     for data with clips an image model (2 axes) takes tubelets of two frames instead (3 axes),
-    fed as their mean frame and frame difference (``tubelet_input="difference"``, unless
+    fed as their frame sum and frame difference (``tubelet_input="sum-difference"``, unless
     ``model.args`` says otherwise): with the raw frames the model could not fit small sets of
     real clips labelled by motion."""
     config = cfg.model.config()
@@ -86,7 +86,7 @@ def model_config(cfg: Any, train_source: Any, start: Start | None) -> NaViTConfi
             print(f"init_from: the model is {start.path}'s ({start.config.embed_dim} wide, {start.config.depth} deep)")
         config = start.config.replace(**cfg.model.args)
     if "video" in train_source.provides and config.num_axes == 2:
-        tubelet_input = cfg.model.args.get("tubelet_input", "difference")
+        tubelet_input = cfg.model.args.get("tubelet_input", "sum-difference")
         print(f"the data has clips: the model takes tubelets of 2 frames (num_axes=3, temporal_patch_size=2, "
               f"tubelet_input={tubelet_input})")  # fmt: skip
         config = config.replace(num_axes=3, temporal_patch_size=2, tubelet_input=tubelet_input)

@@ -75,7 +75,7 @@ def speed_clips():
 
 def test_twenty_real_clips_told_apart_by_speed_are_fitted(speed_clips, tmp_path):
     # The overfit check: 10 clips a class, normal speed against 4x fast-forward, no flip,
-    # no crop. With the frames fed raw, the loss stayed at ln 2; the default recipe fits them.
+    # no crop. With the frames fed raw, the loss stayed at ln 2; the default input fits them.
     assert main(["train", "--data", speed_clips, "--val-data", speed_clips, "--no-flip", "--crop-min", "1.0",
                  "--max-tokens", "24", "--max-frames", "8", "--epochs", "80", "--workers", "0", "--threads", "1",
                  "--budgets", "--frames", "8", "--out", str(tmp_path), "--name", "fit"]) == 0  # fmt: skip
@@ -84,6 +84,7 @@ def test_twenty_real_clips_told_apart_by_speed_are_fitted(speed_clips, tmp_path)
     assert losses[0] > 0.6 and min(losses[-3:]) < 0.3, losses
     assert json.loads((run / "summary.json").read_text())["val_accuracy"] >= 0.9  # its own training clips
     assert (run / FILE).stat().st_size > 10_000  # the loss curves, drawn at the end of the run
+    assert navit.load_model(run).config.tubelet_input == "sum-difference"  # the default for clip data
 
 
 def test_tubelet_differences_keep_everything_and_leave_still_frames_unmoved():
@@ -93,6 +94,10 @@ def test_tubelet_differences_keep_everything_and_leave_still_frames_unmoved():
     assert torch.allclose(out[:, :12], (first + second) / 2) and torch.allclose(out[:, 12:], 2 * (second - first))
     still = tubelets[:, :12].repeat(1, 2)
     assert torch.equal(tubelet_differences(still, 2, gain=2.0)[:, 12:], torch.zeros(5, 12))
+    # "sum-difference", the default for clip data: the frame sum, and the differences as before.
+    config = navit.NaViTConfig(patch_size=2, num_axes=3, temporal_patch_size=2, tubelet_input="sum-difference")
+    summed = NaViT(config).tubelets(tubelets)
+    assert torch.allclose(summed[:, :12], first + second) and torch.allclose(summed[:, 12:], out[:, 12:])
 
 
 def test_loss_curves_are_drawn_from_the_records(tmp_path):
@@ -104,9 +109,10 @@ def test_loss_curves_are_drawn_from_the_records(tmp_path):
     assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
-def test_an_image_model_inflated_to_difference_tubelets_keeps_still_images_exact():
+@pytest.mark.parametrize("tubelet_input", ["difference", "sum-difference"])
+def test_an_image_model_inflated_to_difference_tubelets_keeps_still_images_exact(tubelet_input):
     image_model = navit.create_model("navit_mini16", num_classes=3, depth=1).eval()
-    config = image_model.config.replace(num_axes=3, temporal_patch_size=2, tubelet_input="difference")
+    config = image_model.config.replace(num_axes=3, temporal_patch_size=2, tubelet_input=tubelet_input)
     clip_model = NaViT(config, image_model.processor.replace(num_axes=3, temporal_patch_size=2)).eval()
     clip_model.load_state_dict(inflate_weights(image_model.state_dict(), image_model.config, config))
     photo = [torch.rand(3, 48, 80)]
