@@ -2,8 +2,7 @@
 ``summary.json``, once the run has validated), so a run that does not learn shows at a glance.
 
 The left panel is the training loss of every metric record and its running mean, against the
-step, with ``ln(classes)`` (a classifier's loss at chance, when ``classes`` is given) as a
-dashed line; the validation loss of the passes during training (``val_loss`` of a record, see
+step; the validation loss of the passes during training (``val_loss`` of a record, see
 :mod:`navit.validation`) and any other ``val_*`` figures of the records are drawn on their
 steps, and the final validation figures of ``summary.json`` head the panel. The right panel is
 the learning rate.
@@ -12,7 +11,6 @@ the learning rate.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ def validation_points(records: list[dict[str, Any]]) -> dict[str, list[tuple[flo
     return {key: values for key, values in points.items() if values}
 
 
-def plot_loss_curves(folder: str | Path, classes: int | None = None) -> Path | None:
+def plot_loss_curves(folder: str | Path) -> Path | None:
     """Write ``loss_curves.png`` into ``folder``; None (and nothing written) without records."""
     records = read_records(folder)
     if not records:
@@ -65,8 +63,6 @@ def plot_loss_curves(folder: str | Path, classes: int | None = None) -> Path | N
     for key, points in validation_points(records).items():
         label = "validation loss" if key == "val_loss" else key.replace("_", " ")
         left.plot(*zip(*points), marker="o", color="tab:red" if key == "val_loss" else None, label=label)
-    if classes and classes > 1:
-        left.axhline(math.log(classes), color="grey", linestyle="--", label=f"chance: ln {classes}")
     summary = _summary(folder)
     title = "loss"
     for key, value in summary.items():

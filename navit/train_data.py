@@ -256,6 +256,8 @@ def periodic_validation(cfg: Any, task: Any, source: Any, processor: Processor) 
     source, such as a class folder, is shuffled, so the sample holds every class). Read in the
     loader's workers: a video decoded in the training process would leave FFmpeg's scaler
     threads in the next worker it forks, which then hangs."""
+    if not cfg.eval.val_batches:  # passes off: no loader to build
+        return ValidationLoss([], 0)
     if isinstance(source, IndexedSource):
         source = Subset(source, epoch_order(len(source), 0, cfg.data.split_seed, shuffle=True))
     packing = PackingConfig(seq_len=max(cfg.packing.seq_len, processor.max_tokens), num_seqs=8, buffer_size=64)

@@ -105,7 +105,7 @@ def test_loss_curves_are_drawn_from_the_records(tmp_path):
     records = [{"step": 10 * (i + 1), "loss": 0.7 - 0.05 * i, "lr": 1e-3} for i in range(8)]
     records[3]["val_loss"] = 0.6
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9')
-    assert plot_loss_curves(tmp_path, classes=2) == tmp_path / FILE and (tmp_path / FILE).stat().st_size > 10_000
+    assert plot_loss_curves(tmp_path) == tmp_path / FILE and (tmp_path / FILE).stat().st_size > 10_000
     assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 

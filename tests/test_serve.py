@@ -377,8 +377,13 @@ def test_threads_flag_sets_the_forward_threads_before_the_model_loads(monkeypatc
     import navit.serve.runner as runner
 
     calls = []
+
+    def load(*args, **kwargs):
+        calls.append("load")
+        raise FileNotFoundError("x")
+
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
-    monkeypatch.setattr(runner, "build_service", lambda *a, **k: calls.append("load") or (_ for _ in ()).throw(FileNotFoundError("x")))
+    monkeypatch.setattr(runner, "build_service", load)
     with pytest.raises(SystemExit, match="navit serve: x"):
         navit_main(["serve", "--checkpoint", str(tmp_path), "--threads", "3"])
     assert calls == [("threads", 3), "load"]
